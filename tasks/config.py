@@ -1,0 +1,187 @@
+"""The one config model of a run, one section per concern, and how flags, env and TOML fill it.
+
+Every option has one flat name (``max_soft_tokens``), used as the CLI flag (``--max-soft-tokens``),
+the environment variable (``VLMBATCH_MAX_SOFT_TOKENS``) and the TOML key (``max-soft-tokens`` or
+``max_soft_tokens``). Precedence: flag > environment > config file > default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import ConfigError
+
+PIXELS_PER_SOFT_TOKEN = 48 * 48  # Gemma 4: one visual token covers 48×48 px
+ENV_PREFIX = "VLMBATCH_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndpointConfig(_Section):
+    """Where requests go and how hard we push."""
+
+    base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible base URL")
+    model: str = Field("google/gemma-4-31b-it", min_length=1)
+    api_key_env: str = Field(
+        "VLMBATCH_API_KEY", description="name of the environment variable holding the key (unset: no key)"
+    )
+    api: Literal["chat", "responses"] = "chat"
+    concurrency: int = Field(32, ge=1, le=4096, description="requests in flight across the run")
+    max_retries: int = Field(6, ge=0, le=50, description="retries after the first attempt")
+    request_timeout: float = Field(300.0, gt=0, le=86400, description="seconds per attempt")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class GenerationConfig(_Section):
+    """What the model is asked to do with each prompt (defaults; a prompt's own columns win)."""
+
+    max_tokens: int = Field(1024, ge=1, le=1_000_000, description="output token budget")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    reasoning: bool = Field(False, description="ask Gemma 4 to think (enable_thinking)")
+
+
+class ImageConfig(_Section):
+    """How images are read and prepared before they are sent."""
+
+    max_soft_tokens: int = Field(280, ge=1, le=16384, description="the model's visual token budget per image")
+    image_root: str | None = Field(None, description="local image paths must resolve inside it")
+    image_urls: Literal["fetch", "pass"] = "fetch"
+    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1, description="larger images fail as bad_image")
+    max_image_pixels: int = Field(
+        150_000_000, ge=1, description="decoded size cap (decompression bombs fail as bad_image)"
+    )
+    jpeg_quality: int = Field(90, ge=1, le=100, description="quality of re-encoded JPEGs")
+
+    @property
+    def max_pixels(self) -> int:
+        """The most pixels the model can use: larger images are downscaled to this area."""
+        return PIXELS_PER_SOFT_TOKEN * self.max_soft_tokens
+
+
+class RunConfig(_Section):
+    """One annotate run: inputs, output, and the sections above. The annotate flow's only parameter."""
+
+    images: str = Field(description="images manifest: a Parquet file or a directory of them")
+    prompts: str | None = Field(None, description="prompts manifest (default: one caption prompt)")
+    out: str = Field(description="output dataset directory")
+    id_column: str = "image_id"
+    image_column: str = "image"
+    carry: tuple[str, ...] = Field((), description="images-manifest columns copied to the output")
+    shard_size: int = Field(1000, ge=1, le=1_000_000, description="work items per Prefect task")
+    limit: int | None = Field(None, ge=1, description="only the first N work items")
+    dry_run: bool = False
+    endpoint: EndpointConfig = EndpointConfig()
+    generation: GenerationConfig = GenerationConfig()
+    image: ImageConfig = ImageConfig()
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "endpoint": EndpointConfig,
+    "generation": GenerationConfig,
+    "image": ImageConfig,
+}
+
+# flat option name -> section name (None: a top-level RunConfig field)
+OPTIONS: dict[str, str | None] = {
+    **{name: None for name in RunConfig.model_fields if name not in SECTIONS},
+    **{name: section for section, model in SECTIONS.items() for name in model.model_fields},
+}
+LIST_OPTIONS = frozenset({"carry"})
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.upper()
+
+
+def flag_name(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    found: dict[str, tuple[Any, str]] = {}
+    for option in OPTIONS:
+        raw = environ.get(env_name(option))
+        if raw is None or raw == "":
+            continue
+        value: Any = [part.strip() for part in raw.split(",") if part.strip()] if option in LIST_OPTIONS else raw
+        found[option] = (value, f"environment variable {env_name(option)}")
+    return found
+
+
+def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    found: dict[str, tuple[Any, str]] = {}
+    for key, value in data.items():
+        option = key.replace("-", "_")
+        if option not in OPTIONS:
+            raise ConfigError(f"config file {path}: unknown key {key!r} (options: {', '.join(sorted(OPTIONS))})")
+        found[option] = (value, f"config file {path}")
+    return found
+
+
+def build_config(
+    flags: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> RunConfig:
+    """Merge flag > env > file > default into a validated RunConfig, or raise ConfigError.
+
+    ``flags`` maps option names to values given on the command line; ``None`` means not given.
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, tuple[Any, str]] = {}
+    if config_file is not None:
+        merged.update(_from_toml(Path(config_file)))
+    merged.update(_from_env(environ))
+    for option, value in flags.items():
+        if option not in OPTIONS:
+            raise ConfigError(f"unknown option {option!r}")
+        if value is not None and not (option in LIST_OPTIONS and not value):
+            merged[option] = (value, f"option {flag_name(option)}")
+
+    tree: dict[str, Any] = {section: {} for section in SECTIONS}
+    for option, (value, _source) in merged.items():
+        section = OPTIONS[option]
+        (tree if section is None else tree[section])[option] = value
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, merged)) from None
+
+
+def _describe(exc: ValidationError, merged: Mapping[str, tuple[Any, str]]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+        option = loc[-1] if loc else "?"
+        if option in SECTIONS:  # a whole section failed (should not happen from flat input)
+            option = ".".join(loc)
+        source = merged.get(option, (None, flag_name(option)))[1]
+        if error["type"] == "missing":
+            lines.append(f"{flag_name(option)} is required")
+        else:
+            shown = error.get("input")
+            lines.append(f"{source}: {error['msg']} (got {shown!r})")
+    return "; ".join(lines)

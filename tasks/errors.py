@@ -1,0 +1,84 @@
+"""Every way a work item or a run can fail, classified once.
+
+Row-level failures (the row gets ``status=failed`` and an ``error_type``)::
+
+    ItemFailure                  error_type, message, http_status, retryable
+    ├── ImageFailure             bad_image, missing_image           (no request sent)
+    └── RequestFailure           raised by the endpoint client, one per attempt
+        ├── transient            rate_limited, timeout, server_error, connection,
+        │                        invalid_response                   (retried by tasks.retry)
+        └── terminal             bad_request, auth, not_found, invalid_json
+
+Run-level failures (nothing is sent, exit 1)::
+
+    UsageError
+    ├── ConfigError              an option has a bad value
+    └── ManifestError            a manifest is missing, unreadable or inconsistent
+
+The ``error_type`` names are the contract's (CONTRACT.md §2); ``ERROR_TYPES`` documents them.
+"""
+
+from __future__ import annotations
+
+ERROR_TYPES: dict[str, str] = {
+    "missing_image": "the image file or value does not exist (no request sent)",
+    "bad_image": "the image could not be read, decoded or is too large (no request sent)",
+    "bad_request": "the endpoint rejected the request (400, 413, 422); never retried",
+    "auth": "the endpoint rejected the credentials (401, 403)",
+    "not_found": "the endpoint does not know the model or route (404)",
+    "rate_limited": "the endpoint kept answering 429 until retries ran out",
+    "timeout": "the request timed out (client timeout or 408) until retries ran out",
+    "server_error": "the endpoint kept failing with 5xx until retries ran out",
+    "connection": "the endpoint could not be reached until retries ran out",
+    "invalid_response": "the endpoint's answer could not be parsed until retries ran out",
+    "invalid_json": "structured output did not parse or validate against the prompt's schema",
+}
+
+TRANSIENT_TYPES = frozenset({"rate_limited", "timeout", "server_error", "connection", "invalid_response"})
+
+
+class ItemFailure(Exception):
+    """A failure that becomes one output row with ``status=failed``."""
+
+    def __init__(
+        self,
+        error_type: str,
+        message: str,
+        *,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        if error_type not in ERROR_TYPES:
+            raise ValueError(f"unknown error_type {error_type!r}")
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.error_type in TRANSIENT_TYPES
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+class ImageFailure(ItemFailure):
+    """The image could not be read or prepared; no request is sent for its work items."""
+
+
+class RequestFailure(ItemFailure):
+    """One attempt at the endpoint failed; ``retryable`` says whether tasks.retry tries again."""
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: exit 1, nothing sent, nothing written."""
+
+
+class ConfigError(UsageError):
+    """An option, environment variable or config-file key has a bad value."""
+
+
+class ManifestError(UsageError):
+    """A manifest is missing, not Parquet, or has bad columns or rows."""
