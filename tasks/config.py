@@ -119,7 +119,9 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
         raw = environ.get(env_name(option))
         if raw is None or raw == "":
             continue
-        value: Any = [part.strip() for part in raw.split(",") if part.strip()] if option in LIST_OPTIONS else raw
+        value: Any = (
+            [part.strip() for part in raw.split(",") if part.strip()] if option in LIST_OPTIONS else raw
+        )
         found[option] = (value, f"environment variable {env_name(option)}")
     return found
 
@@ -135,7 +137,9 @@ def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
     for key, value in data.items():
         option = key.replace("-", "_")
         if option not in OPTIONS:
-            raise ConfigError(f"config file {path}: unknown key {key!r} (options: {', '.join(sorted(OPTIONS))})")
+            raise ConfigError(
+                f"config file {path}: unknown key {key!r} (options: {', '.join(sorted(OPTIONS))})"
+            )
         found[option] = (value, f"config file {path}")
     return found
 

@@ -1,0 +1,198 @@
+"""The endpoint client: one attempt at a request, its answer parsed, its failure classified once.
+
+One ``AsyncOpenAI`` per run, on the aiohttp transport, with the SDK's own retries off
+(``max_retries=0``): tasks.retry is the only retry layer. The API key is read from the environment
+variable the config names, handed to the SDK and never stored in config, rows, logs or messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI, DefaultAioHttpClient
+
+from tasks.config import EndpointConfig
+from tasks.errors import RequestFailure
+
+NO_KEY = "EMPTY"  # what vLLM's docs send when the server has no key
+AZURE_STATUS_HEADER = "ms-azureml-model-error-statuscode"
+MAX_MESSAGE = 500
+
+
+@dataclass(slots=True)
+class Answer:
+    text: str | None
+    reasoning: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    model: str | None
+    http_status: int
+    latency_ms: float
+
+
+def api_key(config: EndpointConfig) -> str | None:
+    return os.environ.get(config.api_key_env) or None
+
+
+class EndpointClient:
+    """Sends single attempts to the endpoint; create inside the event loop that uses it."""
+
+    def __init__(self, config: EndpointConfig) -> None:
+        self.config = config
+        key = api_key(config)
+        self._secret = key
+        self._client = AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=key or NO_KEY,
+            max_retries=0,
+            timeout=config.request_timeout,
+            http_client=DefaultAioHttpClient(timeout=config.request_timeout),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def chat(self, body: dict[str, Any], *, request_id: str) -> Answer:
+        """One Chat Completions attempt. Raises RequestFailure, classified."""
+        fields = dict(body)
+        model = fields.pop("model")
+        messages = fields.pop("messages")
+        known = {
+            k: fields.pop(k) for k in ("max_completion_tokens", "temperature", "top_p", "seed") if k in fields
+        }
+        if "response_format" in fields:
+            known["response_format"] = fields.pop("response_format")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.config.request_timeout + 5):
+                raw = await self._client.chat.completions.with_raw_response.create(
+                    model=model,
+                    messages=messages,
+                    extra_body=fields or None,
+                    extra_headers={"X-Request-Id": request_id},
+                    **known,
+                )
+                content = raw.content  # read in full by the transport (not streaming)
+        except Exception as exc:  # classified once, here
+            raise self.classify(exc) from None
+        latency_ms = (time.perf_counter() - started) * 1000
+        return parse_chat_answer(content, status=raw.status_code, latency_ms=latency_ms)
+
+    def classify(self, exc: BaseException) -> RequestFailure:
+        failure = classify(exc)
+        if self._secret and self._secret in failure.message:
+            failure.message = failure.message.replace(self._secret, "***")
+        return failure
+
+
+def parse_chat_answer(content: bytes, *, status: int, latency_ms: float) -> Answer:
+    """Parse a Chat Completions body; anything unparseable is a transient invalid_response."""
+    try:
+        data = json.loads(content)
+        choice = data["choices"][0]
+        message = choice["message"]
+        usage = data.get("usage") or {}
+        return Answer(
+            text=message.get("content"),
+            reasoning=message.get("reasoning") or message.get("reasoning_content"),
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            model=data.get("model"),
+            http_status=status,
+            latency_ms=latency_ms,
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        snippet = content[:200].decode("utf-8", "replace")
+        raise RequestFailure(
+            "invalid_response",
+            f"unparseable answer from the endpoint ({type(exc).__name__}): {snippet!r}",
+            http_status=status,
+        ) from None
+
+
+def classify(exc: BaseException) -> RequestFailure:
+    """Map an exception from one attempt to the contract's error_type (CONTRACT.md §2)."""
+    if isinstance(exc, RequestFailure):
+        return exc
+    if isinstance(exc, openai.APITimeoutError | TimeoutError):
+        return RequestFailure("timeout", "the request timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        detail = f": {type(cause).__name__}: {cause}" if cause else ""
+        return RequestFailure("connection", f"could not reach the endpoint{detail}"[:MAX_MESSAGE])
+    if isinstance(exc, openai.APIStatusError):
+        return classify_status(exc.status_code, exc.response.headers, exc.body)
+    return RequestFailure("invalid_response", f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE])
+
+
+def classify_status(status: int, headers: Any, body: object) -> RequestFailure:
+    message = error_message(body) or f"HTTP {status}"
+    retry_after = parse_retry_after(headers)
+    effective = status
+    if status == 424:  # Azure ML: the container answered non-200; the original status is in a header
+        try:
+            effective = int(headers.get(AZURE_STATUS_HEADER, ""))
+            message = f"model container answered {effective} (via the gateway's 424): {message}"
+        except ValueError:
+            effective = 502
+    if effective in (400, 413, 422) or (
+        400 <= effective < 500 and effective not in (401, 403, 404, 408, 409, 429)
+    ):
+        error_type = "bad_request"
+    elif effective in (401, 403):
+        error_type = "auth"
+    elif effective == 404:
+        error_type = "not_found"
+    elif effective == 408:
+        error_type = "timeout"
+    elif effective == 429:
+        error_type = "rate_limited"
+    else:  # 409 and 5xx: the server's trouble, worth another try
+        error_type = "server_error"
+    return RequestFailure(error_type, message[:MAX_MESSAGE], http_status=status, retry_after=retry_after)
+
+
+def error_message(body: object) -> str | None:
+    """The message of a nested, flat or plain-string error body."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            msg = inner.get("message")
+            return str(msg) if msg is not None else None
+        return str(inner)
+    if isinstance(body, str | bytes):
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        return text.strip() or None
+    return None
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None

@@ -1,0 +1,287 @@
+"""Read and validate the images and prompts manifests (CONTRACT.md §1).
+
+Validation reads only the id columns of the images manifest, so it costs little even for millions of
+rows; the heavy ``image`` column is streamed later in batches by ``ImagesManifest.iter_batches``.
+Every problem raises ``ManifestError`` naming the file, the column and the rows (0-based).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
+
+from tasks.errors import ManifestError
+
+MAX_LISTED = 10  # rows or values named in one message
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One row of the prompts manifest (or the built-in caption prompt)."""
+
+    prompt_id: str
+    prompt: str
+    task: str
+    image_id: str | None = None
+    system: str | None = None
+    json_schema: str | None = None
+    max_tokens: int | None = None
+
+
+DEFAULT_PROMPT = Prompt(
+    prompt_id="caption",
+    prompt="Describe this image in one or two sentences.",
+    task="caption",
+)
+
+
+def _rows(positions: Sequence[int]) -> str:
+    shown = ", ".join(str(p) for p in positions[:MAX_LISTED])
+    more = f" and {len(positions) - MAX_LISTED} more" if len(positions) > MAX_LISTED else ""
+    return f"row{'s' if len(positions) != 1 else ''} {shown}{more}"
+
+
+def parquet_files(path: Path, what: str) -> list[Path]:
+    """The Parquet files of a manifest: the file itself, or every file below a directory.
+
+    Like pyarrow.dataset, names starting with ``.`` or ``_`` are skipped.
+    """
+    if not path.exists():
+        raise ManifestError(f"{what} manifest {path} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise ManifestError(f"{what} manifest directory {path} holds no Parquet files")
+    return files
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{path} is not a readable Parquet file: {exc}") from None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_id(t: pa.DataType) -> bool:
+    return _is_text(t) or pa.types.is_integer(t) or pa.types.is_null(t)
+
+
+def _is_image(t: pa.DataType) -> bool:
+    if _is_text(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    if pa.types.is_struct(t):
+        names = {t.field(i).name for i in range(t.num_fields)}
+        return bool(names & {"bytes", "path"}) and names <= {"bytes", "path"}
+    return False
+
+
+def _check_column(schema: pa.Schema, name: str, ok: object, expected: str, path: Path) -> None:
+    if name not in schema.names:
+        raise ManifestError(f"{path}: missing column {name!r} (columns: {', '.join(schema.names)})")
+    t = schema.field(name).type
+    if not ok(t):  # type: ignore[operator]
+        raise ManifestError(f"{path}: column {name!r} has type {t}; expected {expected}")
+
+
+def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    return column if _is_text(column.type) else pc.cast(column, pa.string())
+
+
+@dataclass(frozen=True)
+class ImagesManifest:
+    """A validated images manifest: which files, which columns, how many rows."""
+
+    path: Path
+    files: tuple[Path, ...]
+    id_column: str
+    image_column: str
+    carry: tuple[str, ...]
+    carry_schema: pa.Schema
+    ids: pa.ChunkedArray  # every image_id as string, in manifest order
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative image paths resolve against the manifest's folder (the directory itself if one)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+    def iter_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        """Stream (image_id as string, image, carried columns) in manifest order."""
+        columns = [self.id_column, self.image_column, *self.carry]
+        for file in self.files:
+            for batch in _open(file).iter_batches(batch_size=batch_size, columns=columns):
+                ids = _as_text(batch.column(self.id_column))
+                yield batch.set_column(0, self.id_column, ids)
+
+
+def read_images_manifest(
+    path: str | Path, *, id_column: str = "image_id", image_column: str = "image", carry: Sequence[str] = ()
+) -> ImagesManifest:
+    root = Path(path)
+    files = parquet_files(root, "images")
+    for name in carry:
+        if name in (id_column, image_column):
+            raise ManifestError(f"--carry {name}: the {name!r} column is already in the output")
+    carry_fields: dict[str, pa.Field] = {}
+    chunks: list[pa.Array] = []
+    for file in files:
+        schema = _open(file).schema_arrow
+        _check_column(schema, id_column, _is_id, "string or integer", file)
+        _check_column(schema, image_column, _is_image, "string, binary or struct<bytes, path>", file)
+        for name in carry:
+            if name not in schema.names:
+                raise ManifestError(
+                    f"{file}: --carry column {name!r} is missing (columns: {', '.join(schema.names)})"
+                )
+            field = schema.field(name)
+            if name in carry_fields and not carry_fields[name].type.equals(field.type):
+                raise ManifestError(
+                    f"{file}: --carry column {name!r} has type {field.type}, "
+                    f"but {carry_fields[name].type} in another file"
+                )
+            carry_fields.setdefault(name, field)
+        ids = _as_text(pq.read_table(file, columns=[id_column]).column(id_column))
+        nulls = pc.indices_nonzero(pc.is_null(ids)).to_pylist()
+        if nulls:
+            raise ManifestError(f"{file}: column {id_column!r} is null in {_rows(nulls)}")
+        chunks.extend(ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids])
+    all_ids = pa.chunked_array(chunks, type=pa.string())
+    _check_unique(all_ids, files, id_column, "images")
+    return ImagesManifest(
+        path=root,
+        files=tuple(files),
+        id_column=id_column,
+        image_column=image_column,
+        carry=tuple(carry),
+        carry_schema=pa.schema([carry_fields[name] for name in carry]),
+        ids=all_ids,
+    )
+
+
+def _check_unique(ids: pa.ChunkedArray, files: Sequence[Path], column: str, what: str) -> None:
+    counts = pc.value_counts(ids)
+    dupes = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(dupes) == 0:
+        return
+    positions = pc.indices_nonzero(pc.is_in(ids, value_set=dupes)).to_pylist()
+    where = files[0] if len(files) == 1 else f"{what} manifest ({len(files)} files, rows counted across them)"
+    values = ", ".join(repr(v) for v in dupes.to_pylist()[:MAX_LISTED])
+    raise ManifestError(f"{where}: duplicate {column} values {values} in {_rows(positions)}")
+
+
+PROMPT_COLUMNS: dict[str, tuple[object, str, bool]] = {
+    # column: (type check, expected, required)
+    "prompt_id": (_is_id, "string", True),
+    "prompt": (_is_text, "string", True),
+    "task": (_is_text, "string", False),
+    "image_id": (_is_id, "string", False),
+    "system": (_is_text, "string", False),
+    "json_schema": (_is_text, "string (a JSON Schema)", False),
+    "max_tokens": (pa.types.is_integer, "integer", False),
+}
+
+
+def read_prompts_manifest(path: str | Path) -> list[Prompt]:
+    """Read the whole prompts manifest (prompts are text: small beside the images)."""
+    files = parquet_files(Path(path), "prompts")
+    tables = []
+    for file in files:
+        schema = _open(file).schema_arrow
+        present = []
+        for name, (check, expected, required) in PROMPT_COLUMNS.items():
+            if required or name in schema.names:
+                _check_column(schema, name, check, expected, file)
+                present.append(name)
+        table = pq.read_table(file, columns=present)
+        for name in ("prompt_id", "image_id"):
+            if name in table.column_names:
+                table = table.set_column(table.schema.get_field_index(name), name, _as_text(table[name]))
+        tables.append(table)
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    where = files[0] if len(files) == 1 else Path(path)
+    nulls = pc.indices_nonzero(pc.is_null(table["prompt_id"])).to_pylist()
+    if nulls:
+        raise ManifestError(f"{where}: column 'prompt_id' is null in {_rows(nulls)}")
+    _check_unique(table["prompt_id"], files, "prompt_id", "prompts")
+
+    prompts: list[Prompt] = []
+    empty: list[int] = []
+    bad_tokens: list[int] = []
+    for row, rec in enumerate(table.to_pylist()):
+        text = rec.get("prompt")
+        if text is None or not text.strip():
+            empty.append(row)
+            continue
+        if rec.get("max_tokens") is not None and rec["max_tokens"] < 1:
+            bad_tokens.append(row)
+        schema = rec.get("json_schema")
+        if schema is not None:
+            _check_schema(schema, where, row)
+        image_id = rec.get("image_id")
+        prompts.append(
+            Prompt(
+                prompt_id=rec["prompt_id"],
+                prompt=text,
+                task=rec.get("task") or ("caption" if image_id is None else "qa"),
+                image_id=image_id,
+                system=rec.get("system"),
+                json_schema=schema,
+                max_tokens=rec.get("max_tokens"),
+            )
+        )
+    if empty:
+        raise ManifestError(f"{where}: column 'prompt' is null or empty in {_rows(empty)}")
+    if bad_tokens:
+        raise ManifestError(f"{where}: column 'max_tokens' must be at least 1; see {_rows(bad_tokens)}")
+    if not prompts:
+        raise ManifestError(f"{where}: the prompts manifest has no rows")
+    return prompts
+
+
+def _check_schema(text: str, where: Path, row: int) -> None:
+    try:
+        schema = json.loads(text)
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON Schema must be a JSON object")
+        validator_for(schema).check_schema(schema)
+    except (ValueError, SchemaError) as exc:
+        reason = exc.message if isinstance(exc, SchemaError) else str(exc)
+        raise ManifestError(
+            f"{where}: column 'json_schema' in row {row} is not a valid JSON Schema: {reason}"
+        ) from None
+
+
+def check_prompt_images(prompts: Sequence[Prompt], images: ImagesManifest, where: str | Path) -> None:
+    """Every prompt that names an image must name one the images manifest has."""
+    named = [(row, p.image_id) for row, p in enumerate(prompts) if p.image_id is not None]
+    if not named:
+        return
+    wanted = pa.array([image_id for _, image_id in named], type=pa.string())
+    known = pc.is_in(wanted, value_set=images.ids.combine_chunks()).to_pylist()
+    unknown = [(row, image_id) for (row, image_id), ok in zip(named, known, strict=True) if not ok]
+    if unknown:
+        values = ", ".join(repr(v) for _, v in unknown[:MAX_LISTED])
+        raise ManifestError(
+            f"{where}: column 'image_id' names images not in the images manifest ({values}) "
+            f"in {_rows([row for row, _ in unknown])}"
+        )

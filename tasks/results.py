@@ -1,0 +1,102 @@
+"""The output row (CONTRACT.md §2): one record type, and the Parquet schema checked against it here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.errors import ItemFailure
+
+
+@dataclass(slots=True)
+class ResultRow:
+    image_id: str
+    prompt_id: str
+    task: str
+    status: str  # "ok" or "failed"
+    text: str | None = None
+    reasoning: str | None = None
+    json: str | None = None
+    finish_reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    model: str | None = None
+    request_key: str | None = None
+    image_sha256: str | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+    sent_width: int | None = None
+    sent_height: int | None = None
+    run_id: str | None = None
+    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    carry: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, failure: ItemFailure) -> ResultRow:
+        """Mark this row failed with a classified failure; returns self."""
+        self.status = "failed"
+        self.text = self.reasoning = self.json = None
+        self.error_type = failure.error_type
+        self.error_message = failure.message
+        self.http_status = failure.http_status
+        self.finished_at = datetime.now(UTC)
+        return self
+
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("task", pa.string()),
+        ("status", pa.string()),
+        ("text", pa.string()),
+        ("reasoning", pa.string()),
+        ("json", pa.string()),
+        ("finish_reason", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("http_status", pa.int32()),
+        ("attempts", pa.int32()),
+        ("latency_ms", pa.float64()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("model", pa.string()),
+        ("request_key", pa.string()),
+        ("image_sha256", pa.string()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("sent_width", pa.int32()),
+        ("sent_height", pa.int32()),
+        ("run_id", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "carry"]
+if OUTPUT_SCHEMA.names != _FIELDS:  # pragma: no cover - a programming error, caught at import
+    raise RuntimeError(f"ResultRow fields {_FIELDS} do not match OUTPUT_SCHEMA {OUTPUT_SCHEMA.names}")
+
+
+def output_schema(carry_schema: pa.Schema | None = None) -> pa.Schema:
+    """The contract's columns followed by the carried ones."""
+    if carry_schema is None or len(carry_schema) == 0:
+        return OUTPUT_SCHEMA
+    return pa.schema([*OUTPUT_SCHEMA, *carry_schema])
+
+
+def rows_to_table(rows: list[ResultRow], schema: pa.Schema) -> pa.Table:
+    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for row in rows:
+        for name in _FIELDS:
+            columns[name].append(getattr(row, name))
+        for name in schema.names[len(_FIELDS) :]:
+            columns[name].append(row.carry.get(name))
+    return pa.table({name: pa.array(columns[name], type=schema.field(name).type) for name in schema.names})

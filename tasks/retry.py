@@ -1,0 +1,62 @@
+"""The one retry policy: tenacity, jittered exponential backoff, Retry-After honoured.
+
+Only transient failures (``RequestFailure.retryable``: 408, 409, 429, 5xx, timeouts, connection
+errors, unparseable answers) are retried; a 400, 401, 403, 404 or 422 is final at once. The openai
+SDK's own retries are off, so every attempt is one request and is counted by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from tasks.errors import ItemFailure
+
+T = TypeVar("T")
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ItemFailure) and exc.retryable
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_retries: int = 6  # retries after the first attempt
+    initial: float = 0.5  # first backoff, seconds; doubles each retry
+    maximum: float = 30.0  # backoff cap, seconds
+    max_retry_after: float = 300.0  # a server's Retry-After is honoured up to this
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    def wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = exc.retry_after if isinstance(exc, ItemFailure) else None
+        if retry_after is not None:
+            # the server said when: wait that long, plus a little jitter so clients do not stampede
+            return min(retry_after, self.max_retry_after) + random.uniform(
+                0, min(1.0, 0.1 * retry_after + 0.05)
+            )
+        return float(
+            wait_exponential_jitter(initial=self.initial, max=self.maximum, jitter=self.initial)(state)
+        )
+
+    def retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=self.wait,
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+            sleep=self.sleep,
+        )
+
+    async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` until it succeeds, fails terminally, or retries run out (re-raising)."""
+        async for trial in self.retrying():
+            with trial:
+                return await attempt()
+        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover

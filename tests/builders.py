@@ -1,0 +1,54 @@
+"""Test data: images with known sizes and colours, and manifests around them."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 180, 40), "blue": (20, 40, 220), "yellow": (240, 220, 20)}
+
+
+def image_bytes(size: tuple[int, int], colour: tuple[int, int, int], fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, specs: dict[str, tuple[tuple[int, int], str]]) -> dict[str, Path]:
+    """Write one JPEG per image id: {id: ((w, h), colour name)} → {id: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for image_id, (size, colour) in specs.items():
+        path = folder / f"{image_id}.jpg"
+        path.write_bytes(image_bytes(size, COLOURS[colour]))
+        paths[image_id] = path
+    return paths
+
+
+def write_parquet(path: Path, columns: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = columns if isinstance(columns, pa.Table) else pa.table(columns)
+    pq.write_table(table, path)
+    return path
+
+
+def images_manifest(tmp: Path, specs: dict[str, tuple[tuple[int, int], str]], **extra: list[Any]) -> Path:
+    """A manifest whose image column holds paths relative to the manifest's folder."""
+    write_images(tmp / "img", specs)
+    ids = list(specs)
+    return write_parquet(tmp / "images.parquet", {"image_id": ids, "image": [f"img/{i}.jpg" for i in ids], **extra})
+
+
+def prompts_manifest(tmp: Path, rows: list[dict[str, Any]], name: str = "prompts.parquet") -> Path:
+    columns: dict[str, pa.Array] = {}
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    for key in names:
+        values = [row.get(key) for row in rows]
+        typ = pa.int64() if key == "max_tokens" else pa.string()
+        columns[key] = pa.array(values, type=typ)
+    return write_parquet(tmp / name, columns)

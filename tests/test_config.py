@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.config import OPTIONS, RunConfig, build_config, env_name
+from tasks.errors import ConfigError
+
+BASE = {"images": "in.parquet", "out": "out"}
+
+
+def test_defaults_match_the_contract() -> None:
+    cfg = build_config(BASE, environ={})
+    assert cfg.endpoint.base_url == "http://localhost:8000/v1"
+    assert cfg.endpoint.model == "google/gemma-4-31b-it"
+    assert cfg.endpoint.api_key_env == "VLMBATCH_API_KEY"
+    assert cfg.endpoint.api == "chat"
+    assert cfg.endpoint.concurrency == 32
+    assert cfg.endpoint.max_retries == 6
+    assert cfg.generation.reasoning is False
+    assert cfg.image.max_soft_tokens == 280
+    assert cfg.image.max_pixels == 2304 * 280
+    assert cfg.image.image_urls == "fetch"
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    toml = tmp_path / "vlmbatch.toml"
+    toml.write_text('model = "from-file"\nconcurrency = 4\nmax-soft-tokens = 560\nseed = 7\n')
+    env = {"VLMBATCH_MODEL": "from-env", "VLMBATCH_CONCURRENCY": "8"}
+    cfg = build_config({**BASE, "model": "from-flag"}, environ=env, config_file=toml)
+    assert cfg.endpoint.model == "from-flag"
+    assert cfg.endpoint.concurrency == 8  # env beats file
+    assert cfg.image.max_soft_tokens == 560  # file beats default (dashed key accepted)
+    assert cfg.generation.seed == 7
+    assert cfg.generation.temperature is None  # default
+
+
+def test_every_option_has_an_env_variable() -> None:
+    for option in OPTIONS:
+        assert env_name(option) == "VLMBATCH_" + option.upper()
+    cfg = build_config(BASE, environ={"VLMBATCH_CARRY": "a, b", "VLMBATCH_REASONING": "true"})
+    assert cfg.carry == ("a", "b")
+    assert cfg.generation.reasoning is True
+
+
+def test_bad_value_names_the_option_and_where_it_came_from() -> None:
+    with pytest.raises(ConfigError, match=r"VLMBATCH_CONCURRENCY.*greater than or equal to 1"):
+        build_config(BASE, environ={"VLMBATCH_CONCURRENCY": "0"})
+    with pytest.raises(ConfigError, match=r"option --max-soft-tokens"):
+        build_config({**BASE, "max_soft_tokens": -1}, environ={})
+    with pytest.raises(ConfigError, match=r"option --base-url.*http"):
+        build_config({**BASE, "base_url": "localhost:8000"}, environ={})
+    with pytest.raises(ConfigError, match=r"--out is required"):
+        build_config({"images": "x"}, environ={})
+
+
+def test_unknown_or_broken_config_file(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("concurency = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'concurency'"):
+        build_config(BASE, environ={}, config_file=toml)
+    toml.write_text("model = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        build_config(BASE, environ={}, config_file=toml)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(BASE, environ={}, config_file=tmp_path / "missing.toml")
+
+
+def test_config_rejects_unknown_fields_and_holds_no_secret() -> None:
+    with pytest.raises(Exception, match="extra"):
+        RunConfig.model_validate({**BASE, "api_key": "sk-123"})
+    dumped = build_config(BASE, environ={"VLMBATCH_API_KEY": "sk-secret"}).model_dump_json()
+    assert "sk-secret" not in dumped

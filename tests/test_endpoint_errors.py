@@ -1,0 +1,146 @@
+"""Classification of endpoint failures, without sockets."""
+
+import asyncio
+import json
+
+import httpx2
+import openai
+import pytest
+
+from tasks.endpoint import classify, classify_status, error_message, parse_chat_answer, parse_retry_after
+from tasks.errors import RequestFailure
+
+REQ = httpx2.Request("POST", "http://x/v1/chat/completions")
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "retryable"),
+    [
+        (400, "bad_request", False),
+        (413, "bad_request", False),
+        (422, "bad_request", False),
+        (401, "auth", False),
+        (403, "auth", False),
+        (404, "not_found", False),
+        (408, "timeout", True),
+        (409, "server_error", True),
+        (429, "rate_limited", True),
+        (500, "server_error", True),
+        (502, "server_error", True),
+        (503, "server_error", True),
+        (504, "server_error", True),
+    ],
+)
+def test_status_classes(status: int, error_type: str, retryable: bool) -> None:
+    failure = classify_status(status, {}, {"error": {"message": "boom"}})
+    assert (failure.error_type, failure.retryable, failure.http_status) == (error_type, retryable, status)
+    assert failure.message == "boom"
+
+
+def test_azure_424_is_classified_by_the_original_status() -> None:
+    wrapped_400 = classify_status(424, {"ms-azureml-model-error-statuscode": "400"}, {"message": "bad image"})
+    assert wrapped_400.error_type == "bad_request" and not wrapped_400.retryable
+    assert "400" in wrapped_400.message and wrapped_400.http_status == 424
+    wrapped_503 = classify_status(424, {"ms-azureml-model-error-statuscode": "503"}, None)
+    assert wrapped_503.error_type == "server_error" and wrapped_503.retryable
+    assert classify_status(424, {}, None).retryable
+
+
+def test_error_bodies_nested_flat_and_plain() -> None:
+    assert error_message({"error": {"message": "nested", "code": 400}}) == "nested"
+    assert error_message({"object": "error", "message": "flat", "code": 400}) == "flat"
+    assert error_message({"error": "Unauthorized"}) == "Unauthorized"
+    assert error_message("plain text") == "plain text"
+    assert error_message(None) is None
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after(httpx2.Headers({"retry-after": "3"})) == 3.0
+    assert parse_retry_after(httpx2.Headers({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    assert parse_retry_after(httpx2.Headers({})) is None
+    assert parse_retry_after(httpx2.Headers({"retry-after": "soon"})) is None
+    http_date = parse_retry_after(httpx2.Headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}))
+    assert http_date == 0.0  # in the past: no wait
+
+
+def test_sdk_exceptions_map_once() -> None:
+    assert classify(openai.APITimeoutError(REQ)).error_type == "timeout"
+    assert classify(openai.APIConnectionError(request=REQ)).error_type == "connection"
+    resp = httpx2.Response(429, headers={"retry-after": "2"}, request=REQ)
+    failure = classify(openai.RateLimitError("slow down", response=resp, body={"error": {"message": "slow"}}))
+    assert (failure.error_type, failure.retry_after, failure.message) == ("rate_limited", 2.0, "slow")
+    assert classify(TimeoutError()).error_type == "timeout"
+    assert classify(ValueError("weird")).error_type == "invalid_response"
+
+
+def test_answer_parsing_prefers_reasoning_then_reasoning_content() -> None:
+    def body(message: dict) -> bytes:
+        return json.dumps(
+            {
+                "model": "m",
+                "choices": [{"message": {"role": "assistant", "content": "hi", **message}, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+            }
+        ).encode()
+
+    a = parse_chat_answer(body({"reasoning": "r1", "reasoning_content": "r2"}), status=200, latency_ms=1)
+    assert (a.text, a.reasoning, a.finish_reason, a.prompt_tokens, a.completion_tokens) == ("hi", "r1", "length", 5, 2)
+    assert parse_chat_answer(body({"reasoning_content": "r2"}), status=200, latency_ms=1).reasoning == "r2"
+    assert parse_chat_answer(body({}), status=200, latency_ms=1).reasoning is None
+
+
+@pytest.mark.parametrize("content", [b'{"id": "x", "choices": [', b"{}", b'{"choices": []}', b"<html>"])
+def test_malformed_answers_are_transient(content: bytes) -> None:
+    with pytest.raises(RequestFailure) as err:
+        parse_chat_answer(content, status=200, latency_ms=1)
+    assert err.value.error_type == "invalid_response" and err.value.retryable
+
+
+def test_retry_policy_retries_only_transient_and_honours_retry_after() -> None:
+    from tasks.retry import RetryPolicy
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    policy = RetryPolicy(max_retries=3, sleep=fake_sleep)
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RequestFailure("rate_limited", "429", http_status=429, retry_after=2.0)
+        if calls == 2:
+            raise RequestFailure("server_error", "500", http_status=500)
+        return "ok"
+
+    assert asyncio.run(policy.call(flaky)) == "ok"
+    assert calls == 3
+    assert 2.0 <= slept[0] <= 2.3  # Retry-After honoured, with a little jitter
+    assert 0 < slept[1] <= 30
+
+    calls = 0
+
+    async def bad() -> str:
+        nonlocal calls
+        calls += 1
+        raise RequestFailure("bad_request", "400", http_status=400)
+
+    with pytest.raises(RequestFailure, match="bad_request"):
+        asyncio.run(policy.call(bad))
+    assert calls == 1  # never retried
+
+    calls = 0
+
+    async def down() -> str:
+        nonlocal calls
+        calls += 1
+        raise RequestFailure("connection", "refused")
+
+    with pytest.raises(RequestFailure, match="connection"):
+        asyncio.run(policy.call(down))
+    assert calls == 4  # first attempt + max_retries
+    backoffs = slept[2:]
+    assert len(backoffs) == 3 and all(0 < b <= 30 for b in backoffs)

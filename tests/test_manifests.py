@@ -1,0 +1,132 @@
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from tasks.errors import ManifestError
+from tasks.manifests import check_prompt_images, read_images_manifest, read_prompts_manifest
+from tests.builders import images_manifest, prompts_manifest, write_parquet
+
+
+def test_images_manifest_file_and_directory(tmp_path: Path) -> None:
+    m = images_manifest(tmp_path, {"a": ((10, 10), "red"), "b": ((20, 10), "blue")})
+    manifest = read_images_manifest(m)
+    assert manifest.ids.to_pylist() == ["a", "b"]
+    assert manifest.base_dir == tmp_path
+    d = tmp_path / "dir"
+    write_parquet(d / "part-0.parquet", {"image_id": ["x"], "image": ["p.jpg"]})
+    write_parquet(d / "sub" / "part-1.parquet", {"image_id": ["y"], "image": ["q.jpg"]})
+    (d / "_SUCCESS").write_text("")
+    manifest = read_images_manifest(d)
+    assert manifest.ids.to_pylist() == ["x", "y"]
+    assert manifest.base_dir == d
+    batches = list(manifest.iter_batches(1))
+    assert [b.column(0).to_pylist() for b in batches] == [["x"], ["y"]]
+
+
+def test_integer_ids_are_cast_to_string(tmp_path: Path) -> None:
+    m = write_parquet(tmp_path / "m.parquet", {"image_id": [1, 2], "image": ["a", "b"]})
+    manifest = read_images_manifest(m)
+    assert manifest.ids.to_pylist() == ["1", "2"]
+    assert next(manifest.iter_batches(10)).column(0).to_pylist() == ["1", "2"]
+
+
+def test_remapped_columns_and_carry(tmp_path: Path) -> None:
+    m = write_parquet(tmp_path / "m.parquet", {"key": ["a"], "img": ["a.jpg"], "label": [3]})
+    manifest = read_images_manifest(m, id_column="key", image_column="img", carry=["label"])
+    assert manifest.carry_schema.names == ["label"]
+    with pytest.raises(ManifestError, match=r"missing column 'image_id' \(columns: key, img, label\)"):
+        read_images_manifest(m)
+    with pytest.raises(ManifestError, match="--carry column 'nope' is missing"):
+        read_images_manifest(m, id_column="key", image_column="img", carry=["nope"])
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"image_id": [1.5], "image": ["a"]}, r"column 'image_id' has type double; expected string or integer"),
+        ({"image_id": ["a"], "image": [3]}, r"column 'image' has type int64; expected string, binary or struct"),
+        ({"image_id": ["a", None, None], "image": ["a", "b", "c"]}, r"'image_id' is null in rows 1, 2"),
+        ({"image_id": ["a", "b", "a", "b"], "image": list("abcd")}, r"duplicate image_id values 'a', 'b' in rows 0, 1, 2, 3"),
+    ],
+)
+def test_bad_images_manifests(tmp_path: Path, columns: dict, message: str) -> None:
+    m = write_parquet(tmp_path / "m.parquet", columns)
+    with pytest.raises(ManifestError, match=message) as err:
+        read_images_manifest(m)
+    assert str(m) in str(err.value)
+
+
+def test_duplicates_across_files_and_not_parquet(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "d" / "a.parquet", {"image_id": ["x"], "image": ["1"]})
+    write_parquet(tmp_path / "d" / "b.parquet", {"image_id": ["x"], "image": ["2"]})
+    with pytest.raises(ManifestError, match="duplicate image_id values 'x'"):
+        read_images_manifest(tmp_path / "d")
+    bogus = tmp_path / "notes.parquet"
+    bogus.write_text("image_id,image\n")
+    with pytest.raises(ManifestError, match=r"notes.parquet is not a readable Parquet file"):
+        read_images_manifest(bogus)
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_images_manifest(tmp_path / "nope.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="holds no Parquet files"):
+        read_images_manifest(tmp_path / "empty")
+
+
+def test_hugging_face_struct_column_is_accepted(tmp_path: Path) -> None:
+    struct = pa.array([{"bytes": b"x", "path": None}], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    m = write_parquet(tmp_path / "hf.parquet", pa.table({"image_id": ["a"], "image": struct}))
+    assert read_images_manifest(m).num_rows == 1
+
+
+def test_prompts_manifest_defaults_and_types(tmp_path: Path) -> None:
+    p = prompts_manifest(
+        tmp_path,
+        [
+            {"prompt_id": "cap", "prompt": "Describe.", "image_id": None, "max_tokens": None},
+            {"prompt_id": "q1", "prompt": "Colour?", "image_id": "a", "max_tokens": 16},
+        ],
+    )
+    prompts = read_prompts_manifest(p)
+    assert [(x.prompt_id, x.task, x.image_id, x.max_tokens) for x in prompts] == [
+        ("cap", "caption", None, None),
+        ("q1", "qa", "a", 16),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "a", "prompt": "y"}], "duplicate prompt_id values 'a' in rows 0, 1"),
+        ([{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "b", "prompt": "  "}], r"column 'prompt' is null or empty in row 1"),
+        ([{"prompt_id": "a", "prompt": "x", "max_tokens": 0}], r"'max_tokens' must be at least 1; see row 0"),
+        ([{"prompt_id": "a", "prompt": "x", "json_schema": "{not json"}], r"'json_schema' in row 0 is not a valid JSON Schema"),
+        ([{"prompt_id": "a", "prompt": "x", "json_schema": '{"type": 5}'}], r"'json_schema' in row 0 is not a valid JSON Schema"),
+        ([{"prompt_id": None, "prompt": "x"}], r"'prompt_id' is null in row 0"),
+    ],
+)
+def test_bad_prompts_manifests(tmp_path: Path, rows: list, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        read_prompts_manifest(prompts_manifest(tmp_path, rows))
+
+
+def test_prompts_missing_column_and_wrong_type(tmp_path: Path) -> None:
+    p = write_parquet(tmp_path / "p.parquet", {"prompt_id": ["a"], "text": ["x"]})
+    with pytest.raises(ManifestError, match="missing column 'prompt'"):
+        read_prompts_manifest(p)
+    p = write_parquet(tmp_path / "p.parquet", {"prompt_id": ["a"], "prompt": ["x"], "max_tokens": ["ten"]})
+    with pytest.raises(ManifestError, match="column 'max_tokens' has type string; expected integer"):
+        read_prompts_manifest(p)
+
+
+def test_prompts_naming_unknown_images(tmp_path: Path) -> None:
+    images = read_images_manifest(images_manifest(tmp_path, {"a": ((4, 4), "red")}))
+    p = prompts_manifest(
+        tmp_path,
+        [
+            {"prompt_id": "1", "prompt": "x", "image_id": "a"},
+            {"prompt_id": "2", "prompt": "x", "image_id": "zz"},
+        ],
+    )
+    with pytest.raises(ManifestError, match=r"names images not in the images manifest \('zz'\) in row 1"):
+        check_prompt_images(read_prompts_manifest(p), images, p)
