@@ -65,20 +65,14 @@ class EndpointClient:
         fields = dict(body)
         model = fields.pop("model")
         messages = fields.pop("messages")
-        known = {
-            k: fields.pop(k) for k in ("max_completion_tokens", "temperature", "top_p", "seed") if k in fields
-        }
-        if "response_format" in fields:
-            known["response_format"] = fields.pop("response_format")
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.request_timeout + 5):
                 raw = await self._client.chat.completions.with_raw_response.create(
                     model=model,
                     messages=messages,
-                    extra_body=fields or None,
+                    extra_body=fields,  # parameters go as they are: the server, not the SDK, validates them
                     extra_headers={"X-Request-Id": request_id},
-                    **known,
                 )
                 content = raw.content  # read in full by the transport (not streaming)
         except Exception as exc:  # classified once, here

@@ -1,0 +1,175 @@
+"""The annotate flow: manifests → shards → one Prefect task per shard → Parquet in OUT.
+
+Shards, not rows, are orchestrated: each shard task runs its work items concurrently on the flow's
+event loop, and a few shards overlap so the endpoint never idles at a shard boundary. Requests in
+flight are bounded by ``--concurrency`` across the whole run (one semaphore in the ShardRunner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks.config import RunConfig
+from tasks.errors import ConfigError
+from tasks.manifests import ImagesManifest, check_prompt_images, read_images_manifest, read_prompts_manifest
+from tasks.outputs import ShardWriter, prepare_out_dir
+from tasks.results import ResultRow, output_schema
+from tasks.shard_runner import ShardRunner
+from tasks.summary import RunSummary, SummaryBuilder
+from tasks.work_items import PromptPlan, Shard, iter_image_jobs, iter_shards
+
+RowListener = Callable[[ResultRow], None]
+_row_listeners: list[RowListener] = []  # the CLI's progress bar subscribes here (same process)
+
+
+def add_row_listener(listener: RowListener) -> Callable[[], None]:
+    """Call ``listener`` for every finished row of runs in this process; returns an unsubscribe."""
+    _row_listeners.append(listener)
+    return lambda: _row_listeners.remove(listener)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run: manifests read and checked, nothing sent, nothing written."""
+
+    config: RunConfig
+    images: ImagesManifest
+    prompts: PromptPlan
+    image_root: Path
+
+    @property
+    def work_items(self) -> int:
+        total = self.prompts.count_items(self.images.num_rows)
+        return min(total, self.config.limit) if self.config.limit else total
+
+    def shards(self) -> Iterator[Shard]:
+        jobs = iter_image_jobs(self.images, self.prompts, self.config.limit)
+        return iter_shards(jobs, self.config.shard_size)
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Read and validate everything a run needs; raises UsageError (exit 1) before anything is sent."""
+    images = read_images_manifest(
+        config.images, id_column=config.id_column, image_column=config.image_column, carry=config.carry
+    )
+    prompts = read_prompts_manifest(config.prompts) if config.prompts else None
+    if prompts is not None:
+        check_prompt_images(prompts, images, config.prompts or "")
+    if config.image.image_root is not None:
+        image_root = Path(config.image.image_root)
+        if not image_root.is_dir():
+            raise ConfigError(f"--image-root {image_root} is not a directory")
+    else:
+        image_root = images.base_dir
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve())
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    index: int
+    rows: int
+    status: dict[str, int]
+    path: str | None
+
+
+@task(cache_policy=NO_CACHE, task_run_name="shard-{shard.index}", retries=0)
+async def annotate_shard(shard: Shard, runner: ShardRunner, writer: ShardWriter | None) -> ShardReport:
+    started = time.perf_counter()
+    rows = await runner.run(shard)
+    path = writer.write(shard.index, rows) if writer is not None else None
+    status = Counter(r.error_type or r.status for r in rows)
+    get_run_logger().info(
+        "shard %d: %d rows (%s) in %.1f s%s",
+        shard.index,
+        len(rows),
+        ", ".join(f"{k}: {v}" for k, v in status.most_common()),
+        time.perf_counter() - started,
+        f" → {path}" if path else "",
+    )
+    return ShardReport(shard.index, len(rows), dict(status), str(path) if path else None)
+
+
+def shards_in_flight(config: RunConfig) -> int:
+    """Enough overlapping shards to keep every request slot busy across shard boundaries."""
+    return max(2, min(64, math.ceil(2 * config.endpoint.concurrency / config.shard_size)))
+
+
+@flow(name="annotate", description="Caption and Q&A over an images manifest, written to Parquet.")
+async def annotate(config: RunConfig) -> RunSummary:
+    started = time.perf_counter()
+    logger = get_run_logger()
+    plan = plan_run(config)
+    run_id = str(flow_run.id or uuid.uuid4())
+    logger.info(
+        "%d work items over %d images from %s → %s",
+        plan.work_items,
+        plan.images.num_rows,
+        config.images,
+        config.out,
+    )
+    summary = SummaryBuilder()
+
+    def on_row(row: ResultRow) -> None:
+        summary.add(row)
+        for listener in _row_listeners:
+            listener(row)
+
+    writer = None
+    if not config.dry_run:
+        out = prepare_out_dir(config.out)
+        writer = ShardWriter(out, output_schema(plan.images.carry_schema), run_id.replace("-", "")[:12])
+    runner = ShardRunner(
+        config, image_root=plan.image_root, manifest_dir=plan.images.base_dir, run_id=run_id, on_row=on_row
+    )
+    try:
+        await _run_shards(
+            plan.shards(), lambda shard: annotate_shard(shard, runner, writer), shards_in_flight(config)
+        )
+    finally:
+        await runner.aclose()
+    result = summary.build(
+        work_items=plan.work_items,
+        elapsed_s=time.perf_counter() - started,
+        out=None if config.dry_run else str(config.out),
+        dry_run=config.dry_run,
+    )
+    logger.info("done: %d ok, %d failed %s", result.ok, result.failed, result.errors or "")
+    return result
+
+
+async def _run_shards(
+    shards: Iterator[Shard], start: Callable[[Shard], Awaitable[object]], limit: int
+) -> None:
+    """Run shard tasks with at most ``limit`` at once, reading the manifest off the event loop."""
+    pending: set[asyncio.Future[object]] = set()
+    try:
+        while True:
+            shard = await asyncio.to_thread(next, shards, None)
+            if shard is None:
+                break
+            while len(pending) >= limit:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in finished:
+                    fut.result()  # a bug in a shard stops the run
+            pending.add(asyncio.ensure_future(start(shard)))
+        for fut in asyncio.as_completed(pending):
+            await fut
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise

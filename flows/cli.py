@@ -1,0 +1,174 @@
+"""The ``vlmbatch`` command line: run, demo, emulate, inspect.
+
+Exit status (CONTRACT.md §3): 0 every row ok; 1 usage, config or manifest error (nothing sent,
+nothing written); 2 the run finished and some rows failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks.config import build_config
+from tasks.errors import UsageError
+
+EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS = 0, 1, 2
+DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Batch captioning and visual Q&A over Parquet manifests against OpenAI-compatible VLM endpoints.",
+)
+
+
+def _quiet_prefect() -> None:
+    """Defaults for Prefect in a CLI process (the user's own settings win)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+Opt = typer.Option
+
+
+@app.command()
+def run(
+    images: Annotated[str, typer.Argument(help="Images manifest: a Parquet file or a directory of them.")],
+    out: Annotated[str | None, Opt(help="Output dataset directory.  [env: VLMBATCH_OUT]")] = None,
+    prompts: Annotated[str | None, Opt(help="Prompts manifest (default: one caption prompt).")] = None,
+    config: Annotated[Path | None, Opt("--config", help="TOML file of options (flag > env > file).")] = None,
+    base_url: Annotated[
+        str | None, Opt(help="Endpoint base URL.  [default: http://localhost:8000/v1]")
+    ] = None,
+    model: Annotated[str | None, Opt(help="Model name.  [default: google/gemma-4-31b-it]")] = None,
+    api_key_env: Annotated[
+        str | None, Opt(help="Name of the variable holding the API key.  [default: VLMBATCH_API_KEY]")
+    ] = None,
+    api: Annotated[str | None, Opt(help="chat (Chat Completions).  [default: chat]")] = None,
+    concurrency: Annotated[int | None, Opt(help="Requests in flight.  [default: 32]")] = None,
+    max_tokens: Annotated[int | None, Opt(help="Output token budget per answer.  [default: 1024]")] = None,
+    temperature: Annotated[float | None, Opt(help="Sampling temperature (model default if unset).")] = None,
+    top_p: Annotated[float | None, Opt(help="Nucleus sampling (model default if unset).")] = None,
+    seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
+    reasoning: Annotated[bool | None, Opt("--reasoning/--no-reasoning", help="Gemma 4 thinking.")] = None,
+    max_retries: Annotated[int | None, Opt(help="Retries per request after the first.  [default: 6]")] = None,
+    request_timeout: Annotated[float | None, Opt(help="Seconds per attempt.  [default: 300]")] = None,
+    max_soft_tokens: Annotated[
+        int | None, Opt(help="Visual token budget per image; images downscale to 2304×N px².  [default: 280]")
+    ] = None,
+    shard_size: Annotated[int | None, Opt(help="Work items per Prefect task.  [default: 1000]")] = None,
+    limit: Annotated[int | None, Opt(help="Only the first N work items.")] = None,
+    dry_run: Annotated[
+        bool | None, Opt("--dry-run", help="Validate and load every image; send nothing.")
+    ] = None,
+    carry: Annotated[
+        list[str] | None, Opt(help="Images-manifest column to copy to the output (repeatable).")
+    ] = None,
+    image_root: Annotated[
+        str | None, Opt(help="Local image paths must resolve inside it.  [default: the manifest's folder]")
+    ] = None,
+    image_urls: Annotated[str | None, Opt(help="fetch|pass: how http(s) images reach the server.")] = None,
+    id_column: Annotated[str | None, Opt(help="Images-manifest id column.  [default: image_id]")] = None,
+    image_column: Annotated[str | None, Opt(help="Images-manifest image column.  [default: image]")] = None,
+    jpeg_quality: Annotated[int | None, Opt(help="Quality of re-encoded JPEGs.  [default: 90]")] = None,
+    max_image_bytes: Annotated[int | None, Opt(help="Larger image files fail as bad_image.")] = None,
+    max_image_pixels: Annotated[int | None, Opt(help="Larger decoded images fail as bad_image.")] = None,
+    verbose: Annotated[
+        bool, Opt("--verbose", "-v", help="Show Prefect's logs (one line per shard).")
+    ] = False,
+) -> None:
+    """Annotate every work item of IMAGES (× PROMPTS) and write the rows to OUT."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "verbose")}
+    raise typer.Exit(execute(flags, config_file=config, verbose=verbose))
+
+
+def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: bool = False) -> int:
+    """Validate, run the annotate flow in-process, print the summary; returns the exit status."""
+    if verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    _quiet_prefect()
+    try:
+        cfg = build_config(flags, config_file=config_file)
+        from flows.annotate import annotate, plan_run  # Prefect is imported only when needed
+
+        plan = plan_run(cfg)  # fail fast (exit 1) before a flow run even starts
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+
+    from flows.progress import progress_bar
+    from flows.report import print_summary
+
+    try:
+        with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
+            summary = asyncio.run(annotate(cfg))
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    print_summary(summary)
+    return summary.exit_code
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, Opt(help="Where the demo output goes.")] = Path("demo-out"),
+    latency: Annotated[float, Opt(help="Emulated model latency, seconds.")] = 0.4,
+) -> None:
+    """Run the whole pipeline on data/demo against the built-in endpoint emulator."""
+    from emulator import EmulatorServer, EmulatorSettings
+
+    if out.exists():
+        if any(p.suffix != ".parquet" for p in out.iterdir() if p.is_file()):
+            raise _fail(f"{out} exists and holds files that are not demo output; choose another --out")
+        shutil.rmtree(out)
+    with EmulatorServer(EmulatorSettings(latency=latency, jitter=latency / 2)) as server:
+        typer.echo(f"endpoint emulator (a stand-in for the model) on {server.base_url}")
+        flags = {
+            "images": str(DEMO_DIR / "images.parquet"),
+            "prompts": str(DEMO_DIR / "prompts.parquet"),
+            "out": str(out),
+            "base_url": server.base_url,
+            "carry": ["title"],
+        }
+        code = execute(flags)
+    typer.echo(f"output: {out.resolve()}  (read it with pyarrow.dataset.dataset({str(out)!r}))")
+    raise typer.Exit(code)
+
+
+@app.command()
+def inspect(out: Annotated[Path, typer.Argument(help="An output dataset directory.")]) -> None:
+    """Counts by status and error type, token totals and latency percentiles of OUT."""
+    from flows.report import print_summary
+    from tasks.outputs import read_output
+    from tasks.summary import summarize_table
+
+    if not out.is_dir():
+        raise _fail(f"{out} is not a directory")
+    try:
+        table = read_output(out)
+    except Exception as exc:  # pyarrow raises several types for unreadable datasets
+        raise _fail(f"{out} is not a readable vlmbatch output: {exc}") from None
+    if "status" not in table.column_names:
+        raise _fail(f"{out} is not a vlmbatch output (no status column)")
+    print_summary(summarize_table(table, str(out)))
+
+
+def main() -> None:
+    from flows.emulate import register
+
+    register(app)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Where an image's bytes come from: one manifest cell → an ImageSource → the encoded bytes.
+
+A cell is a local path, a ``file://``, ``http(s)://``, ``s3://`` or ``gs://`` URL, a ``data:`` URL,
+raw bytes, or the Hugging Face ``datasets`` Image struct ``{"bytes": ..., "path": ...}`` (CONTRACT.md §1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
+
+from tasks.config import ImageConfig
+from tasks.errors import ImageFailure
+
+REMOTE_SCHEMES = frozenset({"http", "https", "s3", "gs"})
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSource:
+    """One image's origin. ``value``: absolute path (path), the encoded bytes (bytes) or the URL (url)."""
+
+    kind: Literal["path", "bytes", "url"]
+    value: str | bytes
+    label: str  # short and human-readable, for error messages
+
+
+def parse_image_value(value: object, *, manifest_dir: Path) -> ImageSource:
+    """Turn one ``image`` cell into a source; raise ImageFailure (missing_image, bad_image) if it can't be."""
+    if value is None:
+        raise ImageFailure("missing_image", "no image (the image value is null)")
+    if isinstance(value, _BYTES_TYPES):
+        return _from_bytes(bytes(value))
+    if isinstance(value, dict):
+        return _from_struct(value, manifest_dir)
+    if isinstance(value, str):
+        return _from_string(value, manifest_dir)
+    raise ImageFailure(
+        "bad_image",
+        f"unsupported image value of type {type(value).__name__} (expected a string, bytes or a "
+        "{bytes, path} struct)",
+    )
+
+
+def _from_bytes(data: bytes) -> ImageSource:
+    if not data:
+        raise ImageFailure("missing_image", "no image (the image bytes are empty)")
+    return ImageSource("bytes", data, f"<{len(data)} bytes>")
+
+
+def _from_struct(value: dict[object, object], manifest_dir: Path) -> ImageSource:
+    data, path = value.get("bytes"), value.get("path")
+    if isinstance(data, _BYTES_TYPES) and len(data) > 0:
+        return _from_bytes(bytes(data))
+    if data is not None and not isinstance(data, _BYTES_TYPES):
+        raise ImageFailure("bad_image", f"image struct: 'bytes' is a {type(data).__name__}, not binary")
+    if isinstance(path, str) and path:
+        return _from_string(path, manifest_dir)
+    if path is not None and not isinstance(path, str):
+        raise ImageFailure("bad_image", f"image struct: 'path' is a {type(path).__name__}, not a string")
+    raise ImageFailure("missing_image", "no image (the image struct has neither bytes nor a path)")
+
+
+def _from_string(value: str, manifest_dir: Path) -> ImageSource:
+    if not value.strip():
+        raise ImageFailure("missing_image", "no image (the image value is an empty string)")
+    if value[:5].lower() == "data:":
+        return _from_data_url(value)
+    if value[:5].lower() == "file:":  # file:///abs, file://localhost/abs and RFC 8089's file:/abs
+        return _from_file_url(value)
+    match = _SCHEME.match(value)
+    if match is None:
+        path = Path(value)
+        if not path.is_absolute():
+            path = manifest_dir.absolute() / path
+        return ImageSource("path", str(path), value)
+    scheme = match.group(1).lower()
+    if scheme in REMOTE_SCHEMES:
+        return ImageSource("url", value, value)
+    raise ImageFailure(
+        "bad_image",
+        f"unsupported image source scheme {scheme}:// in {_shorten(value)} "
+        "(use a local path, file://, http(s)://, s3://, gs:// or a data: URL)",
+    )
+
+
+def _from_file_url(url: str) -> ImageSource:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ImageFailure("bad_image", f"file:// URL with a host ({parts.netloc!r}) is not supported: {url}")
+    if parts.query or parts.fragment:
+        raise ImageFailure(
+            "bad_image", f"file:// URL with a query or fragment (percent-encode '?' and '#'): {url}"
+        )
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise ImageFailure("bad_image", f"file:// URL without an absolute path: {url}")
+    return ImageSource("path", str(Path(path)), url)
+
+
+def _from_data_url(url: str) -> ImageSource:
+    """Decode a ``data:[<mediatype>][;base64],<data>`` URL (RFC 2397)."""
+    header, comma, payload = url[5:].partition(",")
+    if not comma:
+        raise ImageFailure("bad_image", f"malformed data: URL (no ',' after the media type): {_shorten(url)}")
+    if header.lower().endswith(";base64"):
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError:
+            data = _lenient_b64decode(payload, url)
+    else:
+        data = unquote_to_bytes(payload)
+    if not data:
+        raise ImageFailure("missing_image", "no image (the data: URL is empty)")
+    return ImageSource("bytes", data, f"data: URL ({len(data)} bytes)")
+
+
+def _lenient_b64decode(payload: str, url: str) -> bytes:
+    """Base64 with percent-escapes, whitespace or missing padding; still rejects foreign characters."""
+    text = "".join(unquote(payload).split())
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageFailure(
+            "bad_image", f"malformed data: URL (invalid base64: {exc}): {_shorten(url)}"
+        ) from None
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def read_image_bytes(source: ImageSource, config: ImageConfig, *, image_root: Path) -> bytes:
+    """The encoded bytes of a source, enforcing the image root and ``config.max_image_bytes``."""
+    if source.kind == "url":
+        raise ImageFailure(
+            "bad_image", f"remote image URLs are not supported yet (http, https, s3, gs): {source.label}"
+        )
+    value = source.value
+    if source.kind == "bytes" and isinstance(value, bytes):
+        _check_size(len(value), source.label, config)
+        return value
+    if source.kind == "path" and isinstance(value, str):
+        return _read_path(value, source.label, config, image_root)
+    raise TypeError(f"inconsistent ImageSource: kind {source.kind!r} with a {type(value).__name__} value")
+
+
+def _check_size(size: int, label: str, config: ImageConfig) -> None:
+    if size > config.max_image_bytes:
+        raise ImageFailure(
+            "bad_image",
+            f"image {label} is {size:,} bytes, over the cap of {config.max_image_bytes:,} bytes "
+            "(max_image_bytes)",
+        )
+
+
+def _read_path(value: str, label: str, config: ImageConfig, image_root: Path) -> bytes:
+    try:
+        root = image_root.resolve()
+        path = Path(value).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ImageFailure("bad_image", f"cannot resolve image path {label}: {exc}") from None
+    if not path.is_relative_to(root):
+        raise ImageFailure("bad_image", f"image path {label} resolves outside the image root {root} ({path})")
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageFailure("missing_image", f"image file {label} does not exist ({path})") from None
+    except OSError as exc:
+        raise ImageFailure("bad_image", f"cannot read image file {label}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageFailure("bad_image", f"image path {label} is a directory, not a file ({path})")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageFailure("bad_image", f"image path {label} is not a regular file ({path})")
+    _check_size(info.st_size, label, config)
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise ImageFailure("bad_image", f"cannot read image file {label}: {exc.strerror or exc}") from None
+    _check_size(len(data), label, config)  # it may have grown since stat
+    if not data:
+        raise ImageFailure("bad_image", f"image file {label} is empty (0 bytes)")
+    return data

@@ -1,0 +1,215 @@
+"""Decode, orient, flatten, downscale and encode one image for the endpoint.
+
+The endpoint takes GIF, JPEG and PNG; Gemma 4 uses at most ``2304 × max_soft_tokens`` pixels of an image.
+An image that is already sendable and small enough goes out byte-for-byte; anything else is decoded once
+(JPEGs at 1/2, 1/4 or 1/8 scale through libjpeg's draft mode), made RGB on white, downscaled to that area
+and sent as a JPEG.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import struct
+import threading
+import warnings
+from dataclasses import dataclass
+from math import isqrt
+from pathlib import Path
+
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from tasks.config import ImageConfig
+from tasks.errors import ImageFailure
+from tasks.image_sources import ImageSource, read_image_bytes
+
+SENDABLE_MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif"}
+# Ordinary raster formats only (never EPS, which Pillow hands to Ghostscript); TGA last: no magic number.
+# Filtered by what this Pillow build has, since Image.open raises KeyError for an unknown format name.
+_WANTED_FORMATS = (
+    "JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "AVIF", "JPEG2000", "ICO", "ICNS", "PPM", "QOI",
+    "PCX", "SGI", "PSD", "DDS", "XBM", "TGA",
+)  # fmt: skip
+Image.init()
+OPEN_FORMATS = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)
+_TRAILERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # the same table as ImageOps.exif_transpose
+_ALPHA_MODES = frozenset({"RGBA", "LA", "La", "PA", "RGBa"})
+# what Pillow raises on corrupt or hostile input (UnidentifiedImageError is an OSError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
+# warnings.catch_warnings swaps process-wide state: serialise our own uses (only the cheap header parse)
+_OPEN_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """An image ready for a request's ``image_url``, with what the output rows record about it."""
+
+    url: str  # data:image/...;base64,...
+    sha256: str  # hex sha256 of the original bytes
+    width: int  # original size, after EXIF orientation
+    height: int
+    sent_width: int  # size of the image actually sent
+    sent_height: int
+    mime: str  # image/jpeg, image/png or image/gif
+    reencoded: bool  # False when the original bytes are sent unchanged
+
+
+def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size with the same aspect and at most ``max_pixels`` pixels; never upscales."""
+    if width < 1 or height < 1 or max_pixels < 1:
+        raise ValueError(f"sizes must be positive, got {width}x{height} and max_pixels={max_pixels}")
+    if width * height <= max_pixels:
+        return width, height
+    # floor(side * sqrt(max_pixels / (width * height))), computed exactly in integers
+    w = max(1, isqrt(width * max_pixels // height))
+    h = max(1, isqrt(height * max_pixels // width))
+    if w * h > max_pixels:  # only when a side was clamped to 1: shrink the longer side
+        if w >= h:
+            w = max(1, max_pixels // h)
+        else:
+            h = max(1, max_pixels // w)
+    return w, h
+
+
+def load_image(source: ImageSource, config: ImageConfig, *, image_root: Path) -> PreparedImage:
+    """Read a source's bytes and prepare them; raises ImageFailure. Thread-safe."""
+    return prepare_image(read_image_bytes(source, config, image_root=image_root), config)
+
+
+def prepare_image(data: bytes, config: ImageConfig) -> PreparedImage:
+    """Turn encoded image bytes into what is sent; raise ImageFailure("bad_image", ...) if they can't be."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    fmt = "image"
+    try:
+        with _open(data) as img:
+            fmt = img.format or fmt
+            return _prepare(img, data, sha256, config)
+    except UnidentifiedImageError:
+        raise ImageFailure(
+            "bad_image",
+            f"cannot identify image file: not a supported image format ({len(data):,} bytes, "
+            f"starting {data[:8].hex(' ')})",
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageFailure("bad_image", f"{exc} (Pillow's limit, possible decompression bomb)") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageFailure("bad_image", f"cannot decode {fmt} image: {exc}") from None
+
+
+def _open(data: bytes) -> Image.Image:
+    """Parse the header only; config.max_image_pixels replaces Pillow's bomb warning."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+
+
+def _prepare(img: Image.Image, data: bytes, sha256: str, config: ImageConfig) -> PreparedImage:
+    fmt = img.format or ""
+    width, height = img.size
+    if width * height > config.max_image_pixels:
+        raise ImageFailure(
+            "bad_image",
+            f"image is {width}x{height} = {width * height:,} pixels, over the cap of "
+            f"{config.max_image_pixels:,} (possible decompression bomb)",
+        )
+    orientation = _orientation(img)
+    oriented = (height, width) if orientation >= 5 else (width, height)
+    over_budget = width * height > config.max_pixels
+    mime = SENDABLE_MIME.get(fmt)
+    if (
+        mime is not None
+        and not over_budget
+        and orientation == 1
+        and img.mode in ("RGB", "L")
+        and "transparency" not in img.info
+        and (fmt == "MPO" or not getattr(img, "is_animated", False))  # MPO's extra frames are previews
+    ):
+        if not data.endswith(_TRAILERS[fmt]):
+            img.load()  # possibly truncated: fail here as bad_image, not at the endpoint
+        return PreparedImage(_data_url(mime, data), sha256, *oriented, *oriented, mime, False)
+
+    size = target_size(width, height, config.max_pixels)  # in stored orientation (the result is symmetric)
+    if over_budget and fmt in ("JPEG", "MPO"):
+        img.draft("RGB", size)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below size
+    out = _to_rgb_or_l(img)  # decodes the first frame
+    if out.size != size:
+        out = out.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if orientation != 1:
+        out = out.transpose(_TRANSPOSE[orientation])
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    buffer = io.BytesIO()
+    out.save(buffer, "JPEG", quality=config.jpeg_quality, optimize=False, progressive=False)
+    with buffer.getbuffer() as encoded:
+        url = _data_url("image/jpeg", encoded)
+    return PreparedImage(url, sha256, *oriented, *out.size, "image/jpeg", True)
+
+
+def _data_url(mime: str, data: bytes | memoryview) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation 1-8 (1 when absent or invalid)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1  # an eXIf chunk after the image data would cost a full decode to find; rare
+    value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def _to_rgb_or_l(img: Image.Image) -> Image.Image:
+    """Decode to mode RGB or L: alpha flattened onto white, 16/32-bit and float scaled to 8 bits."""
+    mode = img.mode
+    if mode == "La":
+        img = img.convert("LA")
+    if (
+        mode in _ALPHA_MODES
+        or "transparency" in img.info
+        or (mode == "P" and img.palette is not None and img.palette.mode == "RGBA")
+    ):
+        return _flatten(img)
+    if mode in ("RGB", "L"):
+        img.load()
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _to_8bit(img)
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, P without transparency
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba)
+    return out
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale high-bit-depth pixels to L: 16-bit by 1/257, others by the range their values use."""
+    scale, offset = 1 / 257, 0.0
+    if img.mode.startswith("I;16"):
+        if img.mode != "I;16":
+            img = img.convert("I")
+    else:  # I (32-bit) or F: guess the range from the values
+        low, high = img.getextrema()
+        assert isinstance(low, (int, float)) and isinstance(high, (int, float))
+        if img.mode == "F" and low >= 0 and high <= 1:
+            scale = 255.0
+        elif low >= 0 and high <= 255:
+            scale = 1.0
+        elif not (low >= 0 and high <= 65535):
+            scale = 255 / (high - low) if high > low else 0.0
+            offset = -low * scale
+    scaled = img.point(lambda value: value * scale + offset, None if img.mode == "F" else "L")
+    return scaled.convert("L") if scaled.mode != "L" else scaled
