@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import aiohttp
 import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
@@ -117,15 +118,28 @@ def classify(exc: BaseException) -> RequestFailure:
     """Map an exception from one attempt to the contract's error_type (CONTRACT.md §2)."""
     if isinstance(exc, RequestFailure):
         return exc
-    if isinstance(exc, openai.APITimeoutError | TimeoutError):
-        return RequestFailure("timeout", "the request timed out")
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc.__context__
-        detail = f": {type(cause).__name__}: {cause}" if cause else ""
-        return RequestFailure("connection", f"could not reach the endpoint{detail}"[:MAX_MESSAGE])
+    if isinstance(exc, openai.APIConnectionError | TimeoutError):
+        # The transports wrap and sometimes mislabel (aiohttp's refused connection arrives as a
+        # ConnectTimeout): the innermost cause says what happened.
+        root = _root_cause(exc)
+        if isinstance(root, ConnectionError | aiohttp.ClientConnectionError) and not isinstance(
+            root, aiohttp.ServerTimeoutError
+        ):
+            return RequestFailure("connection", f"could not reach the endpoint: {root}"[:MAX_MESSAGE])
+        if isinstance(exc, openai.APITimeoutError | TimeoutError) or isinstance(root, TimeoutError):
+            return RequestFailure("timeout", "the request timed out")
+        return RequestFailure("connection", f"could not reach the endpoint: {root}"[:MAX_MESSAGE])
     if isinstance(exc, openai.APIStatusError):
         return classify_status(exc.status_code, exc.response.headers, exc.body)
     return RequestFailure("invalid_response", f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE])
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
 
 
 def classify_status(status: int, headers: Any, body: object) -> RequestFailure:

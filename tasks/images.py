@@ -89,7 +89,7 @@ def load_image(source: ImageSource, config: ImageConfig, *, image_root: Path) ->
 def prepare_image(data: bytes, config: ImageConfig) -> PreparedImage:
     """Turn encoded image bytes into what is sent; raise ImageFailure("bad_image", ...) if they can't be."""
     sha256 = hashlib.sha256(data).hexdigest()
-    fmt = "image"
+    fmt = ""
     try:
         with _open(data) as img:
             fmt = img.format or fmt
@@ -103,7 +103,7 @@ def prepare_image(data: bytes, config: ImageConfig) -> PreparedImage:
     except Image.DecompressionBombError as exc:
         raise ImageFailure("bad_image", f"{exc} (Pillow's limit, possible decompression bomb)") from None
     except _DECODE_ERRORS as exc:
-        raise ImageFailure("bad_image", f"cannot decode {fmt} image: {exc}") from None
+        raise ImageFailure("bad_image", f"cannot decode {fmt or 'the'} image: {exc}") from None
 
 
 def _open(data: bytes) -> Image.Image:

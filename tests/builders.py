@@ -41,7 +41,9 @@ def images_manifest(tmp: Path, specs: dict[str, tuple[tuple[int, int], str]], **
     """A manifest whose image column holds paths relative to the manifest's folder."""
     write_images(tmp / "img", specs)
     ids = list(specs)
-    return write_parquet(tmp / "images.parquet", {"image_id": ids, "image": [f"img/{i}.jpg" for i in ids], **extra})
+    return write_parquet(
+        tmp / "images.parquet", {"image_id": ids, "image": [f"img/{i}.jpg" for i in ids], **extra}
+    )
 
 
 def prompts_manifest(tmp: Path, rows: list[dict[str, Any]], name: str = "prompts.parquet") -> Path:

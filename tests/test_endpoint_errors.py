@@ -78,13 +78,21 @@ def test_answer_parsing_prefers_reasoning_then_reasoning_content() -> None:
         return json.dumps(
             {
                 "model": "m",
-                "choices": [{"message": {"role": "assistant", "content": "hi", **message}, "finish_reason": "length"}],
+                "choices": [
+                    {"message": {"role": "assistant", "content": "hi", **message}, "finish_reason": "length"}
+                ],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 2},
             }
         ).encode()
 
     a = parse_chat_answer(body({"reasoning": "r1", "reasoning_content": "r2"}), status=200, latency_ms=1)
-    assert (a.text, a.reasoning, a.finish_reason, a.prompt_tokens, a.completion_tokens) == ("hi", "r1", "length", 5, 2)
+    assert (a.text, a.reasoning, a.finish_reason, a.prompt_tokens, a.completion_tokens) == (
+        "hi",
+        "r1",
+        "length",
+        5,
+        2,
+    )
     assert parse_chat_answer(body({"reasoning_content": "r2"}), status=200, latency_ms=1).reasoning == "r2"
     assert parse_chat_answer(body({}), status=200, latency_ms=1).reasoning is None
 

@@ -44,10 +44,19 @@ def test_remapped_columns_and_carry(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("columns", "message"),
     [
-        ({"image_id": [1.5], "image": ["a"]}, r"column 'image_id' has type double; expected string or integer"),
-        ({"image_id": ["a"], "image": [3]}, r"column 'image' has type int64; expected string, binary or struct"),
+        (
+            {"image_id": [1.5], "image": ["a"]},
+            r"column 'image_id' has type double; expected string or integer",
+        ),
+        (
+            {"image_id": ["a"], "image": [3]},
+            r"column 'image' has type int64; expected string, binary or struct",
+        ),
         ({"image_id": ["a", None, None], "image": ["a", "b", "c"]}, r"'image_id' is null in rows 1, 2"),
-        ({"image_id": ["a", "b", "a", "b"], "image": list("abcd")}, r"duplicate image_id values 'a', 'b' in rows 0, 1, 2, 3"),
+        (
+            {"image_id": ["a", "b", "a", "b"], "image": list("abcd")},
+            r"duplicate image_id values 'a', 'b' in rows 0, 1, 2, 3",
+        ),
     ],
 )
 def test_bad_images_manifests(tmp_path: Path, columns: dict, message: str) -> None:
@@ -74,7 +83,9 @@ def test_duplicates_across_files_and_not_parquet(tmp_path: Path) -> None:
 
 
 def test_hugging_face_struct_column_is_accepted(tmp_path: Path) -> None:
-    struct = pa.array([{"bytes": b"x", "path": None}], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    struct = pa.array(
+        [{"bytes": b"x", "path": None}], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
     m = write_parquet(tmp_path / "hf.parquet", pa.table({"image_id": ["a"], "image": struct}))
     assert read_images_manifest(m).num_rows == 1
 
@@ -97,11 +108,23 @@ def test_prompts_manifest_defaults_and_types(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ([{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "a", "prompt": "y"}], "duplicate prompt_id values 'a' in rows 0, 1"),
-        ([{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "b", "prompt": "  "}], r"column 'prompt' is null or empty in row 1"),
+        (
+            [{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "a", "prompt": "y"}],
+            "duplicate prompt_id values 'a' in rows 0, 1",
+        ),
+        (
+            [{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "b", "prompt": "  "}],
+            r"column 'prompt' is null or empty in row 1",
+        ),
         ([{"prompt_id": "a", "prompt": "x", "max_tokens": 0}], r"'max_tokens' must be at least 1; see row 0"),
-        ([{"prompt_id": "a", "prompt": "x", "json_schema": "{not json"}], r"'json_schema' in row 0 is not a valid JSON Schema"),
-        ([{"prompt_id": "a", "prompt": "x", "json_schema": '{"type": 5}'}], r"'json_schema' in row 0 is not a valid JSON Schema"),
+        (
+            [{"prompt_id": "a", "prompt": "x", "json_schema": "{not json"}],
+            r"'json_schema' in row 0 is not a valid JSON Schema",
+        ),
+        (
+            [{"prompt_id": "a", "prompt": "x", "json_schema": '{"type": 5}'}],
+            r"'json_schema' in row 0 is not a valid JSON Schema",
+        ),
         ([{"prompt_id": None, "prompt": "x"}], r"'prompt_id' is null in row 0"),
     ],
 )

@@ -30,7 +30,9 @@ def test_writer_round_trip_with_carry(tmp_path: Path) -> None:
     assert table.schema.equals(schema)
     rows = table.to_pylist()
     assert rows[0]["text"] == "hello" and rows[0]["title"] == "A" and rows[0]["score"] == 0.5
-    assert rows[1]["status"] == "failed" and rows[1]["error_type"] == "missing_image" and rows[1]["text"] is None
+    assert (
+        rows[1]["status"] == "failed" and rows[1]["error_type"] == "missing_image" and rows[1]["text"] is None
+    )
     assert [p.name for p in out.iterdir()] == [path.name]  # no temporaries left behind
 
 

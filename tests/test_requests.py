@@ -13,7 +13,9 @@ def cfg(**flags):
 
 
 def test_chat_body_shape() -> None:
-    req = build_chat_request(P, "data:image/jpeg;base64,AAAA", "abc", cfg(temperature=0.2, seed=3, reasoning=True))
+    req = build_chat_request(
+        P, "data:image/jpeg;base64,AAAA", "abc", cfg(temperature=0.2, seed=3, reasoning=True)
+    )
     body = req.body
     assert body["model"] == "google/gemma-4-31b-it"
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}

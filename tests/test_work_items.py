@@ -16,16 +16,23 @@ def manifest(tmp_path: Path, n: int):
 
 
 def test_work_items_follow_the_contract(tmp_path: Path) -> None:
-    m = read_images_manifest(write_parquet(tmp_path / "m.parquet", {"image_id": ["a", "b"], "image": ["1", "2"]}))
+    m = read_images_manifest(
+        write_parquet(tmp_path / "m.parquet", {"image_id": ["a", "b"], "image": ["1", "2"]})
+    )
     plan = PromptPlan.build([CAP, Q_B])
     jobs = list(iter_image_jobs(m, plan))
-    assert [(j.image_id, [p.prompt_id for p in j.prompts]) for j in jobs] == [("a", ["cap"]), ("b", ["cap", "qb"])]
+    assert [(j.image_id, [p.prompt_id for p in j.prompts]) for j in jobs] == [
+        ("a", ["cap"]),
+        ("b", ["cap", "qb"]),
+    ]
     assert plan.count_items(2) == 3
     assert PromptPlan.build(None).for_all == (DEFAULT_PROMPT,)
 
 
 def test_images_without_prompts_produce_no_work(tmp_path: Path) -> None:
-    m = read_images_manifest(write_parquet(tmp_path / "m.parquet", {"image_id": ["a", "b"], "image": ["1", "2"]}))
+    m = read_images_manifest(
+        write_parquet(tmp_path / "m.parquet", {"image_id": ["a", "b"], "image": ["1", "2"]})
+    )
     jobs = list(iter_image_jobs(m, PromptPlan.build([Q_B])))
     assert [j.image_id for j in jobs] == ["b"]
 

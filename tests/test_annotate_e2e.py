@@ -1,0 +1,372 @@
+"""The annotate path end to end: the real CLI against the emulator on a free port."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from emulator import EmulatorServer
+from tests.builders import COLOURS, image_bytes, images_manifest, prompts_manifest, write_parquet
+from tests.cli import rows, vlmbatch
+
+SPECS = {
+    "a": ((64, 48), "red"),
+    "b": ((120, 30), "green"),
+    "c": ((33, 77), "blue"),
+    "d": ((1600, 1200), "yellow"),  # over the pixel budget: downscaled
+}
+
+
+def test_every_row_answers_its_own_image_and_prompt(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, SPECS, title=[f"T-{k}" for k in SPECS])
+    prompts = prompts_manifest(
+        tmp_path,
+        [
+            {"prompt_id": "cap", "prompt": "Describe the picture.", "image_id": None},
+            {"prompt_id": "q-b", "prompt": "What is in image b?", "image_id": "b"},
+            {"prompt_id": "q-d", "prompt": "Is d yellow?", "image_id": "d"},
+        ],
+    )
+    out = tmp_path / "out"
+    res = vlmbatch(
+        "run", images, "--prompts", prompts, "--out", out, "--base-url", emulator.base_url, "--carry", "title"
+    )
+    assert res.code == 0, res.err
+    got = rows(out)
+    assert [(r["image_id"], r["prompt_id"]) for r in got] == [
+        ("a", "cap"),
+        ("b", "cap"),
+        ("b", "q-b"),
+        ("c", "cap"),
+        ("d", "cap"),
+        ("d", "q-d"),
+    ]
+    prompts_by_id = {"cap": "Describe the picture.", "q-b": "What is in image b?", "q-d": "Is d yellow?"}
+    for r in got:
+        (w, h), colour = SPECS[r["image_id"]]
+        assert r["status"] == "ok" and r["error_type"] is None
+        assert (r["image_width"], r["image_height"]) == (w, h)
+        assert f"{r['sent_width']}×{r['sent_height']} image, mostly {colour}" in r["text"]
+        assert f'Prompt: "{prompts_by_id[r["prompt_id"]]}"' in r["text"]
+        assert r["title"] == f"T-{r['image_id']}"
+        assert r["attempts"] == 1 and r["http_status"] == 200
+        assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
+        assert r["model"] == "google/gemma-4-31b-it" and r["finish_reason"] == "stop"
+        assert len(r["request_key"]) == 64 and len(r["image_sha256"]) == 64
+        assert r["task"] == ("caption" if r["prompt_id"] == "cap" else "qa")
+    big = next(r for r in got if r["image_id"] == "d")
+    assert big["sent_width"] * big["sent_height"] <= 2304 * 280 < 1600 * 1200
+    stats = emulator.stats()
+    assert stats["requests_total"] == 6
+    assert sorted(stats["per_item"].values()) == [1] * 6
+    assert "summary" in res.out and "6" in res.out
+
+
+def test_hugging_face_struct_binary_and_data_url_sources(tmp_path: Path, emulator: EmulatorServer) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "p.png").write_bytes(image_bytes((40, 40), COLOURS["green"], "PNG"))
+    hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    hf = write_parquet(
+        tmp_path / "hf.parquet",
+        pa.table(
+            {
+                "image_id": ["bytes", "path"],
+                "image": pa.array(
+                    [
+                        {"bytes": image_bytes((50, 20), COLOURS["red"]), "path": "ignored.jpg"},
+                        {"bytes": None, "path": "img/p.png"},
+                    ],
+                    type=hf_type,
+                ),
+            }
+        ),
+    )
+    res = vlmbatch("run", hf, "--out", tmp_path / "o1", "--base-url", emulator.base_url)
+    assert res.code == 0, res.err
+    texts = {r["image_id"]: r["text"] for r in rows(tmp_path / "o1")}
+    assert "50×20 image, mostly red" in texts["bytes"] and "40×40 image, mostly green" in texts["path"]
+
+    data_url = "data:image/jpeg;base64," + base64.b64encode(image_bytes((30, 60), COLOURS["blue"])).decode()
+    binary = write_parquet(
+        tmp_path / "bin.parquet",
+        {
+            "image_id": [1, 2],
+            "image": pa.array([image_bytes((70, 10), COLOURS["yellow"]), None], pa.binary()),
+        },
+    )
+    res = vlmbatch("run", binary, "--out", tmp_path / "o2", "--base-url", emulator.base_url)
+    assert res.code == 2
+    got = rows(tmp_path / "o2")
+    assert "70×10 image, mostly yellow" in got[0]["text"] and got[0]["image_id"] == "1"
+    assert got[1]["error_type"] == "missing_image" and got[1]["attempts"] == 0
+    urls = write_parquet(tmp_path / "urls.parquet", {"image_id": ["u"], "image": [data_url]})
+    res = vlmbatch("run", urls, "--out", tmp_path / "o3", "--base-url", emulator.base_url)
+    assert res.code == 0 and "30×60 image, mostly blue" in rows(tmp_path / "o3")[0]["text"]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size (a decompression bomb) with almost no data."""
+    small = image_bytes((1, 1), (0, 0, 0), "PNG")
+    ihdr = struct.pack(">II", width, height) + small[24:29]
+    chunk = b"IHDR" + ihdr
+    return small[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + small[33:]
+
+
+def test_bad_images_become_failed_rows_and_good_ones_succeed(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    folder = tmp_path / "m"
+    (folder / "img").mkdir(parents=True)
+    (folder / "img" / "good.jpg").write_bytes(image_bytes((20, 20), COLOURS["red"]))
+    (folder / "img" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (folder / "img" / "text.jpg").write_bytes(b"just some text, no image at all")
+    (folder / "img" / "bomb.png").write_bytes(_png_claiming(40_000, 40_000))
+    (tmp_path / "outside.jpg").write_bytes(image_bytes((20, 20), COLOURS["red"]))
+    manifest = write_parquet(
+        folder / "images.parquet",
+        {
+            "image_id": ["good", "missing", "corrupt", "text", "bomb", "outside", "null"],
+            "image": [
+                "img/good.jpg",
+                "img/nope.jpg",
+                "img/corrupt.jpg",
+                "img/text.jpg",
+                "img/bomb.png",
+                "../outside.jpg",
+                None,
+            ],
+        },
+    )
+    out = tmp_path / "out"
+    res = vlmbatch("run", manifest, "--out", out, "--base-url", emulator.base_url)
+    assert res.code == 2, res.err
+    got = {r["image_id"]: r for r in rows(out)}
+    assert len(got) == 7
+    assert got["good"]["status"] == "ok"
+    expected = {
+        "missing": ("missing_image", "nope.jpg"),
+        "corrupt": ("bad_image", "cannot decode the image: Truncated"),
+        "text": ("bad_image", "cannot identify image file"),
+        "bomb": ("bad_image", "decompression bomb"),
+        "outside": ("bad_image", "outside the image root"),
+        "null": ("missing_image", "null"),
+    }
+    for image_id, (error_type, words) in expected.items():
+        row = got[image_id]
+        assert (row["status"], row["error_type"], row["attempts"]) == ("failed", error_type, 0)
+        assert words in row["error_message"]
+        assert row["text"] is None
+    assert emulator.stats()["requests_total"] == 1  # only the good image was sent
+    assert "bad_image" in res.out and "missing_image" in res.out
+
+
+def test_a_400_is_sent_once_and_never_retried(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red"), "b": ((12, 10), "blue")})
+    out = tmp_path / "out"
+    # more output tokens than the model's context: the server answers 400
+    res = vlmbatch("run", images, "--out", out, "--base-url", emulator.base_url, "--max-tokens", 500_000)
+    assert res.code == 2
+    for r in rows(out):
+        assert (r["status"], r["error_type"], r["http_status"], r["attempts"]) == (
+            "failed",
+            "bad_request",
+            400,
+            1,
+        )
+        assert "max_tokens" in r["error_message"] or "too large" in r["error_message"]
+    stats = emulator.stats()
+    assert stats["requests_total"] == 2 and sorted(stats["per_item"].values()) == [1, 1]
+
+
+def test_a_429_with_retry_after_is_retried_after_the_delay(tmp_path: Path, emulator: EmulatorServer) -> None:
+    emulator.configure(fault_script=["429"], retry_after=1.0)
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url)
+    assert res.code == 0, res.err
+    (row,) = rows(tmp_path / "out")
+    assert (row["status"], row["attempts"], row["http_status"]) == ("ok", 2, 200)
+    log = emulator.stats()["log"]
+    assert [entry["status"] for entry in log] == [429, 200]
+    assert log[1]["t"] - log[0]["t"] >= 1.0  # Retry-After honoured
+
+
+def test_transient_faults_are_retried_until_every_row_is_ok(tmp_path: Path, emulator: EmulatorServer) -> None:
+    emulator.configure(
+        fault_rate=0.5,
+        fault_kinds=["500", "503", "reset", "malformed"],
+        fault_mode="first_attempt",
+        retry_after=0.1,
+    )
+    specs = {f"i{k}": ((10 + k, 10), "red") for k in range(12)}
+    images = images_manifest(tmp_path, specs)
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url)
+    assert res.code == 0, res.err
+    got = rows(tmp_path / "out")
+    assert len(got) == 12 and all(r["status"] == "ok" for r in got)
+    stats = emulator.stats()
+    faults = sum(stats["faults"].values())
+    assert faults > 0
+    assert sum(r["attempts"] for r in got) == stats["requests_total"] == 12 + faults
+
+
+def test_requests_in_flight_are_bounded_by_concurrency(tmp_path: Path, emulator: EmulatorServer) -> None:
+    emulator.configure(latency=0.15)
+    specs = {f"i{k}": ((10 + k, 10), "red") for k in range(16)}
+    images = images_manifest(tmp_path, specs)
+    res = vlmbatch(
+        "run",
+        images,
+        "--out",
+        tmp_path / "out",
+        "--base-url",
+        emulator.base_url,
+        "--concurrency",
+        3,
+        "--shard-size",
+        5,
+    )
+    assert res.code == 0, res.err
+    assert emulator.stats()["max_in_flight"] == 3
+    assert len(rows(tmp_path / "out")) == 16
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 4  # one file per shard
+
+
+def test_wrong_model_and_unreachable_endpoint_fail_rows(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    res = vlmbatch(
+        "run", images, "--out", tmp_path / "o1", "--base-url", emulator.base_url, "--model", "nope"
+    )
+    assert res.code == 2
+    (row,) = rows(tmp_path / "o1")
+    assert (row["error_type"], row["http_status"], row["attempts"]) == ("not_found", 404, 1)
+    res = vlmbatch(
+        "run", images, "--out", tmp_path / "o2", "--base-url", "http://127.0.0.1:9/v1", "--max-retries", 1
+    )
+    assert res.code == 2
+    (row,) = rows(tmp_path / "o2")
+    assert (row["error_type"], row["attempts"]) == ("connection", 2)
+
+
+def test_limit_dry_run_and_config_file(tmp_path: Path, emulator: EmulatorServer) -> None:
+    specs = {f"i{k}": ((10 + k, 10), "red") for k in range(5)}
+    images = images_manifest(tmp_path, specs)
+    toml = tmp_path / "vlmbatch.toml"
+    toml.write_text(f'base-url = "{emulator.base_url}"\nlimit = 3\n')
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--config", toml)
+    assert res.code == 0, res.err
+    assert [r["image_id"] for r in rows(tmp_path / "out")] == ["i0", "i1", "i2"]
+
+    emulator.reset()
+    (tmp_path / "img" / "i4.jpg").write_bytes(b"garbage")
+    res = vlmbatch("run", images, "--out", tmp_path / "dry", "--base-url", emulator.base_url, "--dry-run")
+    assert res.code == 2  # one image would fail
+    assert emulator.stats()["requests_total"] == 0
+    assert not (tmp_path / "dry").exists()
+    assert "dry run" in res.out and "bad_image" in res.out
+
+
+def test_api_key_is_sent_and_never_shown(tmp_path: Path) -> None:
+    from emulator import EmulatorSettings
+
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    with EmulatorServer(EmulatorSettings(latency=0.0, api_key="sk-right-key")) as server:
+        res = vlmbatch(
+            "run",
+            images,
+            "--out",
+            tmp_path / "ok",
+            "--base-url",
+            server.base_url,
+            env={"VLMBATCH_API_KEY": "sk-right-key"},
+        )
+        assert res.code == 0, res.err
+        res = vlmbatch(
+            "run",
+            images,
+            "--out",
+            tmp_path / "bad",
+            "--base-url",
+            server.base_url,
+            "--api-key-env",
+            "MY_KEY",
+            env={"MY_KEY": "sk-wrong-key-123"},
+        )
+        assert res.code == 2
+        (row,) = rows(tmp_path / "bad")
+        assert (row["error_type"], row["http_status"], row["attempts"]) == ("auth", 401, 1)
+        assert "sk-wrong-key-123" not in res.out + res.err
+        for path in (tmp_path / "bad").iterdir():
+            assert b"sk-wrong-key-123" not in path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("images_cols", "prompt_rows", "message"),
+    [
+        ({"image_id": ["a", "a"], "image": ["x", "y"]}, None, "duplicate image_id values 'a' in rows 0, 1"),
+        ({"id": ["a"], "image": ["x"]}, None, "missing column 'image_id'"),
+        (
+            {"image_id": ["a"], "image": ["x"]},
+            [{"prompt_id": "p", "prompt": "q", "image_id": "zz"}],
+            "names images not",
+        ),
+        (
+            {"image_id": ["a"], "image": ["x"]},
+            [{"prompt_id": "p", "prompt": ""}],
+            "'prompt' is null or empty in row 0",
+        ),
+    ],
+)
+def test_bad_manifest_exits_1_before_anything_is_sent_or_written(
+    tmp_path: Path, emulator: EmulatorServer, images_cols: dict, prompt_rows: list | None, message: str
+) -> None:
+    images = write_parquet(tmp_path / "images.parquet", images_cols)
+    args = ["run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url]
+    if prompt_rows is not None:
+        args += ["--prompts", prompts_manifest(tmp_path, prompt_rows)]
+    res = vlmbatch(*args)
+    assert res.code == 1
+    assert message in res.err and str(tmp_path) in res.err
+    assert emulator.stats()["requests_total"] == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_parquet_and_bad_option_exit_1(tmp_path: Path, emulator: EmulatorServer) -> None:
+    bogus = tmp_path / "images.parquet"
+    bogus.write_text("image_id,image\na,b\n")
+    res = vlmbatch("run", bogus, "--out", tmp_path / "out", "--base-url", emulator.base_url)
+    assert res.code == 1 and "is not a readable Parquet file" in res.err and "images.parquet" in res.err
+    res = vlmbatch("run", bogus, "--out", tmp_path / "out", "--concurrency", 0)
+    assert res.code == 1 and "--concurrency" in res.err
+    assert emulator.stats()["requests_total"] == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_summarises_an_output(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    (tmp_path / "img" / "b.jpg").write_bytes(b"nope")
+    manifest = write_parquet(
+        tmp_path / "two.parquet", {"image_id": ["a", "b"], "image": ["img/a.jpg", "img/b.jpg"]}
+    )
+    assert images.exists()
+    vlmbatch("run", manifest, "--out", tmp_path / "out", "--base-url", emulator.base_url)
+    res = vlmbatch("inspect", tmp_path / "out")
+    assert res.code == 0
+    assert "work items" in res.out and "bad_image" in res.out and "latency p50" in res.out
+    assert vlmbatch("inspect", tmp_path / "nothing").code == 1
+
+
+def test_a_hung_request_times_out_and_is_retried(tmp_path: Path, emulator: EmulatorServer) -> None:
+    emulator.configure(fault_script=["hang"], hang_seconds=5.0)
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    res = vlmbatch(
+        "run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url, "--request-timeout", 0.5
+    )
+    assert res.code == 0, res.err
+    (row,) = rows(tmp_path / "out")
+    assert (row["status"], row["attempts"]) == ("ok", 2)
+    assert row["latency_ms"] < 500  # of the last attempt
