@@ -23,6 +23,7 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,
     no_args_is_help=True,
     help="Batch captioning and visual Q&A over Parquet manifests against OpenAI-compatible VLM endpoints.",
 )
@@ -46,7 +47,7 @@ Opt = typer.Option
 @app.command()
 def run(
     images: Annotated[str, typer.Argument(help="Images manifest: a Parquet file or a directory of them.")],
-    out: Annotated[str | None, Opt(help="Output dataset directory.  [env: VLMBATCH_OUT]")] = None,
+    out: Annotated[str | None, Opt(help="Output dataset directory (required).")] = None,
     prompts: Annotated[str | None, Opt(help="Prompts manifest (default: one caption prompt).")] = None,
     config: Annotated[Path | None, Opt("--config", help="TOML file of options (flag > env > file).")] = None,
     base_url: Annotated[
@@ -89,7 +90,12 @@ def run(
         bool, Opt("--verbose", "-v", help="Show Prefect's logs (one line per shard).")
     ] = False,
 ) -> None:
-    """Annotate every work item of IMAGES (× PROMPTS) and write the rows to OUT."""
+    """Annotate every work item of IMAGES (× PROMPTS) and write the rows to OUT.
+
+    Every option can also be set by an environment variable VLMBATCH_<OPTION> (e.g.
+    VLMBATCH_BASE_URL) or a key in the --config TOML file; precedence: flag > env > file > default.
+    Exit status: 0 every row ok, 1 usage/config/manifest error (nothing sent), 2 some rows failed.
+    """
     flags = {k: v for k, v in locals().items() if k not in ("config", "verbose")}
     raise typer.Exit(execute(flags, config_file=config, verbose=verbose))
 
