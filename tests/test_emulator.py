@@ -10,6 +10,7 @@ import io
 import json
 import math
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -99,7 +100,8 @@ def control(server: EmulatorServer, route: str, body: Any = None) -> Reply:
 
 def message(reply: Reply) -> dict[str, Any]:
     assert reply.status == 200, reply.body
-    return reply.json()["choices"][0]["message"]
+    got: dict[str, Any] = reply.json()["choices"][0]["message"]
+    return got
 
 
 def fingerprint(data: bytes) -> str:
@@ -356,7 +358,10 @@ def test_http_image_urls_are_fetched(make_server: Callable[..., EmulatorServer],
     assert chat(server, chat_body(images=[f"{image_host}/gone.png"])).status == 422
     slow = chat(server, chat_body(images=[f"{image_host}/slow.png"]))
     assert slow.status == 500 and "Timed out" in slow.json()["error"]["message"]
-    assert chat(server, chat_body(images=["http://127.0.0.1:9/none.png"])).status == 500
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    assert chat(server, chat_body(images=[f"http://127.0.0.1:{closed}/none.png"])).status == 500
 
 
 def test_auth_required_on_v1_routes(make_server: Callable[..., EmulatorServer]) -> None:
@@ -551,7 +556,7 @@ def test_image_cache_skips_decoding() -> None:
 
 def test_settings_validation_and_flags() -> None:
     with pytest.raises(ValueError, match="fault kinds"):
-        EmulatorSettings(fault_kinds=["boom"])
+        EmulatorSettings(fault_kinds=("boom",))
     with pytest.raises(ValueError, match="fault_rate"):
         EmulatorSettings(fault_rate=1.5)
     with pytest.raises(ValueError, match="unknown settings"):
@@ -571,9 +576,10 @@ def test_python_dash_m_emulator_serves(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert process.stdout is not None
     try:
         ready, _, _ = select.select([process.stdout], [], [], 20)
-        assert ready and process.stdout is not None
+        assert ready
         line = process.stdout.readline().strip()
         assert line.startswith("emulator listening on http://127.0.0.1:") and line.endswith("/v1")
         base = line.removeprefix("emulator listening on ")

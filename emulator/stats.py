@@ -1,0 +1,89 @@
+"""Counters of the chat completion requests the emulator received, safe to read from any thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+LOG_SIZE = 20_000
+
+
+class Stats:
+    """What happened to each chat request: counted on arrival, status recorded on completion.
+
+    A status is an HTTP code, ``"reset"`` (connection dropped on purpose) or ``"cancelled"`` (the
+    client went away before the answer, e.g. its timeout fired during a ``hang``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.requests_total = 0
+        self.by_status: dict[str, int] = {}
+        self.per_item: dict[str, int] = {}
+        self.faults: dict[str, int] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.processing = 0
+        self.max_processing = 0
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
+
+    def now(self) -> float:
+        """Seconds since the server started."""
+        return time.monotonic() - self._started
+
+    def arrive(self, item: str) -> int:
+        """Count a request of work item ``item``; returns its attempt number (1-based)."""
+        with self._lock:
+            self.requests_total += 1
+            attempt = self.per_item.get(item, 0) + 1
+            self.per_item[item] = attempt
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return attempt
+
+    def finish(self, item: str, status: int | str, arrived: float, fault: str | None) -> None:
+        key = str(status)
+        with self._lock:
+            self.in_flight -= 1
+            self.by_status[key] = self.by_status.get(key, 0) + 1
+            if fault is not None:
+                self.faults[fault] = self.faults.get(fault, 0) + 1
+            self.log.append({"item": item, "status": status, "t": round(arrived, 6), "fault": fault})
+
+    def start_processing(self) -> None:
+        with self._lock:
+            self.processing += 1
+            self.max_processing = max(self.max_processing, self.processing)
+
+    def stop_processing(self) -> None:
+        with self._lock:
+            self.processing -= 1
+
+    def reset(self) -> None:
+        """Forget everything but the requests still inside the server."""
+        with self._lock:
+            in_flight, processing = self.in_flight, self.processing
+            self._clear()
+            self.in_flight = self.max_in_flight = in_flight
+            self.processing = self.max_processing = processing
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy of every counter."""
+        with self._lock:
+            return {
+                "requests_total": self.requests_total,
+                "by_status": dict(self.by_status),
+                "per_item": dict(self.per_item),
+                "max_in_flight": self.max_in_flight,
+                "max_processing": self.max_processing,
+                "in_flight": self.in_flight,
+                "processing": self.processing,
+                "faults": dict(self.faults),
+                "log": list(self.log),
+            }
