@@ -8,10 +8,11 @@ flight are bounded by ``--concurrency`` across the whole run (one semaphore in t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.config import RunConfig
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted
 from tasks.manifests import ImagesManifest, check_prompt_images, read_images_manifest, read_prompts_manifest
-from tasks.outputs import ShardWriter, prepare_out_dir
+from tasks.outputs import OutLock, OutputStore, check_out_dir, prepare_out_dir, read_index
 from tasks.results import ResultRow, output_schema
 from tasks.shard_runner import ShardRunner
+from tasks.stopping import EXIT_CODES, StopSwitch, signals_stop
 from tasks.summary import RunSummary, SummaryBuilder
 from tasks.work_items import PromptPlan, Shard, iter_image_jobs, iter_shards
+from tasks.writer import AsyncWriter
 
 RowListener = Callable[[ResultRow], None]
 _row_listeners: list[RowListener] = []  # the CLI's progress bar subscribes here (same process)
@@ -72,35 +75,33 @@ def plan_run(config: RunConfig) -> RunPlan:
             raise ConfigError(f"--image-root {image_root} is not a directory")
     else:
         image_root = images.base_dir
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+    if not config.dry_run:
+        check_out_dir(config.out)
     return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve())
 
 
 @dataclass(frozen=True)
 class ShardReport:
     index: int
-    rows: int
-    status: dict[str, int]
     path: str | None
 
 
 @task(cache_policy=NO_CACHE, task_run_name="shard-{shard.index}", retries=0)
-async def annotate_shard(shard: Shard, runner: ShardRunner, writer: ShardWriter | None) -> ShardReport:
+async def annotate_shard(shard: Shard, runner: ShardRunner, writer: AsyncWriter | None) -> ShardReport:
+    """One shard: its work items concurrently, its rows written to OUT as they finish."""
     started = time.perf_counter()
-    rows = await runner.run(shard)
-    path = writer.write(shard.index, rows) if writer is not None else None
-    status = Counter(r.error_type or r.status for r in rows)
+    before = runner.skipped
+    await runner.run(shard)
+    path = await writer.finish(shard.index) if writer is not None else None
     get_run_logger().info(
-        "shard %d: %d rows (%s) in %.1f s%s",
+        "shard %d: %d work items (%d skipped as done) in %.1f s%s",
         shard.index,
-        len(rows),
-        ", ".join(f"{k}: {v}" for k, v in status.most_common()),
+        shard.num_items,
+        runner.skipped - before,
         time.perf_counter() - started,
-        f" → {path}" if path else "",
+        f" → {path.name}" if path else "",
     )
-    return ShardReport(shard.index, len(rows), dict(status), str(path) if path else None)
+    return ShardReport(shard.index, str(path) if path else None)
 
 
 def shards_in_flight(config: RunConfig) -> int:
@@ -128,36 +129,79 @@ async def annotate(config: RunConfig) -> RunSummary:
         for listener in _row_listeners:
             listener(row)
 
-    writer = None
-    if not config.dry_run:
-        out = prepare_out_dir(config.out)
-        writer = ShardWriter(out, output_schema(plan.images.carry_schema), run_id.replace("-", "")[:12])
-    runner = ShardRunner(
-        config, image_root=plan.image_root, manifest_dir=plan.images.base_dir, run_id=run_id, on_row=on_row
-    )
-    try:
-        await _run_shards(
-            plan.shards(), lambda shard: annotate_shard(shard, runner, writer), shards_in_flight(config)
+    stop = StopSwitch()
+    out = Path(config.out)
+    with signals_stop(stop, on_second=os._exit), contextlib.ExitStack() as cleanup:
+        store = writer = None
+        if config.dry_run:
+            index, hashes = read_index(out)
+        else:
+            prepare_out_dir(out)
+            lock = OutLock(out, run_id)
+            lock.acquire()
+            cleanup.callback(lock.release)
+            index, hashes = read_index(out)
+            store = OutputStore(
+                out, output_schema(plan.images.carry_schema), run_id.replace("-", "")[:12], index
+            )
+            if healed := store.heal_duplicates():
+                logger.warning("removed %d duplicate rows left by an interrupted run", healed)
+                index = store.index
+        if len(index) and not config.force:
+            logger.info(
+                "%s already holds %d rows: items ok with the same request key are skipped", out, len(index)
+            )
+        runner = ShardRunner(
+            config,
+            image_root=plan.image_root,
+            manifest_dir=plan.images.base_dir,
+            run_id=run_id,
+            stop=stop,
+            store=store,
+            index=index,
+            hashes=hashes,
+            on_row=on_row,
         )
-    finally:
-        await runner.aclose()
+        try:
+            async with contextlib.AsyncExitStack() as flushing:
+                if store is not None:
+                    writer = await flushing.enter_async_context(AsyncWriter(store))
+                await _run_shards(
+                    plan.shards(),
+                    lambda shard: annotate_shard(shard, runner, writer),
+                    shards_in_flight(config),
+                    stop,
+                )
+        finally:
+            await runner.aclose()
     result = summary.build(
         work_items=plan.work_items,
+        skipped=runner.skipped,
         elapsed_s=time.perf_counter() - started,
         out=None if config.dry_run else str(config.out),
         dry_run=config.dry_run,
     )
-    logger.info("done: %d ok, %d failed %s", result.ok, result.failed, result.errors or "")
+    logger.info(
+        "done: %d ok, %d failed, %d skipped %s", result.ok, result.failed, result.skipped, result.errors or ""
+    )
+    if stop.reason == "outage":
+        raise EndpointUnusable(f"aborted: {stop.message}", result)
+    if stop.reason is None and not config.dry_run and (verdict := runner.detector.final_verdict()):
+        raise EndpointUnusable(f"aborted: {verdict}", result)
+    if stop.reason in EXIT_CODES:
+        raise RunInterrupted(
+            f"interrupted by {stop.reason}; rerun to continue", result, EXIT_CODES[stop.reason]
+        )
     return result
 
 
 async def _run_shards(
-    shards: Iterator[Shard], start: Callable[[Shard], Awaitable[object]], limit: int
+    shards: Iterator[Shard], start: Callable[[Shard], Awaitable[object]], limit: int, stop: StopSwitch
 ) -> None:
     """Run shard tasks with at most ``limit`` at once, reading the manifest off the event loop."""
     pending: set[asyncio.Future[object]] = set()
     try:
-        while True:
+        while not stop.is_set:
             shard = await asyncio.to_thread(next, shards, None)
             if shard is None:
                 break

@@ -1,7 +1,8 @@
 """The ``vlmbatch`` command line: run, demo, emulate, inspect.
 
 Exit status (CONTRACT.md §3): 0 every row ok; 1 usage, config or manifest error (nothing sent,
-nothing written); 2 the run finished and some rows failed.
+nothing written); 2 the run finished and some rows failed; 3 aborted, the endpoint is unusable;
+130/143 interrupted by SIGINT/SIGTERM (what was done is written; a rerun continues).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from tasks.config import build_config
-from tasks.errors import UsageError
+from tasks.errors import RunStopped, UsageError
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS = 0, 1, 2
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -94,7 +95,8 @@ def run(
 
     Every option can also be set by an environment variable VLMBATCH_<OPTION> (e.g.
     VLMBATCH_BASE_URL) or a key in the --config TOML file; precedence: flag > env > file > default.
-    Exit status: 0 every row ok, 1 usage/config/manifest error (nothing sent), 2 some rows failed.
+    Exit status: 0 every row ok, 1 usage/config/manifest error (nothing sent), 2 some rows failed,
+    3 endpoint unusable (rerun continues), 130/143 interrupted (rerun continues).
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "verbose")}
     raise typer.Exit(execute(flags, config_file=config, verbose=verbose))
@@ -121,6 +123,10 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
             summary = asyncio.run(annotate(cfg))
     except UsageError as exc:
         raise _fail(str(exc)) from None
+    except RunStopped as stopped:
+        print_summary(stopped.summary)  # type: ignore[arg-type]
+        typer.echo(f"error: {stopped}", err=True)
+        return stopped.exit_code
     print_summary(summary)
     return summary.exit_code
 

@@ -37,6 +37,9 @@ class EndpointConfig(_Section):
     concurrency: int = Field(32, ge=1, le=4096, description="requests in flight across the run")
     max_retries: int = Field(6, ge=0, le=50, description="retries after the first attempt")
     request_timeout: float = Field(300.0, gt=0, le=86400, description="seconds per attempt")
+    outage_window: float = Field(
+        60.0, gt=0, le=86400, description="abort (exit 3) after this long with the endpoint unreachable"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -86,6 +89,7 @@ class RunConfig(_Section):
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="work items per Prefect task")
     limit: int | None = Field(None, ge=1, description="only the first N work items")
     dry_run: bool = False
+    force: bool = Field(False, description="re-run items already ok in OUT")
     endpoint: EndpointConfig = EndpointConfig()
     generation: GenerationConfig = GenerationConfig()
     image: ImageConfig = ImageConfig()

@@ -15,6 +15,12 @@ Run-level failures (nothing is sent, exit 1)::
     ├── ConfigError              an option has a bad value
     └── ManifestError            a manifest is missing, unreadable or inconsistent
 
+Run-level stops, raised after what was done is written (a rerun continues)::
+
+    RunStopped                   carries the run's summary and exit status
+    ├── EndpointUnusable         exit 3: unreachable too long, credentials rejected, unknown model
+    └── RunInterrupted           exit 130 (SIGINT) / 143 (SIGTERM)
+
 The ``error_type`` names are the contract's (CONTRACT.md §2); ``ERROR_TYPES`` documents them.
 """
 
@@ -82,3 +88,23 @@ class ConfigError(UsageError):
 
 class ManifestError(UsageError):
     """A manifest is missing, not Parquet, or has bad columns or rows."""
+
+
+class RunStopped(Exception):
+    """The run stopped early; what was done is written. ``summary`` is a tasks.summary.RunSummary."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, summary: object) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class EndpointUnusable(RunStopped):
+    exit_code = 3
+
+
+class RunInterrupted(RunStopped):
+    def __init__(self, message: str, summary: object, exit_code: int) -> None:
+        super().__init__(message, summary)
+        self.exit_code = exit_code

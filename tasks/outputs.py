@@ -1,30 +1,68 @@
-"""Write result rows into the output dataset directory, atomically, and read it back.
+"""The output directory: atomic Parquet files, one per shard and run, with exactly one row per item.
 
-Each file is written under a hidden temporary name (``.tmp-…``, which pyarrow.dataset ignores),
-flushed to disk, then renamed into place: a reader never sees a half-written file.
+Layout of OUT::
+
+    part-<shard>-<run>.parquet     the rows (what pyarrow.dataset.dataset(OUT) reads)
+    _vlmbatch/lock                 held (flock) by the run writing OUT; the kernel frees it on a crash
+    _vlmbatch/hashes/*.parquet     image sha256 by source fingerprint, so reruns need not re-read images
+
+Every file is written under a hidden temporary name, flushed, then renamed into place: a reader never
+sees a half-written file. A shard's file is rewritten (all its rows so far) about once a second while
+the shard runs, so a crash loses at most about a second of answers. When a work item is redone (its
+old row failed, or its request key changed), the old row is removed from its file *before* the new row
+is written: at no moment does OUT hold two rows for one item — at worst, after a crash, none, and the
+rerun redoes it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import socket
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
+from tasks.output_index import HashCache, OutputIndex, identity_hash
 from tasks.results import ResultRow, rows_to_table
+
+STATE_DIR = "_vlmbatch"
+PART_GLOB = "part-*.parquet"
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """Raise UsageError unless OUT is (or can be created as) a writable directory. Creates nothing."""
+    path = Path(out)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--out {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {path} is not writable")
+        return path
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {path}: {parent} is in the way and is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path} cannot be created: {parent} is not writable")
+    return path
 
 
 def prepare_out_dir(out: str | Path) -> Path:
     """Create OUT (and parents) or raise UsageError if it cannot hold our files."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} exists and is not a directory")
+    path = check_out_dir(out)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        (path / STATE_DIR / "hashes").mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -48,32 +86,176 @@ def write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-class ShardWriter:
-    """Writes one shard's rows as a Parquet file in OUT."""
+def part_files(out: Path) -> list[Path]:
+    """The part files of OUT, oldest first."""
+    files = [p for p in out.glob(PART_GLOB) if p.is_file()]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
-    def __init__(self, out: Path, schema: pa.Schema, run_tag: str) -> None:
+
+def read_index(out: Path) -> tuple[OutputIndex, HashCache]:
+    """The index of what OUT holds (empty if OUT does not exist); read-only."""
+    if not out.is_dir():
+        return OutputIndex.empty(), HashCache.load([])
+    hashes = sorted((out / STATE_DIR / "hashes").glob("*.parquet"))
+    return OutputIndex.load(part_files(out)), HashCache.load(hashes)
+
+
+class OutLock:
+    """An exclusive lock on OUT for one run. flock: released by the kernel when the process dies."""
+
+    def __init__(self, out: Path, run_id: str) -> None:
+        self.path = out / STATE_DIR / "lock"
+        self.run_id = run_id
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "{}"
+            fh.close()
+            try:
+                info = json.loads(holder)
+                who = (
+                    f"run {info.get('run_id')} (pid {info.get('pid')} on {info.get('host')}, "
+                    f"since {info.get('since')})"
+                )
+            except ValueError:
+                who = "another run"
+            raise UsageError(
+                f"--out {self.path.parent.parent} is being written by {who}; wait for it to finish or choose "
+                "another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        fh.write(
+            json.dumps(
+                {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(), "since": since}
+            )
+        )
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+@dataclass
+class _ShardFile:
+    path: Path
+    rows: list[ResultRow] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)  # fingerprint → sha256
+    written: int = 0  # rows already on disk
+    hashes_written: int = 0
+
+
+class OutputStore:
+    """Writes a run's rows into OUT. Not thread-safe: call from one thread (the flow's writer)."""
+
+    def __init__(self, out: Path, schema: pa.Schema, run_tag: str, index: OutputIndex) -> None:
         self.out = out
         self.schema = schema
         self.run_tag = run_tag
+        self.index = index
+        self.removed: set[int] = set()  # identity hashes whose old rows are gone
+        self.shards: dict[int, _ShardFile] = {}
 
-    def write(self, shard_index: int, rows: list[ResultRow]) -> Path | None:
-        if not rows:
-            return None
-        path = self.out / f"part-{shard_index:06d}-{self.run_tag}.parquet"
-        write_atomic(rows_to_table(rows, self.schema), path)
-        return path
+    def _shard(self, shard_index: int) -> _ShardFile:
+        shard = self.shards.get(shard_index)
+        if shard is None:
+            path = self.out / f"part-{shard_index:06d}-{self.run_tag}.parquet"
+            shard = self.shards[shard_index] = _ShardFile(path)
+        return shard
+
+    def add(self, shard_index: int, row: ResultRow) -> None:
+        """Queue a finished row (event-loop thread); it reaches disk at the next flush."""
+        self._shard(shard_index).rows.append(row)
+
+    def remember(self, shard_index: int, fingerprint: str, sha256: str) -> None:
+        """Cache an image's hash by its source fingerprint (event-loop thread)."""
+        self._shard(shard_index).hashes[fingerprint] = sha256
+
+    def flush(self, shard_index: int | None = None) -> None:
+        """Write every shard with new rows (or just one), after removing the rows they replace.
+
+        Runs on the writer thread while the event loop appends: it works on snapshots.
+        """
+        targets = [shard_index] if shard_index is not None else list(self.shards)
+        for index in targets:
+            shard = self.shards.get(index)
+            if shard is None:
+                continue
+            rows = shard.rows[: len(shard.rows)]
+            hashes = dict(shard.hashes)
+            if len(hashes) > shard.hashes_written:
+                table = pa.table({"fingerprint": list(hashes), "sha256": list(hashes.values())})
+                write_atomic(table, self.out / STATE_DIR / "hashes" / f"{self.run_tag}-{index:06d}.parquet")
+                shard.hashes_written = len(hashes)
+            if len(rows) > shard.written:
+                self._remove_replaced(rows[shard.written :])
+                write_atomic(rows_to_table(rows, self.schema), shard.path)
+                shard.written = len(rows)
+
+    def finish(self, shard_index: int) -> Path | None:
+        """Final write of a shard; its rows leave memory. Returns its file, if it has rows."""
+        self.flush(shard_index)
+        shard = self.shards.pop(shard_index, None)
+        return shard.path if shard is not None and shard.written else None
+
+    def _remove_replaced(self, rows: list[ResultRow]) -> None:
+        by_file: dict[int, set[int]] = {}
+        for row in rows:
+            found = self.index.lookup(row.image_id, row.prompt_id)
+            if found is None:
+                continue
+            identity = identity_hash(row.image_id, row.prompt_id)
+            if identity not in self.removed:
+                by_file.setdefault(found[2], set()).add(identity)
+        for number, identities in by_file.items():
+            remove_rows(self.index.files[number], identities)
+            self.removed |= identities
+
+    def heal_duplicates(self) -> int:
+        """Remove rows that a newer file also holds (left by an interrupted older version); returns count."""
+        removed = 0
+        for number, identities in self.index.shadowed_rows().items():
+            remove_rows(self.index.files[number], identities)
+            removed += len(identities)
+        if removed:
+            self.index = OutputIndex.load(part_files(self.out))
+        return removed
+
+
+def remove_rows(path: Path, identities: set[int]) -> None:
+    """Rewrite ``path`` without the rows whose identity hash is in ``identities`` (delete if empty)."""
+    if not path.exists():
+        return
+    table = pq.read_table(path)
+    ids = zip(table["image_id"].to_pylist(), table["prompt_id"].to_pylist(), strict=True)
+    keep = pa.array([identity_hash(i, p) not in identities for i, p in ids])
+    if pc.all(keep).as_py():
+        return
+    kept = table.filter(keep)
+    if kept.num_rows == 0:
+        path.unlink()
+        _fsync_dir(path.parent)
+    else:
+        write_atomic(kept, path)
 
 
 def read_output(out: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """The output dataset as one table (only complete files: temporaries are hidden)."""
+    """The output dataset as one table (only complete files: temporaries and state are hidden)."""
     return ds.dataset(out, format="parquet").to_table(columns=columns)

@@ -2,35 +2,65 @@
 
 One ``ShardRunner`` per run, shared by all shard tasks in the run's event loop: it owns the endpoint
 client, the semaphore that bounds requests in flight across the whole run (held only while a request
-is on the wire, never during backoff), and the thread pool that prepares images. Every failure
-becomes a row; nothing escapes a shard but cancellation.
+is on the wire, never during backoff), the thread pool that reads and prepares images, and the
+outage detector. Every failure becomes a row; nothing escapes a shard but cancellation.
+
+Resume: an item whose row in OUT is ``ok`` with the same request key is skipped. The key needs the
+image's sha256, taken from the hash cache by source fingerprint when possible, so a rerun of a
+finished job reads no image.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError as SchemaValidationError
-from jsonschema.validators import validator_for
 
 from tasks.config import RunConfig
 from tasks.endpoint import Answer, EndpointClient
 from tasks.errors import ItemFailure, RequestFailure
-from tasks.image_sources import parse_image_value
-from tasks.images import PreparedImage, load_image
+from tasks.image_sources import ImageSource, parse_image_value, read_image_bytes
+from tasks.images import PreparedImage, prepare_image
 from tasks.manifests import Prompt
-from tasks.requests import build_chat_request
+from tasks.outage import OutageDetector, is_outage_failure
+from tasks.output_index import HashCache, OutputIndex
+from tasks.outputs import OutputStore
+from tasks.requests import build_chat_request, request_key
 from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
+from tasks.stopping import StopSwitch
+from tasks.structured import validate_json
 from tasks.work_items import ImageJob, Shard, item_id
 
-ProgressCallback = Callable[[ResultRow], None]
+
+class _Dropped(Exception):
+    """The item was not finished because the run is stopping: it gets no row."""
+
+
+@dataclass(slots=True)
+class _Loaded:
+    sha256: str
+    data: bytes | None  # None when the sha came from the hash cache
+    fingerprint: str | None
+
+
+def fingerprint(source: ImageSource, image_root: Path) -> str | None:
+    """A cheap identity of a source's content: a path with its size and mtime, or a URL."""
+    if source.kind == "url":
+        return f"url:{source.value!s}"
+    if source.kind == "path":
+        try:
+            path = Path(str(source.value)).resolve()
+            if not path.is_relative_to(image_root):
+                return None
+            st = path.stat()
+        except OSError:
+            return None
+        return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
+    return None
 
 
 class ShardRunner:
@@ -41,15 +71,27 @@ class ShardRunner:
         image_root: Path,
         manifest_dir: Path,
         run_id: str,
-        on_row: ProgressCallback | None = None,
+        stop: StopSwitch,
+        store: OutputStore | None = None,
+        index: OutputIndex | None = None,
+        hashes: HashCache | None = None,
+        on_row: object = None,
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
         self.image_root = image_root
         self.manifest_dir = manifest_dir
         self.run_id = run_id
+        self.stop = stop
+        self.store = store
+        self.index = index or OutputIndex.empty()
+        self.hashes = hashes or HashCache.load([])
         self.on_row = on_row
-        self.policy = retry_policy or RetryPolicy(max_retries=config.endpoint.max_retries)
+        self.skipped = 0
+        self.policy = retry_policy or RetryPolicy(max_retries=config.endpoint.max_retries, sleep=stop.sleep)
+        self.detector = OutageDetector(
+            window=config.endpoint.outage_window, describe=config.endpoint.base_url
+        )
         self.requests = asyncio.Semaphore(config.endpoint.concurrency)
         # images held in memory at once: enough to keep every request slot busy, no more
         self.images_in_progress = asyncio.Semaphore(config.endpoint.concurrency + 2 * (os.cpu_count() or 2))
@@ -61,29 +103,76 @@ class ShardRunner:
             await self.client.aclose()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, shard: Shard) -> list[ResultRow]:
-        groups = await asyncio.gather(*(self._job(job) for job in shard.jobs))
-        return [row for rows in groups for row in rows]
+    async def run(self, shard: Shard) -> None:
+        await asyncio.gather(*(self._job(shard.index, job) for job in shard.jobs))
 
-    async def _job(self, job: ImageJob) -> list[ResultRow]:
+    # images ------------------------------------------------------------------------------------
+
+    def _load(self, source: ImageSource) -> _Loaded:
+        fp = fingerprint(source, self.image_root)
+        if fp is not None and not self.config.force and len(self.index):
+            sha = self.hashes.get(fp)
+            if sha is not None:
+                return _Loaded(sha, None, fp)
+        data = read_image_bytes(source, self.config.image, image_root=self.image_root)
+        return _Loaded(hashlib.sha256(data).hexdigest(), data, fp)
+
+    def _prepare(self, source: ImageSource, loaded: _Loaded) -> PreparedImage:
+        data = loaded.data
+        if data is None:
+            data = read_image_bytes(source, self.config.image, image_root=self.image_root)
+        return prepare_image(data, self.config.image)
+
+    async def _job(self, shard_index: int, job: ImageJob) -> None:
         async with self.images_in_progress:
+            if self.stop.is_set:
+                return
+            loop = asyncio.get_running_loop()
             try:
                 source = parse_image_value(job.value, manifest_dir=self.manifest_dir)
-                loop = asyncio.get_running_loop()
-                image = await loop.run_in_executor(
-                    self.pool, lambda: load_image(source, self.config.image, image_root=self.image_root)
-                )
+                loaded = await loop.run_in_executor(self.pool, self._load, source)
             except ItemFailure as failure:
-                return [self._emit(self._row(job, p).fail(failure)) for p in job.prompts]
-            return list(await asyncio.gather(*(self._ask(job, p, image) for p in job.prompts)))
+                self._fail_unreadable(shard_index, job, failure)
+                return
+            if self.store is not None and loaded.fingerprint is not None:
+                self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)
+            pending = [p for p in job.prompts if not self._done(job.image_id, p, loaded.sha256)]
+            self.skipped += len(job.prompts) - len(pending)
+            if not pending:
+                return
+            try:
+                image = await loop.run_in_executor(self.pool, self._prepare, source, loaded)
+            except ItemFailure as failure:
+                for p in pending:
+                    self._emit(shard_index, self._row(job, p, sha256=loaded.sha256).fail(failure))
+                return
+            await asyncio.gather(*(self._ask(shard_index, job, p, image) for p in pending))
 
-    def _row(self, job: ImageJob, prompt: Prompt, image: PreparedImage | None = None) -> ResultRow:
+    def _done(self, image_id: str, prompt: Prompt, sha256: str) -> bool:
+        if self.config.force or not len(self.index):
+            return False
+        return self.index.is_done(image_id, prompt.prompt_id, request_key(prompt, sha256, self.config))
+
+    def _fail_unreadable(self, shard_index: int, job: ImageJob, failure: ItemFailure) -> None:
+        for p in job.prompts:
+            found = None if self.config.force else self.index.lookup(job.image_id, p.prompt_id)
+            if found is not None and found[0]:
+                self.skipped += 1  # an answer we have is never replaced by "the image is gone now"
+                continue
+            self._emit(shard_index, self._row(job, p).fail(failure))
+
+    # requests ----------------------------------------------------------------------------------
+
+    def _row(
+        self, job: ImageJob, prompt: Prompt, image: PreparedImage | None = None, sha256: str | None = None
+    ) -> ResultRow:
         row = ResultRow(
             image_id=job.image_id,
             prompt_id=prompt.prompt_id,
             task=prompt.task,
             status="ok",
             model=self.config.endpoint.model,
+            image_sha256=sha256,
             run_id=self.run_id,
             carry=job.carry,
         )
@@ -93,39 +182,57 @@ class ShardRunner:
             row.sent_width, row.sent_height = image.sent_width, image.sent_height
         return row
 
-    async def _ask(self, job: ImageJob, prompt: Prompt, image: PreparedImage) -> ResultRow:
+    async def _ask(self, shard_index: int, job: ImageJob, prompt: Prompt, image: PreparedImage) -> None:
         row = self._row(job, prompt, image)
         request = build_chat_request(prompt, image.url, image.sha256, self.config)
         row.request_key = request.key
-        if self.client is None:  # dry run: everything but the request
-            pass  # status stays "ok": ready to send
-            return self._emit(row)
+        if self.client is None:  # dry run: everything but the request (status stays "ok": ready)
+            self._emit(shard_index, row)
+            return
         client = self.client
         rid = item_id(job.image_id, prompt.prompt_id)
 
         async def attempt() -> Answer:
+            if self.stop.is_set:
+                raise _Dropped
             row.attempts += 1
             async with self.requests:
+                if self.stop.is_set:
+                    row.attempts -= 1
+                    raise _Dropped
                 try:
-                    return await client.chat(request.body, request_id=rid)
+                    answer = await client.chat(request.body, request_id=rid)
                 except RequestFailure as failure:
                     row.http_status = failure.http_status
+                    self._observe(failure)
                     raise
+            self.detector.success()
+            return answer
 
         try:
             answer = await self.policy.call(attempt)
             _fill(row, answer, prompt)
+        except _Dropped:
+            return
         except ItemFailure as failure:
+            if self.stop.is_set and isinstance(failure, RequestFailure) and is_outage_failure(failure):
+                return  # the endpoint is down or we are stopping: leave the item for the rerun
             attempts = row.attempts
             row.fail(failure)
             if failure.retryable and attempts > 1:
                 row.error_message = f"{failure.message} (after {attempts} attempts)"
-        return self._emit(row)
+        self._emit(shard_index, row)
 
-    def _emit(self, row: ResultRow) -> ResultRow:
-        if self.on_row is not None:
+    def _observe(self, failure: RequestFailure) -> None:
+        verdict = self.detector.failure(failure)
+        if verdict is not None:
+            self.stop.set("outage", verdict)
+
+    def _emit(self, shard_index: int, row: ResultRow) -> None:
+        if self.store is not None:
+            self.store.add(shard_index, row)
+        if callable(self.on_row):
             self.on_row(row)
-        return row
 
 
 def _fill(row: ResultRow, answer: Answer, prompt: Prompt) -> None:
@@ -139,21 +246,3 @@ def _fill(row: ResultRow, answer: Answer, prompt: Prompt) -> None:
     row.model = answer.model or row.model
     if prompt.json_schema is not None:
         row.json = validate_json(answer.text, prompt.json_schema)
-
-
-def validate_json(text: str | None, schema_text: str) -> str:
-    """The answer as compact JSON if it parses and validates, else an invalid_json failure."""
-    try:
-        value = json.loads(text or "")
-    except ValueError as exc:
-        raise RequestFailure("invalid_json", f"the answer is not JSON: {exc}") from None
-    schema = json.loads(schema_text)
-    validator: Draft202012Validator = validator_for(schema)(schema)
-    try:
-        validator.validate(value)
-    except SchemaValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        raise RequestFailure(
-            "invalid_json", f"the answer does not match the schema at {where}: {exc.message}"
-        ) from None
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

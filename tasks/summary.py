@@ -68,12 +68,13 @@ class SummaryBuilder:
             self.latencies.append(row.latency_ms)
 
     def build(
-        self, *, work_items: int, elapsed_s: float, out: str | None, dry_run: bool = False
+        self, *, work_items: int, elapsed_s: float, out: str | None, skipped: int = 0, dry_run: bool = False
     ) -> RunSummary:
         done = self.status["ok"] + self.status["failed"]
         return RunSummary(
             out=out,
             work_items=work_items,
+            skipped=skipped,
             ok=self.status["ok"],
             failed=self.status["failed"],
             errors=dict(self.errors.most_common()),

@@ -236,20 +236,18 @@ def test_requests_in_flight_are_bounded_by_concurrency(tmp_path: Path, emulator:
     assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 4  # one file per shard
 
 
-def test_wrong_model_and_unreachable_endpoint_fail_rows(tmp_path: Path, emulator: EmulatorServer) -> None:
+def test_wrong_model_or_unreachable_endpoint_exit_3(tmp_path: Path, emulator: EmulatorServer) -> None:
     images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
     res = vlmbatch(
         "run", images, "--out", tmp_path / "o1", "--base-url", emulator.base_url, "--model", "nope"
     )
-    assert res.code == 2
-    (row,) = rows(tmp_path / "o1")
-    assert (row["error_type"], row["http_status"], row["attempts"]) == ("not_found", 404, 1)
+    assert res.code == 3
+    assert "404" in res.err and "does not exist" in res.err
     res = vlmbatch(
         "run", images, "--out", tmp_path / "o2", "--base-url", "http://127.0.0.1:9/v1", "--max-retries", 1
     )
-    assert res.code == 2
-    (row,) = rows(tmp_path / "o2")
-    assert (row["error_type"], row["attempts"]) == ("connection", 2)
+    assert res.code == 3
+    assert "could not be reached" in res.err and "http://127.0.0.1:9/v1" in res.err
 
 
 def test_limit_dry_run_and_config_file(tmp_path: Path, emulator: EmulatorServer) -> None:
@@ -273,7 +271,7 @@ def test_limit_dry_run_and_config_file(tmp_path: Path, emulator: EmulatorServer)
 def test_api_key_is_sent_and_never_shown(tmp_path: Path) -> None:
     from emulator import EmulatorSettings
 
-    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    images = images_manifest(tmp_path, {f"i{k}": ((10 + k, 10), "red") for k in range(4)})
     with EmulatorServer(EmulatorSettings(latency=0.0, api_key="sk-right-key")) as server:
         res = vlmbatch(
             "run",
@@ -292,16 +290,18 @@ def test_api_key_is_sent_and_never_shown(tmp_path: Path) -> None:
             tmp_path / "bad",
             "--base-url",
             server.base_url,
+            "--concurrency",
+            1,
             "--api-key-env",
             "MY_KEY",
             env={"MY_KEY": "sk-wrong-key-123"},
         )
-        assert res.code == 2
-        (row,) = rows(tmp_path / "bad")
-        assert (row["error_type"], row["http_status"], row["attempts"]) == ("auth", 401, 1)
+        assert res.code == 3
+        assert "rejected the credentials" in res.err
+        assert server.stats()["requests_total"] == 4 + 3  # aborted after three refusals in a row
         assert "sk-wrong-key-123" not in res.out + res.err
-        for path in (tmp_path / "bad").iterdir():
-            assert b"sk-wrong-key-123" not in path.read_bytes()
+        for path in (tmp_path / "bad").rglob("*"):
+            assert not path.is_file() or b"sk-wrong-key-123" not in path.read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,19 @@ import pyarrow.dataset as ds
 import pytest
 
 from tasks.errors import ImageFailure, UsageError
-from tasks.outputs import ShardWriter, prepare_out_dir, read_output
+from tasks.output_index import OutputIndex
+from tasks.outputs import OutLock, OutputStore, check_out_dir, prepare_out_dir, read_index, read_output
 from tasks.results import OUTPUT_SCHEMA, ResultRow, output_schema
+
+
+def row(image_id: str, status: str = "ok", key: str = "a" * 64, prompt_id: str = "cap") -> ResultRow:
+    r = ResultRow(image_id, prompt_id, "caption", "ok", text=f"answer {image_id}", request_key=key)
+    return r.fail(ImageFailure("bad_image", "x")) if status == "failed" else r
+
+
+def store(out: Path, tag: str, schema: pa.Schema = OUTPUT_SCHEMA) -> OutputStore:
+    prepare_out_dir(out)
+    return OutputStore(out, schema, tag, read_index(out)[0])
 
 
 def test_contract_columns_in_order() -> None:
@@ -15,38 +26,104 @@ def test_contract_columns_in_order() -> None:
     assert OUTPUT_SCHEMA.field("finished_at").type == pa.timestamp("us", tz="UTC")
 
 
-def test_writer_round_trip_with_carry(tmp_path: Path) -> None:
-    out = prepare_out_dir(tmp_path / "out")
+def test_store_round_trip_with_carry(tmp_path: Path) -> None:
     schema = output_schema(pa.schema([("title", pa.string()), ("score", pa.float32())]))
-    writer = ShardWriter(out, schema, "run1")
+    s = store(tmp_path / "out", "run1", schema)
     ok = ResultRow("a", "cap", "caption", "ok", text="hello", attempts=1, carry={"title": "A", "score": 0.5})
     bad = ResultRow("b", "cap", "caption", "ok", carry={"title": "B", "score": None}).fail(
         ImageFailure("missing_image", "no such file")
     )
-    path = writer.write(3, [ok, bad])
+    s.add(3, ok)
+    s.flush()  # mid-shard: on disk already
+    assert read_output(tmp_path / "out").num_rows == 1
+    s.add(3, bad)
+    path = s.finish(3)
     assert path is not None and path.name == "part-000003-run1.parquet"
-    assert writer.write(4, []) is None
-    table = read_output(out)
+    assert s.finish(4) is None
+    table = read_output(tmp_path / "out")
     assert table.schema.equals(schema)
     rows = table.to_pylist()
     assert rows[0]["text"] == "hello" and rows[0]["title"] == "A" and rows[0]["score"] == 0.5
     assert (
         rows[1]["status"] == "failed" and rows[1]["error_type"] == "missing_image" and rows[1]["text"] is None
     )
-    assert [p.name for p in out.iterdir()] == [path.name]  # no temporaries left behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_vlmbatch", path.name]
 
 
-def test_hidden_temporaries_are_invisible_to_readers(tmp_path: Path) -> None:
-    out = prepare_out_dir(tmp_path / "out")
-    ShardWriter(out, OUTPUT_SCHEMA, "r").write(0, [ResultRow("a", "p", "caption", "ok")])
+def test_replacing_rows_never_duplicates(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = store(out, "r1")
+    for image_id, status in [("a", "ok"), ("b", "failed"), ("c", "ok")]:
+        first.add(0, row(image_id, status))
+    first.finish(0)
+    index = read_index(out)[0]
+    assert index.is_done("a", "cap", "a" * 64) and not index.is_done("a", "cap", "b" * 64)
+    assert not index.is_done("b", "cap", "a" * 64)  # failed: to be retried
+    second = OutputStore(out, OUTPUT_SCHEMA, "r2", index)
+    second.add(0, row("b", "ok"))  # the retried failure
+    second.add(0, row("c", "ok", key="b" * 64))  # a changed request key
+    second.finish(0)
+    table = ds.dataset(out).to_table().to_pylist()
+    assert sorted((r["image_id"], r["status"], r["request_key"][0]) for r in table) == [
+        ("a", "ok", "a"),
+        ("b", "ok", "a"),
+        ("c", "ok", "b"),
+    ]
+
+
+def test_old_file_emptied_by_replacements_is_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = store(out, "r1")
+    first.add(0, row("a", "failed"))
+    old = first.finish(0)
+    second = OutputStore(out, OUTPUT_SCHEMA, "r2", read_index(out)[0])
+    second.add(0, row("a"))
+    second.finish(0)
+    assert old is not None and not old.exists()
+    assert ds.dataset(out).count_rows() == 1
+
+
+def test_duplicates_left_by_an_older_version_are_healed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for tag in ("r1", "r2"):  # two files holding the same item, as a crash could leave
+        s = OutputStore(prepare_out_dir(out), OUTPUT_SCHEMA, tag, OutputIndex.empty())
+        s.add(0, row("a", key=tag[-1] * 64))
+        s.finish(0)
+    s = store(out, "r3")
+    assert s.heal_duplicates() == 1
+    (only,) = ds.dataset(out).to_table().to_pylist()
+    assert only["request_key"] == "2" * 64  # the newer file wins
+
+
+def test_hidden_temporaries_and_state_are_invisible_to_readers(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = store(out, "r")
+    s.add(0, row("a"))
+    s.remember(0, "file:/x:1:2", "ab" * 32)
+    s.finish(0)
     (out / ".tmp-123-part-000001-r.parquet").write_bytes(b"half written")
     assert ds.dataset(out, format="parquet").count_rows() == 1
+    assert read_index(out)[1].get("file:/x:1:2") == "ab" * 32
+
+
+def test_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path: Path) -> None:
+    out = prepare_out_dir(tmp_path / "out")
+    first = OutLock(out, "run-1")
+    first.acquire()
+    with pytest.raises(UsageError, match=r"being written by run run-1 \(pid \d+"):
+        OutLock(out, "run-2").acquire()
+    first.release()
+    second = OutLock(out, "run-2")
+    second.acquire()
+    second.release()
 
 
 def test_out_dir_problems(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(UsageError, match="exists and is not a directory"):
-        prepare_out_dir(blocker)
-    with pytest.raises(UsageError, match="not writable"):
-        prepare_out_dir(blocker / "sub")  # a file in the way of the parent
+        check_out_dir(blocker)
+    with pytest.raises(UsageError, match="in the way"):
+        check_out_dir(blocker / "sub")  # a file in the way of the parent
+    assert check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
