@@ -14,12 +14,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from tasks.config import build_config
 from tasks.errors import RunStopped, UsageError
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS = 0, 1, 2
+# A bad flag is a usage error: exit 1 like every other one (click's own default, 2, means "rows failed" here).
+click.exceptions.UsageError.exit_code = EXIT_USAGE
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
 app = typer.Typer(
@@ -74,6 +77,10 @@ def run(
     limit: Annotated[int | None, Opt(help="Only the first N work items.")] = None,
     dry_run: Annotated[
         bool | None, Opt("--dry-run", help="Validate and load every image; send nothing.")
+    ] = None,
+    force: Annotated[bool | None, Opt("--force", help="Re-run items already ok in OUT.")] = None,
+    outage_window: Annotated[
+        float | None, Opt(help="Seconds the endpoint may be unreachable before exit 3.  [default: 60]")
     ] = None,
     carry: Annotated[
         list[str] | None, Opt(help="Images-manifest column to copy to the output (repeatable).")

@@ -13,11 +13,11 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ.pop("VLMBATCH_API_KEY", None)
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator
 
-import pytest  # noqa: E402
+import pytest
 
-from emulator import EmulatorServer, EmulatorSettings  # noqa: E402
+from emulator import EmulatorServer, EmulatorSettings
 
 
 @pytest.fixture(scope="session")
