@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,10 +23,17 @@ from prefect.runtime import flow_run
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted
 from tasks.manifests import ImagesManifest, check_prompt_images, read_images_manifest, read_prompts_manifest
-from tasks.outputs import OutLock, OutputStore, check_out_dir, prepare_out_dir, read_index
+from tasks.outputs import (
+    OutLock,
+    OutputStore,
+    check_out_dir,
+    prepare_out_dir,
+    read_index,
+    remove_temporaries,
+)
 from tasks.results import ResultRow, output_schema
 from tasks.shard_runner import ShardRunner
-from tasks.stopping import EXIT_CODES, StopSwitch, signals_stop
+from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
 from tasks.summary import RunSummary, SummaryBuilder
 from tasks.work_items import PromptPlan, Shard, iter_image_jobs, iter_shards
 from tasks.writer import AsyncWriter
@@ -131,7 +137,7 @@ async def annotate(config: RunConfig) -> RunSummary:
 
     stop = StopSwitch()
     out = Path(config.out)
-    with signals_stop(stop, on_second=os._exit), contextlib.ExitStack() as cleanup:
+    with signals_stop(stop, on_second=hard_exit), contextlib.ExitStack() as cleanup:
         store = writer = None
         if config.dry_run:
             index, hashes = read_index(out)
@@ -140,6 +146,7 @@ async def annotate(config: RunConfig) -> RunSummary:
             lock = OutLock(out, run_id)
             lock.acquire()
             cleanup.callback(lock.release)
+            remove_temporaries(out)
             index, hashes = read_index(out)
             store = OutputStore(
                 out, output_schema(plan.images.carry_schema), run_id.replace("-", "")[:12], index

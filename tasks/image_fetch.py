@@ -36,14 +36,10 @@ AddressFilter = Callable[[IPAddress], bool]
 DEFAULT_TIMEOUT = 30.0  # seconds for one attempt: every hop, headers and body
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to get a connection (TCP and TLS) for one hop
 DEFAULT_MAX_REDIRECTS = 5
-DEFAULT_RETRY = RetryPolicy(max_retries=3)
+DEFAULT_RETRY = RetryPolicy(max_retries=3, max_retry_after=60.0)  # a hostile Retry-After waits <= 60 s
 CHUNK = 64 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-HEADERS = {
-    "User-Agent": "vlmbatch (image fetch)",
-    "Accept": "image/*,*/*;q=0.5",
-    "Accept-Encoding": "identity",
-}
+HEADERS = {"User-Agent": "vlmbatch image fetch", "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NOT_FOUND_ERRNOS = frozenset(getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n))
 
@@ -58,14 +54,15 @@ def is_public_address(ip: IPAddress) -> bool:
             return is_public_address(embedded)
         if ip.is_site_local:
             return False
-    return ip.is_global and not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_unspecified
-        or ip.is_multicast
-        or ip.is_reserved
+    flags = (
+        ip.is_private,
+        ip.is_loopback,
+        ip.is_link_local,
+        ip.is_unspecified,
+        ip.is_multicast,
+        ip.is_reserved,
     )
+    return ip.is_global and not any(flags)
 
 
 def display_url(url: str | URL, limit: int = 200) -> str:
@@ -119,7 +116,8 @@ class ImageFetcher:
     """Fetches http(s) images for one run. Create it inside the event loop that uses it; ``aclose`` it.
 
     ``config.max_image_bytes`` caps each body. ``timeout`` bounds one attempt (all hops, headers and
-    body), ``connect_timeout`` each connection. ``retry`` is the run's policy (default: 3 retries).
+    body), ``connect_timeout`` each connection. ``retry`` is the run's policy (default: 3 retries,
+    Retry-After honoured up to 60 s).
     ``allow_private`` turns the address checks off (``--allow-private-urls``). ``resolver`` replaces
     the DNS resolver (default aiohttp's ThreadedResolver, ``loop.getaddrinfo``) and ``address_filter``
     the rule for which addresses may be connected to (default ``is_public_address``).

@@ -2,6 +2,8 @@
 
 A cell is a local path, a ``file://``, ``http(s)://``, ``s3://`` or ``gs://`` URL, a ``data:`` URL,
 raw bytes, or the Hugging Face ``datasets`` Image struct ``{"bytes": ..., "path": ...}`` (CONTRACT.md §1).
+``read_image_bytes`` reads all of them except ``http(s)://``, which ``tasks.image_fetch.ImageFetcher``
+fetches asynchronously (``is_http`` tells which); ``s3://`` and ``gs://`` go through tasks.object_store.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
+from tasks import object_store
 from tasks.config import ImageConfig
 from tasks.errors import ImageFailure
 
-REMOTE_SCHEMES = frozenset({"http", "https", "s3", "gs"})
+HTTP_SCHEMES = frozenset({"http", "https"})
+REMOTE_SCHEMES = HTTP_SCHEMES | object_store.SCHEMES
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
@@ -138,13 +142,36 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
+def url_scheme(source: ImageSource) -> str | None:
+    """The lower-case scheme of a ``url`` source (http, https, s3, gs); None for other kinds."""
+    if source.kind != "url" or not isinstance(source.value, str):
+        return None
+    return source.value.partition("://")[0].lower()
+
+
+def is_http(source: ImageSource) -> bool:
+    """True for an ``http(s)://`` source: fetch it with ImageFetcher, not read_image_bytes."""
+    return url_scheme(source) in HTTP_SCHEMES
+
+
 def read_image_bytes(source: ImageSource, config: ImageConfig, *, image_root: Path) -> bytes:
-    """The encoded bytes of a source, enforcing the image root and ``config.max_image_bytes``."""
-    if source.kind == "url":
-        raise ImageFailure(
-            "bad_image", f"remote image URLs are not supported yet (http, https, s3, gs): {source.label}"
-        )
+    """The encoded bytes of a source, enforcing the image root and ``config.max_image_bytes``.
+
+    Synchronous (run it on the image thread pool); raises ImageFailure. ``http(s)://`` sources are not
+    read here: they are fetched asynchronously by tasks.image_fetch.ImageFetcher (see ``is_http``).
+    """
     value = source.value
+    if source.kind == "url" and isinstance(value, str):
+        scheme = url_scheme(source)
+        if scheme in object_store.SCHEMES:
+            return object_store.read_object(value, config.max_image_bytes)
+        if scheme in HTTP_SCHEMES:
+            raise ImageFailure(
+                "bad_image",
+                f"http(s) images are fetched asynchronously by ImageFetcher, not read_image_bytes: "
+                f"{source.label}",
+            )
+        raise ImageFailure("bad_image", f"unsupported image URL scheme {scheme}:// in {source.label}")
     if source.kind == "bytes" and isinstance(value, bytes):
         _check_size(len(value), source.label, config)
         return value

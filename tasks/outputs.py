@@ -99,6 +99,14 @@ def part_files(out: Path) -> list[Path]:
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
+def remove_temporaries(out: Path) -> int:
+    """Delete temporaries a killed run left behind (call while holding the lock: none can be live)."""
+    stale = [*out.glob(".tmp-*"), *(out / STATE_DIR / "hashes").glob(".tmp-*")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def read_index(out: Path) -> tuple[OutputIndex, HashCache]:
     """The index of what OUT holds (empty if OUT does not exist); read-only."""
     if not out.is_dir():

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiohttp import web
@@ -374,7 +374,7 @@ def test_non_canonical_ip_hosts_are_refused(host: str) -> None:
 class FakeDNS(AbstractResolver):
     """'Public' names for the test: public.test is the local server; the others are private."""
 
-    NAMES = {
+    NAMES: ClassVar[dict[str, list[str]]] = {
         "public.test": [LOOPBACK],
         "internal.test": ["10.0.0.1"],
         "mixed.test": ["8.8.8.8", "192.168.1.1"],

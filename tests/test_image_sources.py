@@ -10,7 +10,7 @@ import pytest
 
 from tasks.config import ImageConfig
 from tasks.errors import ImageFailure
-from tasks.image_sources import ImageSource, parse_image_value, read_image_bytes
+from tasks.image_sources import ImageSource, is_http, parse_image_value, read_image_bytes
 
 PAYLOAD = b"\x89PNG\r\n\x1a\n not really a png, bytes are bytes here \x00\xff"
 CONFIG = ImageConfig()
@@ -143,16 +143,33 @@ def test_malformed_data_urls(url: str, expected: str, root: Path) -> None:
     assert "malformed data: URL" in excinfo.value.message and expected in excinfo.value.message
 
 
-@pytest.mark.parametrize(
-    "url", ["http://example.com/a.jpg", "HTTPS://example.com/a.jpg", "s3://bucket/a.jpg", "gs://bucket/a.jpg"]
-)
-def test_remote_urls_are_parsed_but_not_fetched_yet(url: str, root: Path) -> None:
+@pytest.mark.parametrize("url", ["http://example.com/a.jpg", "HTTPS://example.com/a.jpg?x=1"])
+def test_http_urls_are_left_to_the_async_fetcher(url: str, root: Path) -> None:
     source = parse_image_value(url, manifest_dir=root)
     assert source == ImageSource("url", url, url)
+    assert is_http(source)
     with pytest.raises(ImageFailure) as excinfo:
         read(source, root)
     assert excinfo.value.error_type == "bad_image"
-    assert "URLs are not supported yet" in excinfo.value.message and url in excinfo.value.message
+    assert "fetched asynchronously by ImageFetcher" in excinfo.value.message and url in excinfo.value.message
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/a.jpg", "GS://bucket/dir/a.jpg"])
+def test_object_store_urls_are_read_synchronously(url: str, root: Path) -> None:
+    source = parse_image_value(url, manifest_dir=root)
+    assert source == ImageSource("url", url, url) and not is_http(source)
+
+
+def test_object_store_url_without_a_key_is_bad_image(root: Path) -> None:
+    with pytest.raises(ImageFailure) as excinfo:
+        read(parse_image_value("s3://bucket", manifest_dir=root), root)
+    assert excinfo.value.error_type == "bad_image" and "not an object" in excinfo.value.message
+
+
+def test_is_http_is_false_for_other_sources(root: Path) -> None:
+    assert not is_http(parse_image_value("a.png", manifest_dir=root))
+    assert not is_http(parse_image_value(PAYLOAD, manifest_dir=root))
+    assert not is_http(parse_image_value("data:,x", manifest_dir=root))
 
 
 @pytest.mark.parametrize("url", ["ftp://host/a.jpg", "hf://datasets/x/a.jpg", "az://c/a.jpg"])
