@@ -38,12 +38,13 @@ from tasks.summary import RunSummary, SummaryBuilder
 from tasks.work_items import PromptPlan, Shard, iter_image_jobs, iter_shards
 from tasks.writer import AsyncWriter
 
-RowListener = Callable[[ResultRow], None]
+RowListener = Callable[[ResultRow | None], None]
 _row_listeners: list[RowListener] = []  # the CLI's progress bar subscribes here (same process)
 
 
 def add_row_listener(listener: RowListener) -> Callable[[], None]:
-    """Call ``listener`` for every finished row of runs in this process; returns an unsubscribe."""
+    """Call ``listener`` for every finished row (``None`` for an item skipped as already done) of runs
+    in this process; returns an unsubscribe."""
     _row_listeners.append(listener)
     return lambda: _row_listeners.remove(listener)
 
@@ -130,8 +131,9 @@ async def annotate(config: RunConfig) -> RunSummary:
     )
     summary = SummaryBuilder()
 
-    def on_row(row: ResultRow) -> None:
-        summary.add(row)
+    def on_row(row: ResultRow | None) -> None:
+        if row is not None:
+            summary.add(row)
         for listener in _row_listeners:
             listener(row)
 

@@ -29,9 +29,9 @@ def progress_bar(total: int, *, enabled: bool) -> Iterator[None]:
     bar = progress.add_task("rows", total=total, failed=0)
     failed = 0
 
-    def on_row(row: ResultRow) -> None:
+    def on_row(row: ResultRow | None) -> None:
         nonlocal failed
-        failed += row.status == "failed"
+        failed += row is not None and row.status == "failed"
         progress.update(bar, advance=1, failed=failed)
 
     unsubscribe = add_row_listener(on_row)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ class ShardRunner:
         store: OutputStore | None = None,
         index: OutputIndex | None = None,
         hashes: HashCache | None = None,
-        on_row: object = None,
+        on_row: Callable[[ResultRow | None], None] | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.config = config
@@ -137,7 +138,7 @@ class ShardRunner:
             if self.store is not None and loaded.fingerprint is not None:
                 self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)
             pending = [p for p in job.prompts if not self._done(job.image_id, p, loaded.sha256)]
-            self.skipped += len(job.prompts) - len(pending)
+            self._skip(len(job.prompts) - len(pending))
             if not pending:
                 return
             try:
@@ -157,7 +158,7 @@ class ShardRunner:
         for p in job.prompts:
             found = None if self.config.force else self.index.lookup(job.image_id, p.prompt_id)
             if found is not None and found[0]:
-                self.skipped += 1  # an answer we have is never replaced by "the image is gone now"
+                self._skip(1)  # an answer we have is never replaced by "the image is gone now"
                 continue
             self._emit(shard_index, self._row(job, p).fail(failure))
 
@@ -231,8 +232,14 @@ class ShardRunner:
     def _emit(self, shard_index: int, row: ResultRow) -> None:
         if self.store is not None:
             self.store.add(shard_index, row)
-        if callable(self.on_row):
+        if self.on_row is not None:
             self.on_row(row)
+
+    def _skip(self, count: int) -> None:
+        self.skipped += count
+        if self.on_row is not None:
+            for _ in range(count):
+                self.on_row(None)
 
 
 def _fill(row: ResultRow, answer: Answer, prompt: Prompt) -> None:
