@@ -89,6 +89,9 @@ def run(
         str | None, Opt(help="Local image paths must resolve inside it.  [default: the manifest's folder]")
     ] = None,
     image_urls: Annotated[str | None, Opt(help="fetch|pass: how http(s) images reach the server.")] = None,
+    allow_private_urls: Annotated[
+        bool | None, Opt("--allow-private-urls", help="Let fetched URLs reach loopback/private addresses.")
+    ] = None,
     id_column: Annotated[str | None, Opt(help="Images-manifest id column.  [default: image_id]")] = None,
     image_column: Annotated[str | None, Opt(help="Images-manifest image column.  [default: image]")] = None,
     jpeg_quality: Annotated[int | None, Opt(help="Quality of re-encoded JPEGs.  [default: 90]")] = None,

@@ -64,7 +64,12 @@ class ImageConfig(_Section):
 
     max_soft_tokens: int = Field(280, ge=1, le=16384, description="the model's visual token budget per image")
     image_root: str | None = Field(None, description="local image paths must resolve inside it")
-    image_urls: Literal["fetch", "pass"] = "fetch"
+    image_urls: Literal["fetch", "pass"] = Field(
+        "fetch", description="fetch http(s) images here (checked, prepared) or pass the URL to the server"
+    )
+    allow_private_urls: bool = Field(
+        False, description="let fetched URLs reach loopback, private, link-local or metadata addresses"
+    )
     max_image_bytes: int = Field(64 * 1024 * 1024, ge=1, description="larger images fail as bad_image")
     max_image_pixels: int = Field(
         150_000_000, ge=1, description="decoded size cap (decompression bombs fail as bad_image)"

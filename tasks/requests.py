@@ -1,8 +1,9 @@
 """Build the Chat Completions request for a work item, and its content-derived request key.
 
 The request key is the sha256 of a canonical JSON form of what determines the answer: the API and
-model, the messages with the original image's sha256 in place of its bytes, the generation
-parameters, the JSON schema and the image preprocessing settings. Not the manifest, not the code.
+model, the messages with a reference to the image in place of its bytes (``sha256:<hex>`` of the
+original bytes, or ``url:<url>`` for an image the server fetches), the generation parameters, the JSON
+schema and the image preprocessing settings. Not the manifest, not the ids, not the code.
 """
 
 from __future__ import annotations
@@ -58,25 +59,31 @@ def _preprocessing(config: RunConfig) -> dict[str, Any]:
     return {"max_pixels": image.max_pixels, "jpeg_quality": image.jpeg_quality}
 
 
-def request_key(prompt: Prompt, image_sha256: str | None, config: RunConfig) -> str:
+def image_ref(sha256: str) -> str:
+    return f"sha256:{sha256}"
+
+
+def request_key(prompt: Prompt, image: str | None, config: RunConfig) -> str:
+    """``image`` is the image's reference: ``image_ref(sha256)`` or ``url:<url>``; None for no image."""
     canonical = {
         "v": KEY_VERSION,
         "api": config.endpoint.api,
         "model": config.endpoint.model,
-        "messages": _messages(prompt, None if image_sha256 is None else f"sha256:{image_sha256}"),
+        "messages": _messages(prompt, image),
         "params": _parameters(prompt, config),
-        "preprocessing": _preprocessing(config) if image_sha256 is not None else None,
+        "preprocessing": _preprocessing(config) if image is not None else None,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def build_chat_request(
-    prompt: Prompt, image_url: str | None, image_sha256: str | None, config: RunConfig
+    prompt: Prompt, image_url: str | None, image: str | None, config: RunConfig
 ) -> ChatRequest:
+    """``image_url`` is what is sent (a data URL or an http(s) URL); ``image`` its reference for the key."""
     body = {
         "model": config.endpoint.model,
         "messages": _messages(prompt, image_url),
         **_parameters(prompt, config),
     }
-    return ChatRequest(body=body, key=request_key(prompt, image_sha256, config))
+    return ChatRequest(body=body, key=request_key(prompt, image, config))

@@ -23,13 +23,14 @@ from pathlib import Path
 from tasks.config import RunConfig
 from tasks.endpoint import Answer, EndpointClient
 from tasks.errors import ItemFailure, RequestFailure
-from tasks.image_sources import ImageSource, parse_image_value, read_image_bytes
+from tasks.image_fetch import ImageFetcher
+from tasks.image_sources import ImageSource, is_http, parse_image_value, read_image_bytes
 from tasks.images import PreparedImage, prepare_image
 from tasks.manifests import Prompt
 from tasks.outage import OutageDetector, is_outage_failure
 from tasks.output_index import HashCache, OutputIndex
 from tasks.outputs import OutputStore
-from tasks.requests import build_chat_request, request_key
+from tasks.requests import build_chat_request, image_ref, request_key
 from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
@@ -98,10 +99,15 @@ class ShardRunner:
         self.images_in_progress = asyncio.Semaphore(config.endpoint.concurrency + 2 * (os.cpu_count() or 2))
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vlmbatch-image")
         self.client: EndpointClient | None = None if config.dry_run else EndpointClient(config.endpoint)
+        self.fetcher: ImageFetcher | None = None
+        if config.image.image_urls == "fetch":
+            self.fetcher = ImageFetcher(config.image, allow_private=config.image.allow_private_urls)
 
     async def aclose(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+        if self.fetcher is not None:
+            await self.fetcher.aclose()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, shard: Shard) -> None:
@@ -109,50 +115,74 @@ class ShardRunner:
 
     # images ------------------------------------------------------------------------------------
 
-    def _load(self, source: ImageSource) -> _Loaded:
-        fp = fingerprint(source, self.image_root)
+    async def _read(self, source: ImageSource) -> bytes:
+        if is_http(source):
+            assert self.fetcher is not None
+            return await self.fetcher.fetch(str(source.value))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.pool, lambda: read_image_bytes(source, self.config.image, image_root=self.image_root)
+        )
+
+    async def _load(self, source: ImageSource) -> _Loaded:
+        """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes."""
+        loop = asyncio.get_running_loop()
+        fp = await loop.run_in_executor(self.pool, fingerprint, source, self.image_root)
         if fp is not None and not self.config.force and len(self.index):
             sha = self.hashes.get(fp)
             if sha is not None:
                 return _Loaded(sha, None, fp)
-        data = read_image_bytes(source, self.config.image, image_root=self.image_root)
+        data = await self._read(source)
         return _Loaded(hashlib.sha256(data).hexdigest(), data, fp)
-
-    def _prepare(self, source: ImageSource, loaded: _Loaded) -> PreparedImage:
-        data = loaded.data
-        if data is None:
-            data = read_image_bytes(source, self.config.image, image_root=self.image_root)
-        return prepare_image(data, self.config.image)
 
     async def _job(self, shard_index: int, job: ImageJob) -> None:
         async with self.images_in_progress:
             if self.stop.is_set:
                 return
-            loop = asyncio.get_running_loop()
             try:
                 source = parse_image_value(job.value, manifest_dir=self.manifest_dir)
-                loaded = await loop.run_in_executor(self.pool, self._load, source)
+                if is_http(source) and self.fetcher is None:  # --image-urls pass: the server fetches it
+                    url = str(source.value)
+                    await self._ask_all(shard_index, job, job.prompts, url, f"url:{url}")
+                    return
+                loaded = await self._load(source)
             except ItemFailure as failure:
                 self._fail_unreadable(shard_index, job, failure)
                 return
             if self.store is not None and loaded.fingerprint is not None:
                 self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)
-            pending = [p for p in job.prompts if not self._done(job.image_id, p, loaded.sha256)]
+            pending = [p for p in job.prompts if not self._done(job.image_id, p, image_ref(loaded.sha256))]
             self._skip(len(job.prompts) - len(pending))
             if not pending:
                 return
             try:
-                image = await loop.run_in_executor(self.pool, self._prepare, source, loaded)
+                data = loaded.data if loaded.data is not None else await self._read(source)
+                loop = asyncio.get_running_loop()
+                image = await loop.run_in_executor(self.pool, prepare_image, data, self.config.image)
             except ItemFailure as failure:
                 for p in pending:
                     self._emit(shard_index, self._row(job, p, sha256=loaded.sha256).fail(failure))
                 return
-            await asyncio.gather(*(self._ask(shard_index, job, p, image) for p in pending))
+            await self._ask_all(shard_index, job, pending, image.url, image_ref(image.sha256), image)
 
-    def _done(self, image_id: str, prompt: Prompt, sha256: str) -> bool:
+    async def _ask_all(
+        self,
+        shard_index: int,
+        job: ImageJob,
+        prompts: list[Prompt],
+        url: str,
+        ref: str,
+        image: PreparedImage | None = None,
+    ) -> None:
+        if image is None:  # a passed-through URL: nothing read here, the key uses the URL
+            prompts = [p for p in prompts if not self._done(job.image_id, p, ref)]
+            self._skip(len(job.prompts) - len(prompts))
+        await asyncio.gather(*(self._ask(shard_index, job, p, url, ref, image) for p in prompts))
+
+    def _done(self, image_id: str, prompt: Prompt, ref: str) -> bool:
         if self.config.force or not len(self.index):
             return False
-        return self.index.is_done(image_id, prompt.prompt_id, request_key(prompt, sha256, self.config))
+        return self.index.is_done(image_id, prompt.prompt_id, request_key(prompt, ref, self.config))
 
     def _fail_unreadable(self, shard_index: int, job: ImageJob, failure: ItemFailure) -> None:
         for p in job.prompts:
@@ -183,9 +213,11 @@ class ShardRunner:
             row.sent_width, row.sent_height = image.sent_width, image.sent_height
         return row
 
-    async def _ask(self, shard_index: int, job: ImageJob, prompt: Prompt, image: PreparedImage) -> None:
+    async def _ask(
+        self, shard_index: int, job: ImageJob, prompt: Prompt, url: str, ref: str, image: PreparedImage | None
+    ) -> None:
         row = self._row(job, prompt, image)
-        request = build_chat_request(prompt, image.url, image.sha256, self.config)
+        request = build_chat_request(prompt, url, ref, self.config)
         row.request_key = request.key
         if self.client is None:  # dry run: everything but the request (status stays "ok": ready)
             self._emit(shard_index, row)
