@@ -27,12 +27,28 @@ from tasks.image_sources import ImageSource, read_image_bytes
 SENDABLE_MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif"}
 # Ordinary raster formats only (never EPS, which Pillow hands to Ghostscript); TGA last: no magic number.
 # Filtered by what this Pillow build has, since Image.open raises KeyError for an unknown format name.
-_WANTED_FORMATS = (
+_WANTED_FORMATS: tuple[str, ...] = (
     "JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "AVIF", "JPEG2000", "ICO", "ICNS", "PPM", "QOI",
     "PCX", "SGI", "PSD", "DDS", "XBM", "TGA",
 )  # fmt: skip
+try:  # HEIC/HEIF (phones' default) through the optional pillow-heif plugin, when installed
+    from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
+
+    register_heif_opener()
+    _WANTED_FORMATS = (*_WANTED_FORMATS, "HEIF")
+except ImportError:
+    pass
 Image.init()
 OPEN_FORMATS = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)
+# ISO-BMFF brands of images this Pillow build may lack a plugin for, by the bytes 4..12 of the file
+_PLUGIN_BRANDS = {
+    b"ftypheic": ("HEIC", "pillow-heif"),
+    b"ftypheix": ("HEIC", "pillow-heif"),
+    b"ftyphevc": ("HEIC", "pillow-heif"),
+    b"ftypmif1": ("HEIF", "pillow-heif"),
+    b"ftypmsf1": ("HEIF", "pillow-heif"),
+    b"ftypavif": ("AVIF", "a Pillow build with AVIF support (Pillow >= 11.3)"),
+}
 _TRAILERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -95,6 +111,10 @@ def prepare_image(data: bytes, config: ImageConfig) -> PreparedImage:
             fmt = img.format or fmt
             return _prepare(img, data, sha256, config)
     except UnidentifiedImageError:
+        if (plugin := _PLUGIN_BRANDS.get(data[4:12])) is not None:
+            raise ImageFailure(
+                "bad_image", f"{plugin[0]} image, which needs {plugin[1]} installed to be read"
+            ) from None
         raise ImageFailure(
             "bad_image",
             f"cannot identify image file: not a supported image format ({len(data):,} bytes, "

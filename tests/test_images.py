@@ -459,3 +459,15 @@ def test_thread_pool_gives_the_same_results() -> None:
     serial = [run(data) for data in inputs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(run, inputs * 3)) == serial * 3
+
+
+def test_heic_without_its_plugin_names_the_plugin() -> None:
+    from tasks.config import ImageConfig
+    from tasks.errors import ImageFailure
+    from tasks.images import OPEN_FORMATS, prepare_image
+
+    if "HEIF" in OPEN_FORMATS:
+        pytest.skip("pillow-heif is installed")
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    with pytest.raises(ImageFailure, match="HEIC image, which needs pillow-heif installed"):
+        prepare_image(heic, ImageConfig())
