@@ -370,3 +370,15 @@ def test_a_hung_request_times_out_and_is_retried(tmp_path: Path, emulator: Emula
     (row,) = rows(tmp_path / "out")
     assert (row["status"], row["attempts"]) == ("ok", 2)
     assert row["latency_ms"] < 500  # of the last attempt
+
+
+def test_a_length_cut_answer_is_an_ok_row_and_counted(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red"), "b": ((11, 10), "red")})
+    res = vlmbatch(
+        "run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url, "--max-tokens", 3
+    )
+    assert res.code == 0, res.err
+    for row in rows(tmp_path / "out"):
+        assert (row["status"], row["finish_reason"], row["error_type"]) == ("ok", "length", None)
+        assert row["completion_tokens"] <= 3 and len(row["text"]) <= 12
+    assert "length: 2" in res.out
