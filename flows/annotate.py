@@ -31,6 +31,7 @@ from tasks.outputs import (
     read_index,
     remove_temporaries,
 )
+from tasks.preflight import PreflightFailed, preflight
 from tasks.results import ResultRow, output_schema
 from tasks.shard_runner import ShardRunner
 from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
@@ -129,6 +130,11 @@ async def annotate(config: RunConfig) -> RunSummary:
         config.images,
         config.out,
     )
+    if config.endpoint.preflight and not config.dry_run:
+        try:
+            await preflight(config.endpoint)
+        except PreflightFailed as exc:
+            raise EndpointUnusable(f"preflight: {exc}", None) from None
     summary = SummaryBuilder()
 
     def on_row(row: ResultRow | None) -> None:

@@ -68,6 +68,12 @@ def run(
     top_p: Annotated[float | None, Opt(help="Nucleus sampling (model default if unset).")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
     reasoning: Annotated[bool | None, Opt("--reasoning/--no-reasoning", help="Gemma 4 thinking.")] = None,
+    hide_reasoning: Annotated[
+        bool | None, Opt("--hide-reasoning", help="With --reasoning: ask the server not to return it.")
+    ] = None,
+    preflight: Annotated[
+        bool | None, Opt("--preflight/--no-preflight", help="Check /models and /health/ready first.")
+    ] = None,
     max_retries: Annotated[int | None, Opt(help="Retries per request after the first.  [default: 6]")] = None,
     request_timeout: Annotated[float | None, Opt(help="Seconds per attempt.  [default: 300]")] = None,
     max_soft_tokens: Annotated[
@@ -134,7 +140,8 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     except UsageError as exc:
         raise _fail(str(exc)) from None
     except RunStopped as stopped:
-        print_summary(stopped.summary)  # type: ignore[arg-type]
+        if stopped.summary is not None:
+            print_summary(stopped.summary)  # type: ignore[arg-type]
         typer.echo(f"error: {stopped}", err=True)
         return stopped.exit_code
     print_summary(summary)

@@ -81,6 +81,14 @@ class EndpointClient:
         latency_ms = (time.perf_counter() - started) * 1000
         return parse_chat_answer(content, status=raw.status_code, latency_ms=latency_ms)
 
+    async def get_json(self, path: str) -> object:
+        """GET a JSON route under the base URL (one attempt, classified failures)."""
+        try:
+            async with asyncio.timeout(min(self.config.request_timeout, 30) + 5):
+                return await self._client.get(path, cast_to=object, options={"timeout": 30})
+        except Exception as exc:
+            raise self.classify(exc) from None
+
     def classify(self, exc: BaseException) -> RequestFailure:
         failure = classify(exc)
         if self._secret and self._secret in failure.message:

@@ -34,6 +34,7 @@ class Prompt:
     system: str | None = None
     json_schema: str | None = None
     max_tokens: int | None = None
+    reasoning: bool | None = None  # None: the run's --reasoning
 
 
 DEFAULT_PROMPT = Prompt(
@@ -198,6 +199,7 @@ PROMPT_COLUMNS: dict[str, tuple[object, str, bool]] = {
     "system": (_is_text, "string", False),
     "json_schema": (_is_text, "string (a JSON Schema)", False),
     "max_tokens": (pa.types.is_integer, "integer", False),
+    "reasoning": (pa.types.is_boolean, "boolean", False),
 }
 
 
@@ -247,6 +249,7 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
                 system=rec.get("system"),
                 json_schema=schema,
                 max_tokens=rec.get("max_tokens"),
+                reasoning=rec.get("reasoning"),
             )
         )
     if empty:

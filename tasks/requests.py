@@ -44,8 +44,10 @@ def _parameters(prompt: Prompt, config: RunConfig) -> dict[str, Any]:
         value = getattr(gen, name)
         if value is not None:
             params[name] = value
-    if gen.reasoning:
+    if prompt.reasoning if prompt.reasoning is not None else gen.reasoning:
         params["chat_template_kwargs"] = {"enable_thinking": True}
+        if gen.hide_reasoning:
+            params["include_reasoning"] = False
     if prompt.json_schema is not None:
         params["response_format"] = {
             "type": "json_schema",

@@ -236,18 +236,48 @@ def test_requests_in_flight_are_bounded_by_concurrency(tmp_path: Path, emulator:
     assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 4  # one file per shard
 
 
-def test_wrong_model_or_unreachable_endpoint_exit_3(tmp_path: Path, emulator: EmulatorServer) -> None:
+def test_preflight_wrong_model_or_unreachable_endpoint_exit_3_before_sending(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
     images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
     res = vlmbatch(
         "run", images, "--out", tmp_path / "o1", "--base-url", emulator.base_url, "--model", "nope"
     )
     assert res.code == 3
+    assert "does not serve the model 'nope'; it serves: google/gemma-4-31b-it" in res.err
+    assert emulator.stats()["requests_total"] == 0 and not (tmp_path / "o1").exists()
+    res = vlmbatch("run", images, "--out", tmp_path / "o2", "--base-url", "http://127.0.0.1:9/v1")
+    assert res.code == 3
+    assert "cannot reach the endpoint at http://127.0.0.1:9/v1/models" in res.err
+
+
+def test_without_preflight_the_requests_tell_the_same(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    base = ["run", images, "--no-preflight"]
+    res = vlmbatch(*base, "--out", tmp_path / "o1", "--base-url", emulator.base_url, "--model", "nope")
+    assert res.code == 3
     assert "404" in res.err and "does not exist" in res.err
-    res = vlmbatch(
-        "run", images, "--out", tmp_path / "o2", "--base-url", "http://127.0.0.1:9/v1", "--max-retries", 1
-    )
+    assert emulator.stats()["requests_total"] == 1
+    res = vlmbatch(*base, "--out", tmp_path / "o2", "--base-url", "http://127.0.0.1:9/v1", "--max-retries", 1)
     assert res.code == 3
     assert "could not be reached" in res.err and "http://127.0.0.1:9/v1" in res.err
+
+
+def test_reasoning_shown_hidden_and_per_prompt(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    prompts = write_parquet(
+        tmp_path / "p.parquet",
+        {"prompt_id": ["think", "quick"], "prompt": ["Why?", "What?"], "reasoning": pa.array([None, False])},
+    )
+    base = ["run", images, "--prompts", prompts, "--base-url", emulator.base_url]
+    assert vlmbatch(*base, "--out", tmp_path / "o1", "--reasoning").code == 0
+    got = {r["prompt_id"]: r for r in rows(tmp_path / "o1")}
+    assert got["think"]["reasoning"] and '"Why?"' in got["think"]["reasoning"]
+    assert got["quick"]["reasoning"] is None  # the prompt's own column turned it off
+    assert vlmbatch(*base, "--out", tmp_path / "o2", "--reasoning", "--hide-reasoning").code == 0
+    assert all(r["reasoning"] is None for r in rows(tmp_path / "o2"))
+    assert vlmbatch(*base, "--out", tmp_path / "o3").code == 0
+    assert all(r["reasoning"] is None for r in rows(tmp_path / "o3"))
 
 
 def test_limit_dry_run_and_config_file(tmp_path: Path, emulator: EmulatorServer) -> None:
@@ -283,19 +313,14 @@ def test_api_key_is_sent_and_never_shown(tmp_path: Path) -> None:
             env={"VLMBATCH_API_KEY": "sk-right-key"},
         )
         assert res.code == 0, res.err
-        res = vlmbatch(
-            "run",
-            images,
-            "--out",
-            tmp_path / "bad",
-            "--base-url",
-            server.base_url,
-            "--concurrency",
-            1,
-            "--api-key-env",
-            "MY_KEY",
-            env={"MY_KEY": "sk-wrong-key-123"},
-        )
+        wrong = {"MY_KEY": "sk-wrong-key-123"}
+        bad = ["run", images, "--base-url", server.base_url, "--concurrency", 1, "--api-key-env", "MY_KEY"]
+        res = vlmbatch(*bad, "--out", tmp_path / "bad", env=wrong)
+        assert res.code == 3
+        assert "rejected the credentials (HTTP 401); check the key in $MY_KEY" in res.err
+        assert server.stats()["requests_total"] == 4  # the preflight refused it: no chat request sent
+        assert "sk-wrong-key-123" not in res.out + res.err
+        res = vlmbatch(*bad, "--out", tmp_path / "bad", "--no-preflight", env=wrong)
         assert res.code == 3
         assert "rejected the credentials" in res.err
         assert server.stats()["requests_total"] == 4 + 3  # aborted after three refusals in a row
