@@ -20,7 +20,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from tasks.artifacts import Progress, artifact_key, publish_summary
 from tasks.config import RunConfig
+from tasks.endpoint import load_api_key
+from tasks.endpoint_limit import EndpointLimit
 from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted
 from tasks.manifests import ImagesManifest, check_prompt_images, read_images_manifest, read_prompts_manifest
 from tasks.outputs import (
@@ -31,6 +34,7 @@ from tasks.outputs import (
     read_index,
     remove_temporaries,
 )
+from tasks.partitions import needs_date, resolve_paths, scheduled_date
 from tasks.preflight import PreflightFailed, preflight
 from tasks.results import ResultRow, output_schema
 from tasks.shard_runner import ShardRunner
@@ -71,6 +75,7 @@ class RunPlan:
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Read and validate everything a run needs; raises UsageError (exit 1) before anything is sent."""
+    config = resolve_paths(config)  # {date} in paths filled from config.date (ConfigError without one)
     images = read_images_manifest(
         config.images, id_column=config.id_column, image_column=config.image_column, carry=config.carry
     )
@@ -95,11 +100,15 @@ class ShardReport:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="shard-{shard.index}", retries=0)
-async def annotate_shard(shard: Shard, runner: ShardRunner, writer: AsyncWriter | None) -> ShardReport:
-    """One shard: its work items concurrently, its rows written to OUT as they finish."""
+async def annotate_shard(
+    shard: Shard, runner: ShardRunner, writer: AsyncWriter | None, limit: EndpointLimit | None = None
+) -> ShardReport:
+    """One shard: its work items concurrently, its rows written to OUT as they finish. With a global
+    endpoint limit, the shard holds the run's share of its slots while its requests run."""
     started = time.perf_counter()
     before = runner.skipped
-    await runner.run(shard)
+    async with limit.hold() if limit is not None else contextlib.nullcontext():
+        await runner.run(shard)
     path = await writer.finish(shard.index) if writer is not None else None
     get_run_logger().info(
         "shard %d: %d work items (%d skipped as done) in %.1f s%s",
@@ -121,7 +130,10 @@ def shards_in_flight(config: RunConfig) -> int:
 async def annotate(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
     logger = get_run_logger()
+    if config.date is None and needs_date(config):  # a scheduled run: the day before, by default
+        config = config.model_copy(update={"date": await scheduled_date()})
     plan = plan_run(config)
+    config = plan.config  # paths resolved
     run_id = str(flow_run.id or uuid.uuid4())
     logger.info(
         "%d work items over %d images from %s → %s",
@@ -130,12 +142,18 @@ async def annotate(config: RunConfig) -> RunSummary:
         config.images,
         config.out,
     )
+    key = None if config.dry_run else await load_api_key(config.endpoint)  # held in memory only
     if config.endpoint.preflight and not config.dry_run:
         try:
-            await preflight(config.endpoint)
+            await preflight(config.endpoint, key)
         except PreflightFailed as exc:
             raise EndpointUnusable(f"preflight: {exc}", None) from None
     summary = SummaryBuilder()
+    limit = None if config.dry_run else await EndpointLimit.connect(config)
+    if limit is not None:
+        logger.info("endpoint limit %r (%d slots): each shard holds %d", limit.name, limit.slots, limit.share)
+    progress = Progress(plan.work_items, f"work items done → {config.out}")
+    await progress.start()
 
     def on_row(row: ResultRow | None) -> None:
         if row is not None:
@@ -167,7 +185,7 @@ async def annotate(config: RunConfig) -> RunSummary:
                 "%s already holds %d rows: items ok with the same request key are skipped", out, len(index)
             )
         runner = ShardRunner(
-            config,
+            config if limit is None else limit.bound(config),
             image_root=plan.image_root,
             manifest_dir=plan.images.base_dir,
             run_id=run_id,
@@ -176,17 +194,21 @@ async def annotate(config: RunConfig) -> RunSummary:
             index=index,
             hashes=hashes,
             on_row=on_row,
+            api_key=key,
         )
         try:
             async with contextlib.AsyncExitStack() as flushing:
                 if store is not None:
                     writer = await flushing.enter_async_context(AsyncWriter(store))
-                await _run_shards(
-                    plan.shards(),
-                    lambda shard: annotate_shard(shard, runner, writer),
-                    shards_in_flight(config),
-                    stop,
-                )
+
+                async def run_shard(shard: Shard) -> ShardReport:
+                    report = await annotate_shard(shard, runner, writer, limit)
+                    await progress.advance(shard.num_items)
+                    return report
+
+                # under a global limit one shard at a time: the slots held cover the requests in flight
+                in_flight = 1 if limit is not None else shards_in_flight(config)
+                await _run_shards(plan.shards(), run_shard, in_flight, stop)
         finally:
             await runner.aclose()
     result = summary.build(
@@ -199,6 +221,8 @@ async def annotate(config: RunConfig) -> RunSummary:
     logger.info(
         "done: %d ok, %d failed, %d skipped %s", result.ok, result.failed, result.skipped, result.errors or ""
     )
+    title = f"annotate {config.date}" if config.date else "annotate"
+    await publish_summary(result, key=artifact_key("annotate-summary", config.date), title=title)
     if stop.reason == "outage":
         raise EndpointUnusable(f"aborted: {stop.message}", result)
     if stop.reason is None and not config.dry_run and (verdict := runner.detector.final_verdict()):

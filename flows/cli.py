@@ -61,6 +61,9 @@ def run(
     api_key_env: Annotated[
         str | None, Opt(help="Name of the variable holding the API key.  [default: VLMBATCH_API_KEY]")
     ] = None,
+    api_key_secret: Annotated[
+        str | None, Opt(help="Name of a Prefect Secret block holding the API key (wins over --api-key-env).")
+    ] = None,
     api: Annotated[str | None, Opt(help="chat (Chat Completions).  [default: chat]")] = None,
     concurrency: Annotated[int | None, Opt(help="Requests in flight.  [default: 32]")] = None,
     max_tokens: Annotated[int | None, Opt(help="Output token budget per answer.  [default: 1024]")] = None,

@@ -7,6 +7,7 @@ the environment variable (``VLMBATCH_MAX_SOFT_TOKENS``) and the TOML key (``max-
 
 from __future__ import annotations
 
+import datetime
 import os
 import tomllib
 from collections.abc import Mapping
@@ -33,6 +34,9 @@ class EndpointConfig(_Section):
     api_key_env: str = Field(
         "VLMBATCH_API_KEY", description="name of the environment variable holding the key (unset: no key)"
     )
+    api_key_secret: str | None = Field(
+        None, description="name of a Prefect Secret block holding the key (wins over --api-key-env)"
+    )
     api: Literal["chat", "responses"] = "chat"
     concurrency: int = Field(32, ge=1, le=4096, description="requests in flight across the run")
     max_retries: int = Field(6, ge=0, le=50, description="retries after the first attempt")
@@ -41,6 +45,20 @@ class EndpointConfig(_Section):
     outage_window: float = Field(
         60.0, gt=0, le=86400, description="abort (exit 3) after this long with the endpoint unreachable"
     )
+    concurrency_limit: str | None = Field(
+        "vlmbatch-endpoint",
+        description="Prefect global concurrency limit shared by all runs on a server ('' or 'off': none)",
+    )
+    concurrency_limit_slots: int = Field(
+        64, ge=1, le=100_000, description="slots of the global limit when vlmbatch creates it"
+    )
+
+    @field_validator("concurrency_limit")
+    @classmethod
+    def _limit_name(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "off", "none"):
+            return None
+        return value.strip()
 
     @field_validator("base_url")
     @classmethod
@@ -97,9 +115,24 @@ class RunConfig(_Section):
     limit: int | None = Field(None, ge=1, description="only the first N work items")
     dry_run: bool = False
     force: bool = Field(False, description="re-run items already ok in OUT")
+    date: str | None = Field(None, description="date partition YYYY-MM-DD: fills {date} in paths")
     endpoint: EndpointConfig = EndpointConfig()
     generation: GenerationConfig = GenerationConfig()
     image: ImageConfig = ImageConfig()
+
+    @field_validator("date")
+    @classmethod
+    def _calendar_date(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        try:
+            if len(value) == 10 and value[4] == value[7] == "-":
+                datetime.date.fromisoformat(value)
+                return value
+        except ValueError:
+            pass
+        raise ValueError("must be a calendar date written YYYY-MM-DD")
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -20,7 +20,7 @@ import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from tasks.config import EndpointConfig
-from tasks.errors import RequestFailure
+from tasks.errors import ConfigError, RequestFailure
 
 NO_KEY = "EMPTY"  # what vLLM's docs send when the server has no key
 AZURE_STATUS_HEADER = "ms-azureml-model-error-statuscode"
@@ -43,12 +43,28 @@ def api_key(config: EndpointConfig) -> str | None:
     return os.environ.get(config.api_key_env) or None
 
 
+async def load_api_key(config: EndpointConfig) -> str | None:
+    """The key: from the Prefect Secret block --api-key-secret names, else from --api-key-env's variable."""
+    if config.api_key_secret is None:
+        return api_key(config)
+    from prefect.blocks.system import Secret
+
+    try:
+        block: Secret[str] = await Secret.aload(config.api_key_secret)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--api-key-secret: no Prefect Secret block named {config.api_key_secret!r} ({exc})"
+        ) from None
+    value = block.get()
+    return str(value) if value else None
+
+
 class EndpointClient:
     """Sends single attempts to the endpoint; create inside the event loop that uses it."""
 
-    def __init__(self, config: EndpointConfig) -> None:
+    def __init__(self, config: EndpointConfig, key: str | None = None) -> None:
         self.config = config
-        key = api_key(config)
+        key = key if key is not None else api_key(config)
         self._secret = key
         self._client = AsyncOpenAI(
             base_url=config.base_url,

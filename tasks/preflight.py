@@ -19,9 +19,9 @@ class PreflightFailed(Exception):
     """The endpoint is unusable; nothing was sent."""
 
 
-async def preflight(config: EndpointConfig) -> list[str]:
+async def preflight(config: EndpointConfig, key: str | None = None) -> list[str]:
     """Check the endpoint; returns the models it serves (empty if it has no model list)."""
-    client = EndpointClient(config)
+    client = EndpointClient(config, key)
     try:
         models = await _models(client, config)
         await _ready(client, config)

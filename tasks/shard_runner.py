@@ -79,6 +79,7 @@ class ShardRunner:
         hashes: HashCache | None = None,
         on_row: Callable[[ResultRow | None], None] | None = None,
         retry_policy: RetryPolicy | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.config = config
         self.image_root = image_root
@@ -98,7 +99,9 @@ class ShardRunner:
         # images held in memory at once: enough to keep every request slot busy, no more
         self.images_in_progress = asyncio.Semaphore(config.endpoint.concurrency + 2 * (os.cpu_count() or 2))
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vlmbatch-image")
-        self.client: EndpointClient | None = None if config.dry_run else EndpointClient(config.endpoint)
+        self.client: EndpointClient | None = (
+            None if config.dry_run else EndpointClient(config.endpoint, api_key)
+        )
         self.fetcher: ImageFetcher | None = None
         if config.image.image_urls == "fetch":
             self.fetcher = ImageFetcher(config.image, allow_private=config.image.allow_private_urls)

@@ -407,3 +407,30 @@ def test_a_length_cut_answer_is_an_ok_row_and_counted(tmp_path: Path, emulator: 
         assert (row["status"], row["finish_reason"], row["error_type"]) == ("ok", "length", None)
         assert row["completion_tokens"] <= 3 and len(row["text"]) <= 12
     assert "length: 2" in res.out
+
+
+def test_api_key_from_a_prefect_secret_block_stays_out_of_parameters(tmp_path: Path) -> None:
+    import asyncio
+
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from emulator import EmulatorSettings
+
+    Secret(value="sk-from-block-42").save("vlmbatch-test-key", overwrite=True)
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    with EmulatorServer(EmulatorSettings(latency=0.0, api_key="sk-from-block-42")) as server:
+        base = ["run", images, "--base-url", server.base_url]
+        res = vlmbatch(*base, "--out", tmp_path / "ok", "--api-key-secret", "vlmbatch-test-key")
+        assert res.code == 0, res.err
+        res = vlmbatch(*base, "--out", tmp_path / "no", "--api-key-secret", "no-such-block")
+        assert res.code == 1 and "no Prefect Secret block named 'no-such-block'" in res.err
+
+    async def parameters() -> list[dict]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(limit=5, sort=FlowRunSort.START_TIME_DESC)
+            return [run.parameters for run in runs]
+
+    dumped = repr(asyncio.run(parameters()))
+    assert "vlmbatch-test-key" in dumped and "sk-from-block-42" not in dumped
