@@ -1,7 +1,9 @@
 """The emulated model's answer: deterministic text from what was received, reasoning, usage, body.
 
 The content names each image's size, dominant colour and fingerprint, then echoes the last user
-prompt. Token counts are estimates (4 characters a token; per image ceil(w*h/2304) capped at 280).
+prompt (a request for structured output gets JSON instead, see :mod:`emulator.structured`); the
+reasoning says what was asked and seen, shorter or longer with the Responses API's effort. Token
+counts are estimates (4 characters a token; per image ceil(w*h/2304) capped at 280).
 When the budget runs out, the reasoning is spent first, then the content, as on a real server: if the
 reasoning alone uses the budget up, ``content`` is ``null`` (vLLM's reasoning parser does the same).
 """
@@ -28,6 +30,7 @@ class Answer:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int = 0
 
 
 def prompt_tokens(request: ChatRequest, images: Sequence[ImageInfo]) -> int:
@@ -44,7 +47,8 @@ def caption(prompt: str, images: Sequence[ImageInfo]) -> str:
     return f'{clauses} Prompt: "{prompt}"'
 
 
-def reasoning_text(prompt: str, images: Sequence[ImageInfo]) -> str:
+def reasoning_text(prompt: str, images: Sequence[ImageInfo], effort: str = "medium") -> str:
+    """What was asked and seen; ``low`` effort only what was seen, ``high`` checks each image again."""
     seen = [f"a {info.width}×{info.height} image that is mostly {info.colour}" for info in images]
     if not seen:
         sight = "There is no image."
@@ -52,14 +56,24 @@ def reasoning_text(prompt: str, images: Sequence[ImageInfo]) -> str:
         sight = f"I see {seen[0]}."
     else:
         sight = f"I see {len(seen)} images: " + ", then ".join(seen) + "."
-    return f'The user asks: "{prompt}". {sight}'
+    if effort == "low":
+        return sight
+    text = f'The user asks: "{prompt}". {sight}'
+    if effort == "high":
+        checks = " ".join(
+            f"Image {n} has fingerprint {info.fingerprint}." for n, info in enumerate(images, 1)
+        )
+        text += f" Let me check again. {checks} The answer names the size, the colour and the fingerprint."
+    return text
 
 
-def answer(request: ChatRequest, images: Sequence[ImageInfo], budget: int, prompt_count: int) -> Answer:
-    """The answer within ``budget`` completion tokens (reasoning first, then content)."""
-    text = caption(request.prompt, images)
+def answer(
+    request: ChatRequest, images: Sequence[ImageInfo], budget: int, prompt_count: int, text: str | None = None
+) -> Answer:
+    """The answer within ``budget`` completion tokens (reasoning first, then ``text``, else the caption)."""
+    text = caption(request.prompt, images) if text is None else text
     content: str | None = text
-    reasoning = reasoning_text(request.prompt, images) if request.thinking else None
+    reasoning = reasoning_text(request.prompt, images, request.effort) if request.thinking else None
     finish = "stop"
     reasoning_tokens = _tokens(len(reasoning)) if reasoning else 0
     if reasoning is not None and reasoning_tokens >= budget:  # the content is never empty
@@ -68,7 +82,7 @@ def answer(request: ChatRequest, images: Sequence[ImageInfo], budget: int, promp
     elif reasoning_tokens + _tokens(len(text)) > budget:
         content, finish = text[: (budget - reasoning_tokens) * CHARS_PER_TOKEN], "length"
     completion = reasoning_tokens + _tokens(len(content or ""))
-    return Answer(content, reasoning, finish, prompt_count, completion)
+    return Answer(content, reasoning, finish, prompt_count, completion, reasoning_tokens)
 
 
 def completion_body(
@@ -77,10 +91,7 @@ def completion_body(
     """A chat completion object shaped like vLLM's."""
     message: dict[str, Any] = {"role": "assistant", "content": result.content, "tool_calls": []}
     if result.reasoning is not None and include_reasoning:
-        if reasoning_field in ("reasoning", "both"):
-            message["reasoning"] = result.reasoning
-        if reasoning_field in ("reasoning_content", "both"):
-            message["reasoning_content"] = result.reasoning
+        message.update(reasoning_fields(result.reasoning, reasoning_field))
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -95,11 +106,22 @@ def completion_body(
                 "stop_reason": None,
             }
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
+        "usage": usage(result),
+    }
+
+
+def reasoning_fields(text: str, reasoning_field: str) -> dict[str, str]:
+    """``{"reasoning": text}``, ``{"reasoning_content": text}`` or both, as the server version sends."""
+    if reasoning_field == "both":
+        return {"reasoning": text, "reasoning_content": text}
+    return {reasoning_field: text}
+
+
+def usage(result: Answer) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
     }
 
 

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", dest="models", action="append", help=f"served model, repeatable ({DEFAULTS.models[0]})")
     add("--max-model-len", type=int, default=DEFAULTS.max_model_len)
     add("--api-key", default=DEFAULTS.api_key, help="require 'Authorization: Bearer KEY' on /v1")
-    add("--latency", type=float, default=DEFAULTS.latency, help="seconds per request")
+    add("--latency", type=float, default=DEFAULTS.latency, help="seconds per request (to the first token)")
+    add("--token-seconds", type=float, default=DEFAULTS.token_seconds, help="decode seconds per output token")
     add("--jitter", type=float, default=DEFAULTS.jitter, help="uniform extra 0..JITTER seconds")
     add("--max-concurrency", type=int, default=DEFAULTS.max_concurrency, help="0: unlimited")
     add("--max-images-per-prompt", type=int, default=DEFAULTS.max_images_per_prompt)
@@ -53,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--down", action="store_true", help="reset every /v1 connection")
     add("--image-fetch-timeout", type=float, default=DEFAULTS.image_fetch_timeout)
     add("--image-cache-size", type=int, default=DEFAULTS.image_cache_size)
+    add("--azure-gateway", action="store_true", help="Azure ML endpoint: container errors arrive as 424")
+    add(
+        "--gateway-timeout",
+        type=_optional_seconds,
+        default=DEFAULTS.gateway_timeout,
+        help="seconds until a gateway 408 (Azure's default 5), or 'none'; streams pass once started",
+    )
+    add(
+        "--no-health-route",
+        dest="health_route",
+        action="store_false",
+        default=argparse.SUPPRESS,  # absent: the settings' default (served)
+        help="GET /v1/health/ready and /live answer 404, like vLLM (which serves only /health)",
+    )
     return parser
 
 

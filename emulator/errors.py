@@ -1,4 +1,9 @@
-"""Error responses shaped like vLLM's: nested (vLLM >= 0.10.1) or flat (older vLLM, SGLang)."""
+"""Error responses shaped like vLLM's: nested (vLLM >= 0.10.1) or flat (older vLLM, SGLang).
+
+Behind an Azure ML endpoint (``azure_gateway``) a non-200 answer of the container (the model server)
+reaches the client as 424 with the original status in ``ms-azureml-model-error-statuscode`` and the
+original body; what the gateway answers itself (401, 408, 429, 503) is never wrapped.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from aiohttp import web
 ERROR_TYPES: dict[int, str] = {
     400: "BadRequestError",
     404: "NotFoundError",
+    408: "RequestTimeoutError",
     422: "UnprocessableEntityError",
     429: "RateLimitError",
     500: "InternalServerError",
@@ -17,6 +23,7 @@ ERROR_TYPES: dict[int, str] = {
     503: "ServiceUnavailableError",
 }
 JSON_HEADERS: dict[str, str] = {"Content-Type": "application/json"}
+AZURE_STATUS_HEADER = "ms-azureml-model-error-statuscode"
 
 
 class ApiError(Exception):
@@ -60,3 +67,16 @@ def error_response(error: ApiError, *, flat: bool, headers: dict[str, str] | Non
 def unauthorized_response() -> web.Response:
     """vLLM's ``--api-key`` rejection: a plain string, not the usual error object."""
     return json_response({"error": "Unauthorized"}, status=401)
+
+
+def from_container(response: web.Response, *, azure: bool) -> web.Response:
+    """``response`` as the client sees it: wrapped in a 424 when an Azure ML gateway is in front."""
+    if azure and response.status != 200:
+        response.headers[AZURE_STATUS_HEADER] = str(response.status)
+        response.set_status(424)
+    return response
+
+
+def container_error(error: ApiError, *, flat: bool, azure: bool) -> web.Response:
+    """The model server's error response, as it reaches the client (see :func:`from_container`)."""
+    return from_container(error_response(error, flat=flat), azure=azure)

@@ -2,15 +2,19 @@
 
 Two sources, the script first:
 
-* ``fault_script``: outcomes (``"ok"`` or a kind) for successive chat requests in arrival order; once
-  it runs out, requests are normal (the rate below is not consulted while a script is set).
+* ``fault_script``: outcomes (``"ok"`` or a kind) for successive model requests (chat completions and
+  responses, one script for both) in arrival order; once it runs out, requests are normal (the rate
+  below is not consulted while a script is set).
 * ``fault_rate`` with ``fault_kinds``: a hash of (seed, work item, attempt number) decides whether an
   attempt fails and with which kind, so the outcome of an attempt does not depend on arrival order
   under concurrency. With ``fault_mode="first_attempt"`` only attempt 1 of each work item may fail.
 
 Kinds split by where they happen (see :mod:`emulator.server` for the full order):
-a gateway in front of the model answers ``429``/``503`` and drops connections (``reset``) before the
-request is validated; the engine produces ``500``, ``hang`` and ``malformed`` only for valid requests.
+a gateway in front of the model answers ``429``/``503``/``408`` and drops connections (``reset``) before
+the request is validated; the engine produces ``500``, ``hang``, ``malformed``, ``bad_json`` and
+``stream_error`` only for valid requests. ``bad_json`` only affects requests asking for structured
+output (others answer normally and no fault is recorded); ``stream_error`` on a request that does not
+stream is a plain ``500``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import hashlib
 
 from emulator.settings import EmulatorSettings
 
-GATEWAY_FAULTS = frozenset({"429", "503", "reset"})
-ENGINE_FAULTS = frozenset({"500", "hang", "malformed"})
+GATEWAY_FAULTS = frozenset({"429", "503", "408", "reset"})
+ENGINE_FAULTS = frozenset({"500", "hang", "malformed", "bad_json", "stream_error"})
 
 
 def rate_fault(seed: int, item: str, attempt: int, rate: float, kinds: tuple[str, ...]) -> str | None:

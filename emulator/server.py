@@ -1,30 +1,39 @@
 """The emulator's HTTP app: OpenAI-compatible routes plus ``/_emulator/*`` control routes.
 
-Order of ``POST /v1/chat/completions``:
+The model routes, ``POST /v1/chat/completions`` and ``POST /v1/responses``, share one path
+(:mod:`emulator.pipeline`); in order:
 
 1. Read the body; the work item is the ``X-Request-Id`` header, else the sha256 of the body. Count the
-   arrival, which gives the attempt number of that work item.
+   arrival (per route too), which gives the attempt number of that work item. With
+   ``gateway_timeout`` set, its clock starts now.
 2. ``down``: drop the connection (TCP reset, no response).
 3. ``api_key`` set and no matching ``Authorization: Bearer`` header: 401 ``{"error":"Unauthorized"}``.
 4. Decide the fault (script, else rate). Gateway faults are answered now, before validation:
-   ``429`` and ``503`` (with Retry-After / retry-after-ms) and ``reset``.
-5. Validate the body, read the images (cache first), check the context: 400/404/422/500/501 errors.
-6. Engine faults, for valid requests only: ``500`` is answered now; ``hang`` waits ``hang_seconds``
-   (without holding a concurrency slot) and then goes on normally.
-7. Queue for a concurrency slot and hold it for ``latency`` + jitter.
-8. Answer 200; a ``malformed`` fault cuts the JSON body in half.
+   ``429`` and ``503`` (with Retry-After / retry-after-ms), ``408`` and ``reset``.
+5. Validate the body (the Responses API's is first turned into a chat request), read the images
+   (cache first), check the context, build the content (structured output: JSON for the schema;
+   ``bad_json`` makes it not validate): 400/404/422/500/501 errors.
+6. Engine faults, for valid requests only: ``500`` is answered now (so is ``stream_error`` when the
+   request does not stream); ``hang`` waits ``hang_seconds`` (without holding a concurrency slot) and
+   then goes on normally.
+7. Queue for a concurrency slot and hold it for ``latency`` + jitter (+ ``token_seconds`` per output
+   token when not streaming).
+8. Answer 200; a ``malformed`` fault cuts the JSON body in half. A stream (``stream: true``) sends
+   its first event now and the rest spread out, still holding the slot; ``stream_error`` ends it with
+   an error event, ``malformed`` garbles one event (see :mod:`emulator.streaming`).
 
-Every other ``/v1`` route goes through steps 2 and 3 only. Control routes never see auth or faults.
+``gateway_timeout``: when steps 5-7 are not done (for a stream: the first event not sent) that many
+seconds after arrival, the answer is a 408 at that moment; a started stream is never cut.
+``azure_gateway``: the errors of steps 5-6 (the container's) reach the client as 424 with
+``ms-azureml-model-error-statuscode``; 401, 408, 429 and 503 come from the gateway and stay as they are.
+
+Every other ``/v1`` route goes through steps 2 and 3 only; ``health_route=False`` makes
+``/v1/health/*`` a 404 (vLLM has only ``/health``). Control routes never see auth or faults.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import json
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,19 +41,31 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from emulator.answers import answer, completion_body, prompt_tokens
-from emulator.errors import JSON_HEADERS, ApiError, error_response, json_response, unauthorized_response
-from emulator.faults import GATEWAY_FAULTS
+from emulator.answers import Answer, completion_body
+from emulator.errors import from_container, json_response
+from emulator.gateway import drop_connection, gate
+from emulator.pipeline import Api, handle
+from emulator.responses_api import response_body, validate_responses
 from emulator.settings import EmulatorSettings
-from emulator.state import EmulatorState
-from emulator.validation import check_context, parse_body, validate_chat
+from emulator.state import STATE, EmulatorState
+from emulator.validation import ChatRequest, validate_chat
 
-STATE = web.AppKey("emulator_state", EmulatorState)
+__all__ = ["STATE", "create_app", "drop_connection"]
 MAX_BODY_BYTES = 256 * 1024 * 1024  # base64 images make large bodies; vLLM has no small limit
-GATEWAY_MESSAGES = {
-    "429": "Rate limit exceeded: too many requests in flight. Please retry later.",
-    "503": "The service is temporarily unavailable. Please retry later.",
-}
+
+
+def _chat_body(chat: ChatRequest, result: Answer, body: dict[str, Any], settings: EmulatorSettings) -> Any:
+    return completion_body(
+        chat.model, result, reasoning_field=settings.reasoning_field, include_reasoning=chat.include_reasoning
+    )
+
+
+def _responses_body(chat: ChatRequest, result: Answer, body: dict[str, Any], _: EmulatorSettings) -> Any:
+    return response_body(chat, result, body)
+
+
+CHAT = Api("/v1/chat/completions", validate_chat, _chat_body)
+RESPONSES = Api("/v1/responses", validate_responses, _responses_body)
 
 
 def create_app(settings: EmulatorSettings) -> web.Application:
@@ -52,7 +73,8 @@ def create_app(settings: EmulatorSettings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STATE] = EmulatorState(settings)
     app.cleanup_ctx.append(_client_session)
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post(CHAT.route, chat_completions)
+    app.router.add_post(RESPONSES.route, responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/health/ready", health)
     app.router.add_get("/v1/health/live", health)
@@ -71,69 +93,16 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    settings = state.settings
-    raw = await request.read()
-    item = request.headers.get("X-Request-Id") or hashlib.sha256(raw).hexdigest()
-    arrived = state.stats.now()
-    attempt = state.stats.arrive(item)
-    status: int | str = "cancelled"  # unless an answer is reached: the client went away
-    fault: str | None = None
-    try:
-        if settings.down:
-            status, fault = "reset", "down"
-            return drop_connection(request)
-        if not _authorized(request, settings):
-            status = 401
-            return unauthorized_response()
-        planned = state.faults.decide(settings, item, attempt)
-        if planned in GATEWAY_FAULTS:
-            fault = planned
-            status = "reset" if planned == "reset" else int(planned)
-            return drop_connection(request) if planned == "reset" else _gateway_error(planned, settings)
-        try:
-            body = await _complete(state, settings, raw)
-        except ApiError as error:
-            status = error.status
-            return error_response(error, flat=settings.flat_errors)
-        if planned == "500":
-            fault, status = planned, 500
-            engine_error = ApiError(500, "The engine failed while generating the response (injected fault).")
-            return error_response(engine_error, flat=settings.flat_errors)
-        if planned == "hang":
-            fault = planned
-            await asyncio.sleep(settings.hang_seconds)
-        await state.process(settings)
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        status = 200
-        if planned == "malformed":
-            fault = planned
-            payload = payload[: len(payload) // 2]
-        return web.Response(body=payload, headers=JSON_HEADERS)
-    finally:
-        state.stats.finish(item, status, arrived, fault)
+    return await handle(request, CHAT)
 
 
-async def _complete(state: EmulatorState, settings: EmulatorSettings, raw: bytes) -> dict[str, Any]:
-    """Validate, read the images and build the completion body; raises :class:`ApiError`."""
-    chat = validate_chat(parse_body(raw), settings)
-    infos = [
-        await state.images.load(url, state.session, settings.image_fetch_timeout) for url in chat.image_urls
-    ]
-    prompt_count = prompt_tokens(chat, infos)
-    budget = check_context(chat.max_tokens, prompt_count, settings.max_model_len)
-    result = answer(chat, infos, budget, prompt_count)
-    return completion_body(
-        chat.model,
-        result,
-        reasoning_field=settings.reasoning_field,
-        include_reasoning=chat.include_reasoning,
-    )
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await handle(request, RESPONSES)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     settings = request.app[STATE].settings
-    if (refusal := _gate(request, settings)) is not None:
+    if (refusal := gate(request, settings)) is not None:
         return refusal
     created = int(time.time())
     data = [
@@ -150,8 +119,13 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.StreamResponse:
-    if (refusal := _gate(request, request.app[STATE].settings)) is not None:
+    settings = request.app[STATE].settings
+    if (refusal := gate(request, settings)) is not None:
         return refusal
+    if not settings.health_route:  # FastAPI's body for an unknown route, as vLLM sends it
+        return from_container(
+            json_response({"detail": "Not Found"}, status=404), azure=settings.azure_gateway
+        )
     return json_response({"object": "health.response", "message": "Service is ready."})
 
 
@@ -173,42 +147,3 @@ async def configure(request: web.Request) -> web.StreamResponse:
     except (ValueError, TypeError) as exc:
         return json_response({"error": str(exc)}, status=400)
     return json_response(settings.public_dict())
-
-
-def drop_connection(request: web.Request) -> web.StreamResponse:
-    """Abort the TCP connection with a reset (SO_LINGER 0); the returned response is never written."""
-    transport = request.transport
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-    return web.Response(status=204)
-
-
-def _gate(request: web.Request, settings: EmulatorSettings) -> web.StreamResponse | None:
-    """Steps 2 and 3 for the /v1 routes other than chat completions."""
-    if settings.down:
-        return drop_connection(request)
-    if not _authorized(request, settings):
-        return unauthorized_response()
-    return None
-
-
-def _authorized(request: web.Request, settings: EmulatorSettings) -> bool:
-    return settings.api_key is None or request.headers.get("Authorization") == f"Bearer {settings.api_key}"
-
-
-def _gateway_error(kind: str, settings: EmulatorSettings) -> web.Response:
-    headers: dict[str, str] = {}
-    if settings.retry_after is not None:
-        headers["Retry-After"] = _seconds(settings.retry_after)
-    if settings.retry_after_ms is not None:
-        headers["retry-after-ms"] = str(settings.retry_after_ms)
-    error = ApiError(int(kind), GATEWAY_MESSAGES[kind])
-    return error_response(error, flat=settings.flat_errors, headers=headers)
-
-
-def _seconds(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)

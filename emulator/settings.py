@@ -7,7 +7,17 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MODEL = "google/gemma-4-31b-it"
-FAULT_KINDS: tuple[str, ...] = ("429", "500", "503", "hang", "reset", "malformed")
+FAULT_KINDS: tuple[str, ...] = (
+    "429",
+    "500",
+    "503",
+    "408",
+    "hang",
+    "reset",
+    "malformed",
+    "bad_json",
+    "stream_error",
+)
 FAULT_MODES: tuple[str, ...] = ("any", "first_attempt")
 REASONING_FIELDS: tuple[str, ...] = ("reasoning", "reasoning_content", "both")
 # Fixed for the life of a server: changing them at runtime would need a new socket or app.
@@ -23,7 +33,8 @@ class EmulatorSettings:
     models: tuple[str, ...] = (DEFAULT_MODEL,)
     max_model_len: int = 131072
     api_key: str | None = None  # set: every /v1 route needs "Authorization: Bearer <key>"
-    latency: float = 0.05  # seconds a successful request holds a concurrency slot
+    latency: float = 0.05  # seconds a successful request holds a concurrency slot (time to first token)
+    token_seconds: float = 0.0  # decode time per output token, after the latency; paces streamed chunks
     jitter: float = 0.0  # uniform extra 0..jitter seconds
     max_concurrency: int = 64  # requests processed at once, the rest queue; 0 = unlimited
     max_images_per_prompt: int = 4
@@ -40,6 +51,9 @@ class EmulatorSettings:
     down: bool = False  # every /v1 request gets its connection reset
     image_fetch_timeout: float = 5.0  # seconds for fetching an http(s) image URL
     image_cache_size: int = 1024  # decoded-image infos kept (LRU, keyed by the URL's hash)
+    azure_gateway: bool = False  # behave like an Azure ML endpoint: container errors arrive as 424
+    gateway_timeout: float | None = None  # seconds before a gateway answers 408 (Azure's default: 5)
+    health_route: bool = True  # False: GET /v1/health/* is 404, like vLLM (which has only /health)
 
     def __post_init__(self) -> None:
         for name in ("models", "fault_kinds", "fault_script"):
@@ -59,11 +73,18 @@ class EmulatorSettings:
         _positive_int(problems, "max_images_per_prompt", self.max_images_per_prompt, allow_zero=True)
         _positive_int(problems, "max_concurrency", self.max_concurrency, allow_zero=True)
         _positive_int(problems, "image_cache_size", self.image_cache_size)
-        for name in ("latency", "jitter", "hang_seconds"):
+        for name in ("latency", "jitter", "hang_seconds", "token_seconds"):
             if not _number(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a number >= 0")
         if not _number(self.image_fetch_timeout) or self.image_fetch_timeout <= 0:
             problems.append("image_fetch_timeout must be a number > 0")
+        if self.gateway_timeout is not None and (
+            not _number(self.gateway_timeout) or self.gateway_timeout <= 0
+        ):
+            problems.append("gateway_timeout must be a number > 0 or null")
+        for name in ("azure_gateway", "health_route"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false")
         if not _number(self.fault_rate) or not 0.0 <= self.fault_rate <= 1.0:
             problems.append("fault_rate must be within 0..1")
         if unknown := [kind for kind in self.fault_kinds if kind not in FAULT_KINDS]:

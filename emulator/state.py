@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from emulator.faults import FaultPlanner
 from emulator.images import ImageLoader
@@ -45,17 +48,32 @@ class EmulatorState:
         self.stats.reset()
         self.faults.reset()
 
-    async def process(self, settings: EmulatorSettings) -> None:
-        """Queue for a concurrency slot and hold it for the configured latency, like an inference server."""
-        delay = settings.latency
+    def delay(self, settings: EmulatorSettings) -> float:
+        """The latency of one request (time to its first token): ``latency`` plus jitter."""
         if settings.jitter > 0:
-            delay += self._random.uniform(0.0, settings.jitter)
+            return settings.latency + self._random.uniform(0.0, settings.jitter)
+        return settings.latency
+
+    async def process(self, settings: EmulatorSettings, decode: float = 0.0) -> None:
+        """Queue for a concurrency slot and hold it for the latency (+ ``decode`` seconds), like a server."""
+        delay = self.delay(settings) + decode
         semaphore = self._semaphore
         if semaphore is None:
             await self._hold(delay)
             return
         async with semaphore:
             await self._hold(delay)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold a concurrency slot (queueing for it first) for as long as the block runs: a stream."""
+        semaphore = self._semaphore
+        async with semaphore if semaphore is not None else contextlib.nullcontext():
+            self.stats.start_processing()
+            try:
+                yield
+            finally:
+                self.stats.stop_processing()
 
     async def _hold(self, delay: float) -> None:
         self.stats.start_processing()
@@ -68,3 +86,6 @@ class EmulatorState:
 
 def _semaphore(max_concurrency: int) -> asyncio.Semaphore | None:
     return asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
+
+
+STATE = web.AppKey("emulator_state", EmulatorState)

@@ -1,4 +1,4 @@
-"""Counters of the chat completion requests the emulator received, safe to read from any thread."""
+"""Counters of the model requests (chat completions, responses) received, safe to read from any thread."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ LOG_SIZE = 20_000
 
 
 class Stats:
-    """What happened to each chat request: counted on arrival, status recorded on completion.
+    """What happened to each model request: counted on arrival, status recorded on completion.
 
     A status is an HTTP code, ``"reset"`` (connection dropped on purpose) or ``"cancelled"`` (the
-    client went away before the answer, e.g. its timeout fired during a ``hang``).
+    client went away before the answer, e.g. its timeout fired during a ``hang`` or mid-stream).
+    ``by_route`` counts arrivals per route path, ``streamed`` the answers sent as event streams.
     """
 
     def __init__(self) -> None:
@@ -26,6 +27,8 @@ class Stats:
         self.requests_total = 0
         self.by_status: dict[str, int] = {}
         self.per_item: dict[str, int] = {}
+        self.by_route: dict[str, int] = {}
+        self.streamed = 0
         self.faults: dict[str, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
@@ -37,24 +40,37 @@ class Stats:
         """Seconds since the server started."""
         return time.monotonic() - self._started
 
-    def arrive(self, item: str) -> int:
-        """Count a request of work item ``item``; returns its attempt number (1-based)."""
+    def arrive(self, item: str, route: str = "/v1/chat/completions") -> int:
+        """Count a request of work item ``item`` on ``route``; returns its attempt number (1-based)."""
         with self._lock:
             self.requests_total += 1
+            self.by_route[route] = self.by_route.get(route, 0) + 1
             attempt = self.per_item.get(item, 0) + 1
             self.per_item[item] = attempt
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return attempt
 
-    def finish(self, item: str, status: int | str, arrived: float, fault: str | None) -> None:
+    def finish(
+        self,
+        item: str,
+        status: int | str,
+        arrived: float,
+        fault: str | None,
+        *,
+        route: str = "/v1/chat/completions",
+        streamed: bool = False,
+    ) -> None:
         key = str(status)
+        entry = {"item": item, "status": status, "t": round(arrived, 6), "fault": fault, "route": route}
         with self._lock:
             self.in_flight -= 1
             self.by_status[key] = self.by_status.get(key, 0) + 1
             if fault is not None:
                 self.faults[fault] = self.faults.get(fault, 0) + 1
-            self.log.append({"item": item, "status": status, "t": round(arrived, 6), "fault": fault})
+            if streamed:
+                self.streamed += 1
+            self.log.append(entry)
 
     def start_processing(self) -> None:
         with self._lock:
@@ -80,6 +96,8 @@ class Stats:
                 "requests_total": self.requests_total,
                 "by_status": dict(self.by_status),
                 "per_item": dict(self.per_item),
+                "by_route": dict(self.by_route),
+                "streamed": self.streamed,
                 "max_in_flight": self.max_in_flight,
                 "max_processing": self.max_processing,
                 "in_flight": self.in_flight,

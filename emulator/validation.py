@@ -2,6 +2,11 @@
 
 Everything checked here needs no image decoding; images are checked by :mod:`emulator.images` and the
 context length by :func:`check_context` once the image sizes are known. Unknown fields are ignored.
+
+Conversations: system messages first, then user/assistant alternating, starting and ending with user
+(a final assistant only with ``continue_final_message``). The answer is to the last user message; the
+images of every message count toward ``max_images_per_prompt``, as in vLLM, where the whole
+conversation is one multimodal prompt.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 
 from emulator.errors import ApiError
 from emulator.settings import EmulatorSettings
+from emulator.structured import OutputFormat, chat_output_format
 
 ROLES = frozenset({"system", "user", "assistant"})
 ALTERNATION = "Conversation roles must alternate user/assistant/user/assistant/..."
@@ -28,6 +34,10 @@ class ChatRequest:
     max_tokens: int | None  # max_completion_tokens, else max_tokens, else None (the remaining context)
     thinking: bool  # chat_template_kwargs.enable_thinking
     include_reasoning: bool
+    output: OutputFormat | None = None  # structured output asked for; None: plain text
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+    effort: str = "medium"  # the Responses API's reasoning.effort
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -66,6 +76,9 @@ def validate_chat(body: dict[str, Any], settings: EmulatorSettings) -> ChatReque
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ApiError(400, "`chat_template_kwargs` must be an object.", param="chat_template_kwargs")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "`stream_options` must be an object.", param="stream_options")
     return ChatRequest(
         model=model,
         image_urls=tuple(images),
@@ -74,6 +87,9 @@ def validate_chat(body: dict[str, Any], settings: EmulatorSettings) -> ChatReque
         max_tokens=_budget(body, settings.max_model_len),
         thinking=bool(kwargs.get("enable_thinking", False)),
         include_reasoning=body.get("include_reasoning", True) is not False,
+        output=chat_output_format(body),
+        stream=body.get("stream") is True,
+        include_usage=stream_options.get("include_usage") is True,
     )
 
 
@@ -107,8 +123,6 @@ def _check_flags(body: dict[str, Any]) -> None:
         raise ApiError(400, "`tools` must not be an empty list; omit it instead.", param="tools")
     if body.get("stream_options") is not None and body.get("stream") is not True:
         raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
-    if body.get("stream") is True:
-        raise ApiError(400, "streaming is not supported by this emulator yet", param="stream")
 
 
 def _check_roles(messages: list[Any], continue_final: bool) -> None:

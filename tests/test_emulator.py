@@ -313,7 +313,7 @@ VALIDATION_CASES: list[tuple[str, Any, int, str]] = [
     ),
     ("empty tools", chat_body(tools=[]), 400, "tools"),
     ("stream options alone", chat_body(stream_options={"include_usage": True}), 400, "stream=True"),
-    ("stream", chat_body(stream=True), 400, "streaming is not supported"),
+    ("stream options not an object", chat_body(stream=True, stream_options=[1]), 400, "stream_options"),
     ("too many images", _too_many_images(), 400, "At most 4 image(s) may be provided in one prompt."),
     ("undecodable", chat_body(images=[data_url(b"not an image")]), 400, "cannot identify image file"),
     ("webp", chat_body(images=[data_url(encode((8, 8), (1, 2, 3), "WEBP"))]), 400, "WEBP"),
