@@ -64,7 +64,18 @@ def run(
     api_key_secret: Annotated[
         str | None, Opt(help="Name of a Prefect Secret block holding the API key (wins over --api-key-env).")
     ] = None,
-    api: Annotated[str | None, Opt(help="chat (Chat Completions).  [default: chat]")] = None,
+    api: Annotated[
+        str | None, Opt(help="chat (Chat Completions) or responses (Responses API).  [default: chat]")
+    ] = None,
+    stream: Annotated[
+        bool | None, Opt("--stream", help="Stream Chat Completions answers (gateways with timeouts).")
+    ] = None,
+    reasoning_effort: Annotated[
+        str | None, Opt(help="low|medium|high: reasoning.effort with --api responses.")
+    ] = None,
+    structured_output: Annotated[
+        str | None, Opt(help="openai (response_format) or vllm (structured_outputs) for json_schema prompts.")
+    ] = None,
     concurrency: Annotated[int | None, Opt(help="Requests in flight.  [default: 32]")] = None,
     max_tokens: Annotated[int | None, Opt(help="Output token budget per answer.  [default: 1024]")] = None,
     temperature: Annotated[float | None, Opt(help="Sampling temperature (model default if unset).")] = None,

@@ -41,6 +41,7 @@ class EndpointConfig(_Section):
     concurrency: int = Field(32, ge=1, le=4096, description="requests in flight across the run")
     max_retries: int = Field(6, ge=0, le=50, description="retries after the first attempt")
     request_timeout: float = Field(300.0, gt=0, le=86400, description="seconds per attempt")
+    stream: bool = Field(False, description="stream Chat Completions answers (SSE) and aggregate them")
     preflight: bool = Field(True, description="check /models and /health/ready before the run")
     outage_window: float = Field(
         60.0, gt=0, le=86400, description="abort (exit 3) after this long with the endpoint unreachable"
@@ -77,6 +78,13 @@ class GenerationConfig(_Section):
     seed: int | None = None
     reasoning: bool = Field(False, description="ask Gemma 4 to think (enable_thinking)")
     hide_reasoning: bool = Field(False, description="ask the server not to return the reasoning text")
+    reasoning_effort: Literal["low", "medium", "high"] = Field(
+        "medium", description="with --api responses: reasoning.effort when reasoning is on"
+    )
+    structured_output: Literal["openai", "vllm"] = Field(
+        "openai",
+        description="send a prompt's json_schema as response_format (openai) or structured_outputs (vllm)",
+    )
 
 
 class ImageConfig(_Section):

@@ -8,10 +8,8 @@ variable the config names, handed to the SDK and never stored in config, rows, l
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -19,24 +17,14 @@ import aiohttp
 import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
+from tasks.answers import Answer, StreamAggregator, parse_chat_answer, parse_responses_answer
 from tasks.config import EndpointConfig
 from tasks.errors import ConfigError, RequestFailure
+from tasks.requests import Request
 
 NO_KEY = "EMPTY"  # what vLLM's docs send when the server has no key
 AZURE_STATUS_HEADER = "ms-azureml-model-error-statuscode"
 MAX_MESSAGE = 500
-
-
-@dataclass(slots=True)
-class Answer:
-    text: str | None
-    reasoning: str | None
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    model: str | None
-    http_status: int
-    latency_ms: float
 
 
 def api_key(config: EndpointConfig) -> str | None:
@@ -77,25 +65,52 @@ class EndpointClient:
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def chat(self, body: dict[str, Any], *, request_id: str) -> Answer:
-        """One Chat Completions attempt. Raises RequestFailure, classified."""
-        fields = dict(body)
+    async def send(self, request: Request, *, request_id: str) -> Answer:
+        """One attempt: Chat Completions (streamed or not) or Responses. Raises RequestFailure, classified."""
+        fields = dict(request.body)
         model = fields.pop("model")
-        messages = fields.pop("messages")
+        headers = {"X-Request-Id": request_id}
         started = time.perf_counter()
+        raw: Any
         try:
             async with asyncio.timeout(self.config.request_timeout + 5):
-                raw = await self._client.chat.completions.with_raw_response.create(
-                    model=model,
-                    messages=messages,
-                    extra_body=fields,  # parameters go as they are: the server, not the SDK, validates them
-                    extra_headers={"X-Request-Id": request_id},
-                )
-                content = raw.content  # read in full by the transport (not streaming)
+                # parameters go as they are (extra_body): the server, not the SDK, validates them
+                if request.api == "responses":
+                    raw = await self._client.responses.with_raw_response.create(
+                        model=model, input=fields.pop("input"), extra_body=fields, extra_headers=headers
+                    )
+                    parse = parse_responses_answer
+                elif fields.get("stream"):
+                    return await self._stream(model, fields, headers, started)
+                else:
+                    raw = await self._client.chat.completions.with_raw_response.create(
+                        model=model, messages=fields.pop("messages"), extra_body=fields, extra_headers=headers
+                    )
+                    parse = parse_chat_answer
+                content = raw.content  # read in full by the transport
+        except RequestFailure:
+            raise
         except Exception as exc:  # classified once, here
             raise self.classify(exc) from None
-        latency_ms = (time.perf_counter() - started) * 1000
-        return parse_chat_answer(content, status=raw.status_code, latency_ms=latency_ms)
+        return parse(content, status=raw.status_code, latency_ms=(time.perf_counter() - started) * 1000)
+
+    async def _stream(
+        self, model: str, fields: dict[str, Any], headers: dict[str, str], started: float
+    ) -> Answer:
+        fields.pop("stream", None)
+        stream = self._client.chat.completions.with_streaming_response.create(
+            model=model,
+            messages=fields.pop("messages"),
+            stream=True,
+            extra_body=fields,
+            extra_headers=headers,
+        )
+        aggregate = StreamAggregator()
+        async with stream as response:
+            async for line in response.iter_lines():
+                aggregate.feed(line)
+            status = response.status_code
+        return aggregate.answer(status=status, latency_ms=(time.perf_counter() - started) * 1000)
 
     async def get_json(self, path: str) -> object:
         """GET a JSON route under the base URL (one attempt, classified failures)."""
@@ -110,32 +125,6 @@ class EndpointClient:
         if self._secret and self._secret in failure.message:
             failure.message = failure.message.replace(self._secret, "***")
         return failure
-
-
-def parse_chat_answer(content: bytes, *, status: int, latency_ms: float) -> Answer:
-    """Parse a Chat Completions body; anything unparseable is a transient invalid_response."""
-    try:
-        data = json.loads(content)
-        choice = data["choices"][0]
-        message = choice["message"]
-        usage = data.get("usage") or {}
-        return Answer(
-            text=message.get("content"),
-            reasoning=message.get("reasoning") or message.get("reasoning_content"),
-            finish_reason=choice.get("finish_reason"),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            model=data.get("model"),
-            http_status=status,
-            latency_ms=latency_ms,
-        )
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        snippet = content[:200].decode("utf-8", "replace")
-        raise RequestFailure(
-            "invalid_response",
-            f"unparseable answer from the endpoint ({type(exc).__name__}): {snippet!r}",
-            http_status=status,
-        ) from None
 
 
 def classify(exc: BaseException) -> RequestFailure:

@@ -18,12 +18,15 @@ UNREACHABLE = frozenset({"connection", "timeout"})
 UNREACHABLE_STATUS = frozenset({502, 503, 504})
 
 
-def is_outage_failure(failure: RequestFailure) -> bool:
-    return (
-        failure.error_type in UNREACHABLE
-        or failure.error_type in ("auth", "not_found")
-        or failure.http_status in UNREACHABLE_STATUS
+def _unreachable(failure: RequestFailure) -> bool:
+    # a connection error or a client-side timeout; a gateway's 408 says the endpoint is there but slow
+    return (failure.error_type in UNREACHABLE and failure.http_status is None) or (
+        failure.http_status in UNREACHABLE_STATUS
     )
+
+
+def is_outage_failure(failure: RequestFailure) -> bool:
+    return _unreachable(failure) or failure.error_type in ("auth", "not_found")
 
 
 class OutageDetector:
@@ -77,7 +80,7 @@ class OutageDetector:
                     )
                 return self.verdict
             return None
-        if failure.error_type in UNREACHABLE or failure.http_status in UNREACHABLE_STATUS:
+        if _unreachable(failure):
             self.last_refusal = failure
             now = self.clock()
             if self.failing_since is None:

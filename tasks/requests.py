@@ -1,9 +1,10 @@
-"""Build the Chat Completions request for a work item, and its content-derived request key.
+"""Build the request for a work item — Chat Completions or Responses — and its content-derived key.
 
-The request key is the sha256 of a canonical JSON form of what determines the answer: the API and
-model, the messages with a reference to the image in place of its bytes (``sha256:<hex>`` of the
-original bytes, or ``url:<url>`` for an image the server fetches), the generation parameters, the JSON
-schema and the image preprocessing settings. Not the manifest, not the ids, not the code.
+The request key is the sha256 of a canonical JSON form of the body that is sent, with a reference to
+the image in place of its bytes (``sha256:<hex>`` of the original bytes, or ``url:<url>`` for an image
+the server fetches), plus the image preprocessing settings. So it covers the API, model, messages,
+generation parameters and JSON schema; not the manifest, the ids, transport options such as
+streaming, or the code.
 """
 
 from __future__ import annotations
@@ -16,76 +17,133 @@ from typing import Any
 from tasks.config import RunConfig
 from tasks.manifests import Prompt
 
-KEY_VERSION = 1
+KEY_VERSION = 2
+REPAIR_PROMPT = (
+    "Your answer did not match the required JSON Schema: {error}. "
+    "Answer again with only a JSON document that matches the schema."
+)
 
 
 @dataclass(frozen=True, slots=True)
-class ChatRequest:
-    body: dict[str, Any]  # the JSON body sent to /chat/completions
+class Request:
+    api: str  # "chat" or "responses"
+    body: dict[str, Any]  # the JSON body sent
     key: str
-
-
-def _messages(prompt: Prompt, image_ref: str | None) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = []
-    if prompt.system:
-        messages.append({"role": "system", "content": prompt.system})
-    content: list[dict[str, Any]] = []
-    if image_ref is not None:
-        content.append({"type": "image_url", "image_url": {"url": image_ref}})
-    content.append({"type": "text", "text": prompt.prompt})
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def _parameters(prompt: Prompt, config: RunConfig) -> dict[str, Any]:
-    gen = config.generation
-    params: dict[str, Any] = {"max_completion_tokens": prompt.max_tokens or gen.max_tokens}
-    for name in ("temperature", "top_p", "seed"):
-        value = getattr(gen, name)
-        if value is not None:
-            params[name] = value
-    if prompt.reasoning if prompt.reasoning is not None else gen.reasoning:
-        params["chat_template_kwargs"] = {"enable_thinking": True}
-        if gen.hide_reasoning:
-            params["include_reasoning"] = False
-    if prompt.json_schema is not None:
-        params["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "answer", "schema": json.loads(prompt.json_schema), "strict": True},
-        }
-    return params
-
-
-def _preprocessing(config: RunConfig) -> dict[str, Any]:
-    image = config.image
-    return {"max_pixels": image.max_pixels, "jpeg_quality": image.jpeg_quality}
 
 
 def image_ref(sha256: str) -> str:
     return f"sha256:{sha256}"
 
 
+def _thinking(prompt: Prompt, config: RunConfig) -> bool:
+    return prompt.reasoning if prompt.reasoning is not None else config.generation.reasoning
+
+
+def _sampling(config: RunConfig) -> dict[str, Any]:
+    gen = config.generation
+    return {
+        name: getattr(gen, name)
+        for name in ("temperature", "top_p", "seed")
+        if getattr(gen, name) is not None
+    }
+
+
+def _chat_body(prompt: Prompt, image_url: str | None, config: RunConfig) -> dict[str, Any]:
+    gen = config.generation
+    messages: list[dict[str, Any]] = []
+    if prompt.system:
+        messages.append({"role": "system", "content": prompt.system})
+    content: list[dict[str, Any]] = []
+    if image_url is not None:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    content.append({"type": "text", "text": prompt.prompt})
+    messages.append({"role": "user", "content": content})
+    body: dict[str, Any] = {
+        "model": config.endpoint.model,
+        "messages": messages,
+        "max_completion_tokens": prompt.max_tokens or gen.max_tokens,
+        **_sampling(config),
+    }
+    if _thinking(prompt, config):
+        body["chat_template_kwargs"] = {"enable_thinking": True}
+        if gen.hide_reasoning:
+            body["include_reasoning"] = False
+    if prompt.json_schema is not None:
+        schema = json.loads(prompt.json_schema)
+        if gen.structured_output == "vllm":
+            body["structured_outputs"] = {"json": schema}
+        else:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            }
+    return body
+
+
+def _responses_body(prompt: Prompt, image_url: str | None, config: RunConfig) -> dict[str, Any]:
+    gen = config.generation
+    content: list[dict[str, Any]] = []
+    if image_url is not None:
+        content.append({"type": "input_image", "image_url": image_url})
+    content.append({"type": "input_text", "text": prompt.prompt})
+    body: dict[str, Any] = {
+        "model": config.endpoint.model,
+        "input": [{"role": "user", "content": content}],
+        "max_output_tokens": prompt.max_tokens or gen.max_tokens,
+        **_sampling(config),
+    }
+    if prompt.system:
+        body["instructions"] = prompt.system
+    if _thinking(prompt, config):
+        body["reasoning"] = {"effort": gen.reasoning_effort}
+    if prompt.json_schema is not None:
+        schema = json.loads(prompt.json_schema)
+        body["text"] = {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+    return body
+
+
+def _body(prompt: Prompt, image_url: str | None, config: RunConfig) -> dict[str, Any]:
+    if config.endpoint.api == "responses":
+        return _responses_body(prompt, image_url, config)
+    return _chat_body(prompt, image_url, config)
+
+
 def request_key(prompt: Prompt, image: str | None, config: RunConfig) -> str:
     """``image`` is the image's reference: ``image_ref(sha256)`` or ``url:<url>``; None for no image."""
+    image_settings = {"max_pixels": config.image.max_pixels, "jpeg_quality": config.image.jpeg_quality}
     canonical = {
         "v": KEY_VERSION,
         "api": config.endpoint.api,
-        "model": config.endpoint.model,
-        "messages": _messages(prompt, image),
-        "params": _parameters(prompt, config),
-        "preprocessing": _preprocessing(config) if image is not None else None,
+        "body": _body(prompt, image, config),
+        "preprocessing": image_settings if image is not None else None,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def build_chat_request(
-    prompt: Prompt, image_url: str | None, image: str | None, config: RunConfig
-) -> ChatRequest:
+def build_request(prompt: Prompt, image_url: str | None, image: str | None, config: RunConfig) -> Request:
     """``image_url`` is what is sent (a data URL or an http(s) URL); ``image`` its reference for the key."""
-    body = {
-        "model": config.endpoint.model,
-        "messages": _messages(prompt, image_url),
-        **_parameters(prompt, config),
-    }
-    return ChatRequest(body=body, key=request_key(prompt, image, config))
+    body = _body(prompt, image_url, config)
+    if config.endpoint.stream and config.endpoint.api == "chat":
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return Request(config.endpoint.api, body, request_key(prompt, image, config))
+
+
+def repair_request(request: Request, answer: str | None, error: str) -> Request:
+    """The same request, continued with the invalid answer and what was wrong with it (one retry)."""
+    body = dict(request.body)
+    feedback = REPAIR_PROMPT.format(error=error)
+    if request.api == "responses":
+        body["input"] = [
+            *body["input"],
+            {"role": "assistant", "content": [{"type": "output_text", "text": answer or ""}]},
+            {"role": "user", "content": [{"type": "input_text", "text": feedback}]},
+        ]
+    else:
+        body["messages"] = [
+            *body["messages"],
+            {"role": "assistant", "content": answer or ""},
+            {"role": "user", "content": [{"type": "text", "text": feedback}]},
+        ]
+    return Request(request.api, body, request.key)

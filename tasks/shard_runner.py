@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.answers import Answer
 from tasks.config import RunConfig
-from tasks.endpoint import Answer, EndpointClient
+from tasks.endpoint import EndpointClient
 from tasks.errors import ItemFailure, RequestFailure
 from tasks.image_fetch import ImageFetcher
 from tasks.image_sources import ImageSource, is_http, parse_image_value, read_image_bytes
@@ -30,7 +31,7 @@ from tasks.manifests import Prompt
 from tasks.outage import OutageDetector, is_outage_failure
 from tasks.output_index import HashCache, OutputIndex
 from tasks.outputs import OutputStore
-from tasks.requests import build_chat_request, image_ref, request_key
+from tasks.requests import Request, build_request, image_ref, repair_request, request_key
 from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
@@ -220,34 +221,16 @@ class ShardRunner:
         self, shard_index: int, job: ImageJob, prompt: Prompt, url: str, ref: str, image: PreparedImage | None
     ) -> None:
         row = self._row(job, prompt, image)
-        request = build_chat_request(prompt, url, ref, self.config)
+        request = build_request(prompt, url, ref, self.config)
         row.request_key = request.key
         if self.client is None:  # dry run: everything but the request (status stays "ok": ready)
             self._emit(shard_index, row)
             return
-        client = self.client
-        rid = item_id(job.image_id, prompt.prompt_id)
-
-        async def attempt() -> Answer:
-            if self.stop.is_set:
-                raise _Dropped
-            row.attempts += 1
-            async with self.requests:
-                if self.stop.is_set:
-                    row.attempts -= 1
-                    raise _Dropped
-                try:
-                    answer = await client.chat(request.body, request_id=rid)
-                except RequestFailure as failure:
-                    row.http_status = failure.http_status
-                    self._observe(failure)
-                    raise
-            self.detector.success()
-            return answer
-
         try:
-            answer = await self.policy.call(attempt)
-            _fill(row, answer, prompt)
+            answer = await self._send(row, request, item_id(job.image_id, prompt.prompt_id))
+            _fill(row, answer)
+            if prompt.json_schema is not None:
+                row.json = await self._valid_json(row, request, answer, prompt.json_schema)
         except _Dropped:
             return
         except ItemFailure as failure:
@@ -258,6 +241,41 @@ class ShardRunner:
             if failure.retryable and attempts > 1:
                 row.error_message = f"{failure.message} (after {attempts} attempts)"
         self._emit(shard_index, row)
+
+    async def _send(self, row: ResultRow, request: Request, rid: str) -> Answer:
+        """Send with retries; every attempt counted on the row. Raises ItemFailure or _Dropped."""
+        assert self.client is not None
+        client = self.client
+
+        async def attempt() -> Answer:
+            if self.stop.is_set:
+                raise _Dropped
+            row.attempts += 1
+            async with self.requests:
+                if self.stop.is_set:
+                    row.attempts -= 1
+                    raise _Dropped
+                try:
+                    answer = await client.send(request, request_id=rid)
+                except RequestFailure as failure:
+                    row.http_status = failure.http_status
+                    self._observe(failure)
+                    raise
+            self.detector.success()
+            return answer
+
+        return await self.policy.call(attempt)
+
+    async def _valid_json(self, row: ResultRow, request: Request, answer: Answer, schema: str) -> str:
+        """The validated JSON of the answer; one repair request (the error fed back) when it is not."""
+        try:
+            return validate_json(answer.text, schema)
+        except RequestFailure as failure:
+            repaired = await self._send(
+                row, repair_request(request, answer.text, failure.message), row_id(row)
+            )
+        _fill(row, repaired)
+        return validate_json(repaired.text, schema)
 
     def _observe(self, failure: RequestFailure) -> None:
         verdict = self.detector.failure(failure)
@@ -277,7 +295,11 @@ class ShardRunner:
                 self.on_row(None)
 
 
-def _fill(row: ResultRow, answer: Answer, prompt: Prompt) -> None:
+def row_id(row: ResultRow) -> str:
+    return item_id(row.image_id, row.prompt_id)
+
+
+def _fill(row: ResultRow, answer: Answer) -> None:
     row.text = answer.text
     row.reasoning = answer.reasoning
     row.finish_reason = answer.finish_reason
@@ -286,5 +308,3 @@ def _fill(row: ResultRow, answer: Answer, prompt: Prompt) -> None:
     row.http_status = answer.http_status
     row.latency_ms = answer.latency_ms
     row.model = answer.model or row.model
-    if prompt.json_schema is not None:
-        row.json = validate_json(answer.text, prompt.json_schema)

@@ -7,7 +7,8 @@ import httpx2
 import openai
 import pytest
 
-from tasks.endpoint import classify, classify_status, error_message, parse_chat_answer, parse_retry_after
+from tasks.answers import StreamAggregator, parse_chat_answer, parse_responses_answer
+from tasks.endpoint import classify, classify_status, error_message, parse_retry_after
 from tasks.errors import RequestFailure
 
 REQ = httpx2.Request("POST", "http://x/v1/chat/completions")
@@ -152,3 +153,47 @@ def test_retry_policy_retries_only_transient_and_honours_retry_after() -> None:
     assert calls == 4  # first attempt + max_retries
     backoffs = slept[2:]
     assert len(backoffs) == 3 and all(0 < b <= 30 for b in backoffs)
+
+
+def test_responses_answers_and_streams_parse() -> None:
+    body = {
+        "model": "m",
+        "status": "incomplete",
+        "incomplete_details": {"reason": "max_output_tokens"},
+        "output": [
+            {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "think"}], "summary": []},
+            {"type": "message", "content": [{"type": "output_text", "text": "ans", "annotations": []}]},
+        ],
+        "usage": {"input_tokens": 7, "output_tokens": 3},
+    }
+    a = parse_responses_answer(json.dumps(body).encode(), status=200, latency_ms=1)
+    assert (a.text, a.reasoning, a.finish_reason, a.prompt_tokens, a.completion_tokens) == (
+        "ans",
+        "think",
+        "length",
+        7,
+        3,
+    )
+    with pytest.raises(RequestFailure, match="invalid_response"):
+        parse_responses_answer(b'{"status": "completed"}', status=200, latency_ms=1)
+
+    agg = StreamAggregator()
+    for line in [
+        'data: {"model": "m", "choices": [{"delta": {"role": "assistant", "content": ""}}]}',
+        "",
+        'data: {"choices": [{"delta": {"reasoning_content": "hm"}}]}',
+        'data: {"choices": [{"delta": {"content": "Hel"}}]}',
+        'data: {"choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]}',
+        'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}',
+        "data: [DONE]",
+    ]:
+        agg.feed(line)
+    a = agg.answer(status=200, latency_ms=1)
+    assert (a.text, a.reasoning, a.finish_reason, a.prompt_tokens) == ("Hello", "hm", "stop", 4)
+    broken = StreamAggregator()
+    broken.feed('data: {"choices": [{"delta": {"content": "Hel"}}]}')
+    with pytest.raises(RequestFailure) as err:
+        broken.feed('data: {"error": {"message": "engine died", "code": 500}}')
+    assert err.value.error_type == "server_error" and err.value.retryable
+    with pytest.raises(RequestFailure, match="ended before it was complete"):
+        broken.answer(status=200, latency_ms=1)

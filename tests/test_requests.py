@@ -2,7 +2,7 @@ import json
 
 from tasks.config import build_config
 from tasks.manifests import Prompt
-from tasks.requests import build_chat_request, request_key
+from tasks.requests import build_request, repair_request, request_key
 
 CFG = build_config({"images": "i", "out": "o"}, environ={})
 P = Prompt("cap", "Describe.", "caption", system="Be brief.")
@@ -13,9 +13,7 @@ def cfg(**flags):
 
 
 def test_chat_body_shape() -> None:
-    req = build_chat_request(
-        P, "data:image/jpeg;base64,AAAA", "abc", cfg(temperature=0.2, seed=3, reasoning=True)
-    )
+    req = build_request(P, "data:image/jpeg;base64,AAAA", "abc", cfg(temperature=0.2, seed=3, reasoning=True))
     body = req.body
     assert body["model"] == "google/gemma-4-31b-it"
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -31,7 +29,7 @@ def test_chat_body_shape() -> None:
 
 def test_prompt_max_tokens_and_json_schema() -> None:
     schema = '{"type": "object", "properties": {"n": {"type": "integer"}}}'
-    req = build_chat_request(Prompt("q", "Count.", "qa", max_tokens=7, json_schema=schema), "u", "h", CFG)
+    req = build_request(Prompt("q", "Count.", "qa", max_tokens=7, json_schema=schema), "u", "h", CFG)
     assert req.body["max_completion_tokens"] == 7
     assert req.body["response_format"]["json_schema"]["schema"] == json.loads(schema)
 
@@ -61,3 +59,41 @@ def test_request_key_ignores_identity_and_transport() -> None:
     assert request_key(P, "sha-1", cfg(concurrency=3, base_url="http://x:1/v1", shard_size=5)) == request_key(
         P, "sha-1", CFG
     )
+
+
+def test_responses_body_stream_and_repair() -> None:
+    schema = '{"type": "object"}'
+    prompt = Prompt("q", "Count.", "qa", system="Be exact.", json_schema=schema)
+    req = build_request(
+        prompt, "data:x", "sha256:h", cfg(api="responses", reasoning=True, reasoning_effort="high")
+    )
+    body = req.body
+    assert body["input"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_image", "image_url": "data:x"},
+                {"type": "input_text", "text": "Count."},
+            ],
+        }
+    ]
+    assert body["instructions"] == "Be exact." and body["max_output_tokens"] == 1024
+    assert body["reasoning"] == {"effort": "high"}
+    assert body["text"]["format"]["type"] == "json_schema"
+    assert (
+        req.key != build_request(prompt, "data:x", "sha256:h", cfg(reasoning=True)).key
+    )  # the API is in the key
+
+    streamed = build_request(P, "data:x", "sha256:h", cfg(stream=True))
+    assert streamed.body["stream"] is True and streamed.body["stream_options"] == {"include_usage": True}
+    assert streamed.key == build_request(P, "data:x", "sha256:h", CFG).key  # transport, not content
+    vllm = build_request(prompt, "u", "h", cfg(structured_output="vllm"))
+    assert (
+        vllm.body["structured_outputs"] == {"json": {"type": "object"}} and "response_format" not in vllm.body
+    )
+
+    fixed = repair_request(build_request(prompt, "u", "h", CFG), "{oops", "not JSON")
+    assert [m["role"] for m in fixed.body["messages"]] == ["system", "user", "assistant", "user"]
+    assert "not JSON" in fixed.body["messages"][-1]["content"][0]["text"]
+    fixed = repair_request(req, "{oops", "not JSON")
+    assert [m["role"] for m in fixed.body["input"]] == ["user", "assistant", "user"]

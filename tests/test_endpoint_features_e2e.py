@@ -1,0 +1,132 @@
+"""Endpoint features through the real CLI against the emulator: JSON, streaming, Responses, Azure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from emulator import EmulatorServer, EmulatorSettings
+from tests.builders import images_manifest, prompts_manifest
+from tests.cli import rows, vlmbatch
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "caption": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "indoor": {"type": "boolean"},
+    },
+    "required": ["caption", "tags", "indoor"],
+    "additionalProperties": False,
+}
+
+
+def _inputs(tmp_path: Path, n: int = 3) -> list[object]:
+    images = images_manifest(tmp_path, {f"i{k}": ((20 + k, 10), "green") for k in range(n)})
+    prompts = prompts_manifest(
+        tmp_path,
+        [
+            {"prompt_id": "cap", "prompt": "Describe."},
+            {"prompt_id": "meta", "prompt": "Tag it.", "json_schema": json.dumps(SCHEMA)},
+        ],
+    )
+    return ["run", images, "--prompts", prompts]
+
+
+@pytest.mark.parametrize("mode", ["openai", "vllm"])
+def test_structured_output_is_validated_and_stored(
+    tmp_path: Path, emulator: EmulatorServer, mode: str
+) -> None:
+    args = [*_inputs(tmp_path), "--out", tmp_path / "out", "--base-url", emulator.base_url]
+    res = vlmbatch(*args, "--structured-output", mode)
+    assert res.code == 0, res.err
+    for row in rows(tmp_path / "out"):
+        if row["prompt_id"] == "meta":
+            jsonschema.validate(json.loads(row["json"]), SCHEMA)
+            assert row["text"] and json.loads(row["text"]) == json.loads(row["json"])
+        else:
+            assert row["json"] is None
+
+
+def test_invalid_json_gets_one_repair_then_fails(tmp_path: Path, emulator: EmulatorServer) -> None:
+    emulator.configure(fault_rate=1.0, fault_kinds=["bad_json"], fault_mode="first_attempt")
+    args = [*_inputs(tmp_path, 2), "--out", tmp_path / "o1", "--base-url", emulator.base_url]
+    assert vlmbatch(*args).code == 0
+    meta = [r for r in rows(tmp_path / "o1") if r["prompt_id"] == "meta"]
+    assert all(r["status"] == "ok" and r["attempts"] == 2 for r in meta)  # the repair succeeded
+    emulator.configure(fault_mode="any")
+    emulator.reset()
+    args = [*_inputs(tmp_path, 2), "--out", tmp_path / "o2", "--base-url", emulator.base_url]
+    assert vlmbatch(*args).code == 2
+    meta = [r for r in rows(tmp_path / "o2") if r["prompt_id"] == "meta"]
+    assert all((r["status"], r["error_type"], r["attempts"]) == ("failed", "invalid_json", 2) for r in meta)
+    assert "does not match the schema" in meta[0]["error_message"]
+
+
+def test_streaming_matches_the_plain_answers(tmp_path: Path, emulator: EmulatorServer) -> None:
+    base = [*_inputs(tmp_path), "--base-url", emulator.base_url, "--reasoning"]
+    assert vlmbatch(*base, "--out", tmp_path / "plain").code == 0
+    emulator.reset()
+    assert vlmbatch(*base, "--out", tmp_path / "streamed", "--stream").code == 0
+    assert emulator.stats()["streamed"] == 6
+    keep = (
+        "image_id",
+        "prompt_id",
+        "text",
+        "reasoning",
+        "json",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+    )
+    plain = [{k: r[k] for k in keep} for r in rows(tmp_path / "plain")]
+    assert plain == [{k: r[k] for k in keep} for r in rows(tmp_path / "streamed")]
+
+
+def test_an_error_event_inside_a_stream_is_retried(tmp_path: Path, emulator: EmulatorServer) -> None:
+    emulator.configure(fault_script=["stream_error"])
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url, "--stream")
+    assert res.code == 0, res.err
+    (row,) = rows(tmp_path / "out")
+    assert (row["status"], row["attempts"]) == ("ok", 2) and "10×10 image, mostly red" in row["text"]
+
+
+def test_responses_api(tmp_path: Path, emulator: EmulatorServer) -> None:
+    base = [*_inputs(tmp_path), "--base-url", emulator.base_url, "--api", "responses"]
+    res = vlmbatch(*base, "--out", tmp_path / "out", "--reasoning", "--reasoning-effort", "high")
+    assert res.code == 0, res.err
+    assert emulator.stats()["by_route"].get("/v1/responses") == 6
+    for row in rows(tmp_path / "out"):
+        assert row["reasoning"] and row["finish_reason"] == "stop" and row["prompt_tokens"] > 0
+        if row["prompt_id"] == "meta":
+            jsonschema.validate(json.loads(row["json"]), SCHEMA)
+        else:
+            assert "×10 image, mostly green" in row["text"]
+    short = ["run", base[1], "--base-url", emulator.base_url, "--api", "responses", "--max-tokens", 4]
+    assert vlmbatch(*short, "--out", tmp_path / "short").code == 0  # captions only: a cut answer is ok
+    assert {r["finish_reason"] for r in rows(tmp_path / "short")} == {"length"}
+
+
+def test_azure_gateway_424_and_408(tmp_path: Path) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red"), "b": ((11, 10), "red")})
+    settings = EmulatorSettings(latency=0.0, azure_gateway=True, gateway_timeout=0.5, token_seconds=0.05)
+    with EmulatorServer(settings) as server:
+        base = ["run", images, "--base-url", server.base_url, "--max-retries", 1]
+        # a wrapped 400 (max tokens above the context) is not retried
+        res = vlmbatch(*base, "--out", tmp_path / "o1", "--max-tokens", 500_000, "--no-preflight")
+        assert res.code == 2
+        for row in rows(tmp_path / "o1"):
+            assert (row["error_type"], row["http_status"], row["attempts"]) == ("bad_request", 424, 1)
+        # long answers outlive the gateway's timeout (408, retried, still too slow)...
+        res = vlmbatch(*base, "--out", tmp_path / "o2", "--no-preflight")
+        assert res.code == 2
+        assert {(r["error_type"], r["http_status"], r["attempts"]) for r in rows(tmp_path / "o2")} == {
+            ("timeout", 408, 2)
+        }
+        # ...but stream through it
+        res = vlmbatch(*base, "--out", tmp_path / "o3", "--no-preflight", "--stream")
+        assert res.code == 0, res.err
