@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -24,8 +25,14 @@ from tasks.artifacts import Progress, artifact_key, publish_summary
 from tasks.config import RunConfig
 from tasks.endpoint import load_api_key
 from tasks.endpoint_limit import EndpointLimit
-from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted
-from tasks.manifests import ImagesManifest, check_prompt_images, read_images_manifest, read_prompts_manifest
+from tasks.errors import ConfigError, EndpointUnusable, ManifestError, RunInterrupted
+from tasks.manifests import (
+    ImagesManifest,
+    Prompt,
+    check_prompt_images,
+    read_images_manifest,
+    read_prompts_manifest,
+)
 from tasks.outputs import (
     OutLock,
     OutputStore,
@@ -40,7 +47,7 @@ from tasks.results import ResultRow, output_schema
 from tasks.shard_runner import ShardRunner
 from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
 from tasks.summary import RunSummary, SummaryBuilder
-from tasks.work_items import PromptPlan, Shard, iter_image_jobs, iter_shards
+from tasks.work_items import PromptPlan, Shard, iter_image_jobs, iter_shards, iter_text_jobs, limit_items
 from tasks.writer import AsyncWriter
 
 RowListener = Callable[[ResultRow | None], None]
@@ -59,38 +66,73 @@ class RunPlan:
     """A validated run: manifests read and checked, nothing sent, nothing written."""
 
     config: RunConfig
-    images: ImagesManifest
+    images: ImagesManifest | None  # None: a text-only run (prompts without images)
     prompts: PromptPlan
     image_root: Path
 
     @property
+    def num_images(self) -> int:
+        return self.images.num_rows if self.images is not None else 0
+
+    @property
+    def base_dir(self) -> Path:
+        return self.images.base_dir if self.images is not None else self.image_root
+
+    @property
+    def carry_schema(self) -> pa.Schema | None:
+        return self.images.carry_schema if self.images is not None else None
+
+    @property
     def work_items(self) -> int:
-        total = self.prompts.count_items(self.images.num_rows)
+        if self.images is None:
+            total = len(self.prompts.for_all)
+        else:
+            total = self.prompts.count_items(self.images.num_rows)
         return min(total, self.config.limit) if self.config.limit else total
 
     def shards(self) -> Iterator[Shard]:
-        jobs = iter_image_jobs(self.images, self.prompts, self.config.limit)
-        return iter_shards(jobs, self.config.shard_size)
+        if self.images is None:
+            jobs = iter_text_jobs(self.prompts.for_all)
+        else:
+            jobs = iter_image_jobs(self.images, self.prompts)
+        return iter_shards(limit_items(jobs, self.config.limit), self.config.shard_size)
 
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Read and validate everything a run needs; raises UsageError (exit 1) before anything is sent."""
     config = resolve_paths(config)  # {date} in paths filled from config.date (ConfigError without one)
-    images = read_images_manifest(
-        config.images, id_column=config.id_column, image_column=config.image_column, carry=config.carry
-    )
     prompts = read_prompts_manifest(config.prompts) if config.prompts else None
-    if prompts is not None:
-        check_prompt_images(prompts, images, config.prompts or "")
+    if config.images is None:
+        images = None
+        _check_text_only(config, prompts)
+    else:
+        images = read_images_manifest(
+            config.images, id_column=config.id_column, image_column=config.image_column, carry=config.carry
+        )
+        if prompts is not None:
+            check_prompt_images(prompts, images, config.prompts or "", config.endpoint.max_images_per_prompt)
     if config.image.image_root is not None:
         image_root = Path(config.image.image_root)
         if not image_root.is_dir():
             raise ConfigError(f"--image-root {image_root} is not a directory")
     else:
-        image_root = images.base_dir
+        image_root = images.base_dir if images is not None else Path.cwd()
     if not config.dry_run:
         check_out_dir(config.out)
     return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve())
+
+
+def _check_text_only(config: RunConfig, prompts: list[Prompt] | None) -> None:
+    if prompts is None:
+        raise ConfigError("give an images manifest, a --prompts manifest, or both")
+    if config.carry:
+        raise ConfigError("--carry copies images-manifest columns: it needs an images manifest")
+    named = [row for row, p in enumerate(prompts) if p.image_id is not None or p.image_ids is not None]
+    if named:
+        raise ManifestError(
+            f"{config.prompts}: column 'image_id' names images, but no images manifest was given "
+            f"(rows {', '.join(map(str, named[:10]))})"
+        )
 
 
 @dataclass(frozen=True)
@@ -138,7 +180,7 @@ async def annotate(config: RunConfig) -> RunSummary:
     logger.info(
         "%d work items over %d images from %s → %s",
         plan.work_items,
-        plan.images.num_rows,
+        plan.num_images,
         config.images,
         config.out,
     )
@@ -174,9 +216,7 @@ async def annotate(config: RunConfig) -> RunSummary:
             cleanup.callback(lock.release)
             remove_temporaries(out)
             index, hashes = read_index(out)
-            store = OutputStore(
-                out, output_schema(plan.images.carry_schema), run_id.replace("-", "")[:12], index
-            )
+            store = OutputStore(out, output_schema(plan.carry_schema), run_id.replace("-", "")[:12], index)
             if healed := store.heal_duplicates():
                 logger.warning("removed %d duplicate rows left by an interrupted run", healed)
                 index = store.index
@@ -187,7 +227,7 @@ async def annotate(config: RunConfig) -> RunSummary:
         runner = ShardRunner(
             config if limit is None else limit.bound(config),
             image_root=plan.image_root,
-            manifest_dir=plan.images.base_dir,
+            manifest_dir=plan.base_dir,
             run_id=run_id,
             stop=stop,
             store=store,

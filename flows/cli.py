@@ -50,7 +50,12 @@ Opt = typer.Option
 
 @app.command()
 def run(
-    images: Annotated[str, typer.Argument(help="Images manifest: a Parquet file or a directory of them.")],
+    images: Annotated[
+        str | None,
+        typer.Argument(
+            help="Images manifest: a Parquet file or a directory of them (omit for text-only prompts)."
+        ),
+    ] = None,
     out: Annotated[str | None, Opt(help="Output dataset directory (required).")] = None,
     prompts: Annotated[str | None, Opt(help="Prompts manifest (default: one caption prompt).")] = None,
     config: Annotated[Path | None, Opt("--config", help="TOML file of options (flag > env > file).")] = None,
@@ -77,6 +82,15 @@ def run(
         str | None, Opt(help="openai (response_format) or vllm (structured_outputs) for json_schema prompts.")
     ] = None,
     concurrency: Annotated[int | None, Opt(help="Requests in flight.  [default: 32]")] = None,
+    max_images_per_prompt: Annotated[
+        int | None, Opt(help="The server's per-prompt image limit (NIM_MAX_IMAGES_PER_PROMPT).  [default: 4]")
+    ] = None,
+    concurrency_limit: Annotated[
+        str | None, Opt(help="Limit shared by runs on a Prefect server.  [default: vlmbatch-endpoint]")
+    ] = None,
+    concurrency_limit_slots: Annotated[
+        int | None, Opt(help="Slots of that limit when it is created.  [default: 64]")
+    ] = None,
     max_tokens: Annotated[int | None, Opt(help="Output token budget per answer.  [default: 1024]")] = None,
     temperature: Annotated[float | None, Opt(help="Sampling temperature (model default if unset).")] = None,
     top_p: Annotated[float | None, Opt(help="Nucleus sampling (model default if unset).")] = None,
@@ -99,6 +113,7 @@ def run(
         bool | None, Opt("--dry-run", help="Validate and load every image; send nothing.")
     ] = None,
     force: Annotated[bool | None, Opt("--force", help="Re-run items already ok in OUT.")] = None,
+    date: Annotated[str | None, Opt(help="Date partition YYYY-MM-DD: fills {date} in paths.")] = None,
     outage_window: Annotated[
         float | None, Opt(help="Seconds the endpoint may be unreachable before exit 3.  [default: 60]")
     ] = None,
@@ -207,9 +222,11 @@ def inspect(out: Annotated[Path, typer.Argument(help="An output dataset director
 
 
 def main() -> None:
+    from flows.commands import register as register_commands
     from flows.emulate import register
 
     register(app)
+    register_commands(app)
     app()
 
 

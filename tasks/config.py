@@ -43,6 +43,9 @@ class EndpointConfig(_Section):
     request_timeout: float = Field(300.0, gt=0, le=86400, description="seconds per attempt")
     stream: bool = Field(False, description="stream Chat Completions answers (SSE) and aggregate them")
     preflight: bool = Field(True, description="check /models and /health/ready before the run")
+    max_images_per_prompt: int = Field(
+        4, ge=1, le=64, description="the server's per-prompt image limit (NIM_MAX_IMAGES_PER_PROMPT)"
+    )
     outage_window: float = Field(
         60.0, gt=0, le=86400, description="abort (exit 3) after this long with the endpoint unreachable"
     )
@@ -113,7 +116,9 @@ class ImageConfig(_Section):
 class RunConfig(_Section):
     """One annotate run: inputs, output, and the sections above. The annotate flow's only parameter."""
 
-    images: str = Field(description="images manifest: a Parquet file or a directory of them")
+    images: str | None = Field(
+        None, description="images manifest: a Parquet file or a directory of them (none: text-only prompts)"
+    )
     prompts: str | None = Field(None, description="prompts manifest (default: one caption prompt)")
     out: str = Field(description="output dataset directory")
     id_column: str = "image_id"

@@ -35,6 +35,7 @@ class Prompt:
     json_schema: str | None = None
     max_tokens: int | None = None
     reasoning: bool | None = None  # None: the run's --reasoning
+    image_ids: tuple[str, ...] | None = None  # several images in one message, in this order
 
 
 DEFAULT_PROMPT = Prompt(
@@ -200,6 +201,7 @@ PROMPT_COLUMNS: dict[str, tuple[object, str, bool]] = {
     "json_schema": (_is_text, "string (a JSON Schema)", False),
     "max_tokens": (pa.types.is_integer, "integer", False),
     "reasoning": (pa.types.is_boolean, "boolean", False),
+    "image_ids": (lambda t: pa.types.is_list(t) or pa.types.is_large_list(t), "list of strings", False),
 }
 
 
@@ -229,6 +231,7 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
     prompts: list[Prompt] = []
     empty: list[int] = []
     bad_tokens: list[int] = []
+    bad_ids: list[int] = []
     for row, rec in enumerate(table.to_pylist()):
         text = rec.get("prompt")
         if text is None or not text.strip():
@@ -240,22 +243,33 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
         if schema is not None:
             _check_schema(schema, where, row)
         image_id = rec.get("image_id")
+        image_ids = rec.get("image_ids")
+        if image_ids is not None:
+            image_ids = tuple(str(i) for i in image_ids if i is not None)
+            if not image_ids or image_id is not None:
+                bad_ids.append(row)
         prompts.append(
             Prompt(
                 prompt_id=rec["prompt_id"],
                 prompt=text,
-                task=rec.get("task") or ("caption" if image_id is None else "qa"),
+                task=rec.get("task") or ("caption" if image_id is None and image_ids is None else "qa"),
                 image_id=image_id,
                 system=rec.get("system"),
                 json_schema=schema,
                 max_tokens=rec.get("max_tokens"),
                 reasoning=rec.get("reasoning"),
+                image_ids=image_ids,
             )
         )
     if empty:
         raise ManifestError(f"{where}: column 'prompt' is null or empty in {_rows(empty)}")
     if bad_tokens:
         raise ManifestError(f"{where}: column 'max_tokens' must be at least 1; see {_rows(bad_tokens)}")
+    if bad_ids:
+        raise ManifestError(
+            f"{where}: column 'image_ids' must list at least one image, and a prompt with image_ids "
+            f"cannot also set image_id; see {_rows(bad_ids)}"
+        )
     if not prompts:
         raise ManifestError(f"{where}: the prompts manifest has no rows")
     return prompts
@@ -274,9 +288,18 @@ def _check_schema(text: str, where: Path, row: int) -> None:
         ) from None
 
 
-def check_prompt_images(prompts: Sequence[Prompt], images: ImagesManifest, where: str | Path) -> None:
-    """Every prompt that names an image must name one the images manifest has."""
+def check_prompt_images(
+    prompts: Sequence[Prompt], images: ImagesManifest, where: str | Path, max_images: int = 4
+) -> None:
+    """Every image a prompt names must be in the images manifest; at most ``max_images`` per prompt."""
+    too_many = [row for row, p in enumerate(prompts) if p.image_ids and len(p.image_ids) > max_images]
+    if too_many:
+        raise ManifestError(
+            f"{where}: column 'image_ids' lists more images than --max-images-per-prompt ({max_images}, the "
+            f"server's per-prompt limit) in {_rows(too_many)}"
+        )
     named = [(row, p.image_id) for row, p in enumerate(prompts) if p.image_id is not None]
+    named += [(row, i) for row, p in enumerate(prompts) for i in p.image_ids or ()]
     if not named:
         return
     wanted = pa.array([image_id for _, image_id in named], type=pa.string())

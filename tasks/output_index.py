@@ -24,8 +24,8 @@ def h64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-def identity_hash(image_id: str, prompt_id: str) -> int:
-    return h64(f"{image_id}\x1f{prompt_id}")
+def identity_hash(image_id: str | None, prompt_id: str) -> int:
+    return h64(f"{image_id}\x1f{prompt_id}" if image_id is not None else f"\x00\x1f{prompt_id}")
 
 
 def key_hash(request_key: str | None) -> int:
@@ -81,7 +81,7 @@ class OutputIndex:
     def __len__(self) -> int:
         return len(self.table)
 
-    def lookup(self, image_id: str, prompt_id: str) -> tuple[bool, int, int] | None:
+    def lookup(self, image_id: str | None, prompt_id: str) -> tuple[bool, int, int] | None:
         """(ok, request-key hash, file number) of the item's row, or None."""
         pos = self.table.find(identity_hash(image_id, prompt_id))
         if pos < 0:
@@ -89,7 +89,7 @@ class OutputIndex:
         requests, where = self.table.columns
         return bool(where[pos] & 1), requests[pos], where[pos] >> 1
 
-    def is_done(self, image_id: str, prompt_id: str, request_key: str) -> bool:
+    def is_done(self, image_id: str | None, prompt_id: str, request_key: str) -> bool:
         found = self.lookup(image_id, prompt_id)
         return found is not None and found[0] and found[1] == key_hash(request_key)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +49,21 @@ def _sampling(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def _chat_body(prompt: Prompt, image_url: str | None, config: RunConfig) -> dict[str, Any]:
+Images = str | Sequence[str] | None  # one image, several (in order), or none
+
+
+def _images(images: Images) -> list[str]:
+    return [] if images is None else [images] if isinstance(images, str) else list(images)
+
+
+def _chat_body(prompt: Prompt, image_url: Images, config: RunConfig) -> dict[str, Any]:
     gen = config.generation
     messages: list[dict[str, Any]] = []
     if prompt.system:
         messages.append({"role": "system", "content": prompt.system})
-    content: list[dict[str, Any]] = []
-    if image_url is not None:
-        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    content: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": u}} for u in _images(image_url)
+    ]
     content.append({"type": "text", "text": prompt.prompt})
     messages.append({"role": "user", "content": content})
     body: dict[str, Any] = {
@@ -80,11 +88,9 @@ def _chat_body(prompt: Prompt, image_url: str | None, config: RunConfig) -> dict
     return body
 
 
-def _responses_body(prompt: Prompt, image_url: str | None, config: RunConfig) -> dict[str, Any]:
+def _responses_body(prompt: Prompt, image_url: Images, config: RunConfig) -> dict[str, Any]:
     gen = config.generation
-    content: list[dict[str, Any]] = []
-    if image_url is not None:
-        content.append({"type": "input_image", "image_url": image_url})
+    content: list[dict[str, Any]] = [{"type": "input_image", "image_url": u} for u in _images(image_url)]
     content.append({"type": "input_text", "text": prompt.prompt})
     body: dict[str, Any] = {
         "model": config.endpoint.model,
@@ -102,26 +108,26 @@ def _responses_body(prompt: Prompt, image_url: str | None, config: RunConfig) ->
     return body
 
 
-def _body(prompt: Prompt, image_url: str | None, config: RunConfig) -> dict[str, Any]:
+def _body(prompt: Prompt, image_url: Images, config: RunConfig) -> dict[str, Any]:
     if config.endpoint.api == "responses":
         return _responses_body(prompt, image_url, config)
     return _chat_body(prompt, image_url, config)
 
 
-def request_key(prompt: Prompt, image: str | None, config: RunConfig) -> str:
-    """``image`` is the image's reference: ``image_ref(sha256)`` or ``url:<url>``; None for no image."""
+def request_key(prompt: Prompt, image: Images, config: RunConfig) -> str:
+    """``image``: the image's reference (``image_ref(sha256)`` or ``url:<url>``), several, or None."""
     image_settings = {"max_pixels": config.image.max_pixels, "jpeg_quality": config.image.jpeg_quality}
     canonical = {
         "v": KEY_VERSION,
         "api": config.endpoint.api,
         "body": _body(prompt, image, config),
-        "preprocessing": image_settings if image is not None else None,
+        "preprocessing": image_settings if _images(image) else None,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def build_request(prompt: Prompt, image_url: str | None, image: str | None, config: RunConfig) -> Request:
+def build_request(prompt: Prompt, image_url: Images, image: Images, config: RunConfig) -> Request:
     """``image_url`` is what is sent (a data URL or an http(s) URL); ``image`` its reference for the key."""
     body = _body(prompt, image_url, config)
     if config.endpoint.stream and config.endpoint.api == "chat":

@@ -14,7 +14,7 @@ from tasks.errors import ItemFailure
 
 @dataclass(slots=True)
 class ResultRow:
-    image_id: str
+    image_id: str | None  # None for a text-only prompt
     prompt_id: str
     task: str
     status: str  # "ok" or "failed"

@@ -2,68 +2,42 @@
 
 One ``ShardRunner`` per run, shared by all shard tasks in the run's event loop: it owns the endpoint
 client, the semaphore that bounds requests in flight across the whole run (held only while a request
-is on the wire, never during backoff), the thread pool that reads and prepares images, and the
-outage detector. Every failure becomes a row; nothing escapes a shard but cancellation.
+is on the wire, never during backoff), the image loader (tasks/image_loader.py) and the outage
+detector. Every failure becomes a row; nothing escapes a shard but cancellation.
 
-Resume: an item whose row in OUT is ``ok`` with the same request key is skipped. The key needs the
-image's sha256, taken from the hash cache by source fingerprint when possible, so a rerun of a
-finished job reads no image.
+A job is one image with its prompts, one multi-image prompt, or a text-only prompt. Resume: an item
+whose row in OUT is ``ok`` with the same request key is skipped; its image's sha256 comes from the hash
+cache when possible, so a rerun of a finished job reads no image.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.answers import Answer
 from tasks.config import RunConfig
 from tasks.endpoint import EndpointClient
 from tasks.errors import ItemFailure, RequestFailure
-from tasks.image_fetch import ImageFetcher
-from tasks.image_sources import ImageSource, is_http, parse_image_value, read_image_bytes
-from tasks.images import PreparedImage, prepare_image
+from tasks.image_loader import ImageLoader, Loaded
+from tasks.image_sources import ImageSource, is_http, parse_image_value
+from tasks.images import PreparedImage
 from tasks.manifests import Prompt
 from tasks.outage import OutageDetector, is_outage_failure
 from tasks.output_index import HashCache, OutputIndex
 from tasks.outputs import OutputStore
-from tasks.requests import Request, build_request, image_ref, repair_request, request_key
+from tasks.requests import Images, Request, build_request, image_ref, repair_request, request_key
 from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
 from tasks.structured import validate_json
-from tasks.work_items import ImageJob, Shard, item_id
+from tasks.work_items import NO_IMAGE, ImageJob, ManyImages, Shard, item_id
 
 
 class _Dropped(Exception):
     """The item was not finished because the run is stopping: it gets no row."""
-
-
-@dataclass(slots=True)
-class _Loaded:
-    sha256: str
-    data: bytes | None  # None when the sha came from the hash cache
-    fingerprint: str | None
-
-
-def fingerprint(source: ImageSource, image_root: Path) -> str | None:
-    """A cheap identity of a source's content: a path with its size and mtime, or a URL."""
-    if source.kind == "url":
-        return f"url:{source.value!s}"
-    if source.kind == "path":
-        try:
-            path = Path(str(source.value)).resolve()
-            if not path.is_relative_to(image_root):
-                return None
-            st = path.stat()
-        except OSError:
-            return None
-        return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
-    return None
 
 
 class ShardRunner:
@@ -89,7 +63,6 @@ class ShardRunner:
         self.stop = stop
         self.store = store
         self.index = index or OutputIndex.empty()
-        self.hashes = hashes or HashCache.load([])
         self.on_row = on_row
         self.skipped = 0
         self.policy = retry_policy or RetryPolicy(max_retries=config.endpoint.max_retries, sleep=stop.sleep)
@@ -99,57 +72,40 @@ class ShardRunner:
         self.requests = asyncio.Semaphore(config.endpoint.concurrency)
         # images held in memory at once: enough to keep every request slot busy, no more
         self.images_in_progress = asyncio.Semaphore(config.endpoint.concurrency + 2 * (os.cpu_count() or 2))
-        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vlmbatch-image")
         self.client: EndpointClient | None = (
             None if config.dry_run else EndpointClient(config.endpoint, api_key)
         )
-        self.fetcher: ImageFetcher | None = None
-        if config.image.image_urls == "fetch":
-            self.fetcher = ImageFetcher(config.image, allow_private=config.image.allow_private_urls)
+        self.images = ImageLoader(
+            config, image_root=image_root, hashes=hashes, use_cache=bool(len(self.index)) and not config.force
+        )
 
     async def aclose(self) -> None:
         if self.client is not None:
             await self.client.aclose()
-        if self.fetcher is not None:
-            await self.fetcher.aclose()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        await self.images.aclose()
 
     async def run(self, shard: Shard) -> None:
         await asyncio.gather(*(self._job(shard.index, job) for job in shard.jobs))
 
     # images ------------------------------------------------------------------------------------
 
-    async def _read(self, source: ImageSource) -> bytes:
-        if is_http(source):
-            assert self.fetcher is not None
-            return await self.fetcher.fetch(str(source.value))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.pool, lambda: read_image_bytes(source, self.config.image, image_root=self.image_root)
-        )
-
-    async def _load(self, source: ImageSource) -> _Loaded:
-        """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes."""
-        loop = asyncio.get_running_loop()
-        fp = await loop.run_in_executor(self.pool, fingerprint, source, self.image_root)
-        if fp is not None and not self.config.force and len(self.index):
-            sha = self.hashes.get(fp)
-            if sha is not None:
-                return _Loaded(sha, None, fp)
-        data = await self._read(source)
-        return _Loaded(hashlib.sha256(data).hexdigest(), data, fp)
-
     async def _job(self, shard_index: int, job: ImageJob) -> None:
         async with self.images_in_progress:
             if self.stop.is_set:
                 return
+            if job.value is NO_IMAGE:
+                await self._ask_all(shard_index, job, job.prompts, None, None)
+                return
+            if isinstance(job.value, ManyImages):
+                await self._many(shard_index, job, job.value)
+                return
             try:
                 source = parse_image_value(job.value, manifest_dir=self.manifest_dir)
-                if is_http(source) and self.fetcher is None:  # --image-urls pass: the server fetches it
+                if is_http(source) and not self.images.fetches:  # --image-urls pass: the server fetches it
                     url = str(source.value)
                     await self._ask_all(shard_index, job, job.prompts, url, f"url:{url}")
                     return
-                loaded = await self._load(source)
+                loaded = await self.images.load(source)
             except ItemFailure as failure:
                 self._fail_unreadable(shard_index, job, failure)
                 return
@@ -160,30 +116,72 @@ class ShardRunner:
             if not pending:
                 return
             try:
-                data = loaded.data if loaded.data is not None else await self._read(source)
-                loop = asyncio.get_running_loop()
-                image = await loop.run_in_executor(self.pool, prepare_image, data, self.config.image)
+                image = await self.images.prepare(source, loaded)
             except ItemFailure as failure:
                 for p in pending:
                     self._emit(shard_index, self._row(job, p, sha256=loaded.sha256).fail(failure))
                 return
             await self._ask_all(shard_index, job, pending, image.url, image_ref(image.sha256), image)
 
+    async def _many(self, shard_index: int, job: ImageJob, many: ManyImages) -> None:
+        """A multi-image prompt: every image read (and prepared) first, then one request with all."""
+        prompt = job.prompts[0]
+        urls: list[str] = []
+        refs: list[str] = []
+        loaded: list[tuple[ImageSource, Loaded | None]] = []
+        current = job.image_id
+        try:
+            for current, value in many.images:  # noqa: B007 - named in the failure below
+                source = parse_image_value(value, manifest_dir=self.manifest_dir)
+                if is_http(source) and not self.images.fetches:  # --image-urls pass
+                    loaded.append((source, None))
+                    refs.append(f"url:{source.value!s}")
+                    continue
+                one = await self.images.load(source)
+                if self.store is not None and one.fingerprint is not None:
+                    self.store.remember(shard_index, one.fingerprint, one.sha256)
+                loaded.append((source, one))
+                refs.append(image_ref(one.sha256))
+        except ItemFailure as failure:
+            self._fail_unreadable(
+                shard_index, job, type(failure)(failure.error_type, f"image {current!r}: {failure}")
+            )
+            return
+        if self._done(job.image_id, prompt, refs):
+            self._skip(1)
+            return
+        prepared: list[PreparedImage] = []
+        try:
+            for (source, maybe), (current, _) in zip(loaded, many.images, strict=True):  # noqa: B007 - named in the failure below
+                if maybe is None:
+                    urls.append(str(source.value))
+                    continue
+                image = await self.images.prepare(source, maybe)
+                prepared.append(image)
+                urls.append(image.url)
+        except ItemFailure as failure:
+            row = self._row(job, prompt).fail(
+                type(failure)(failure.error_type, f"image {current!r}: {failure}")
+            )
+            self._emit(shard_index, row)
+            return
+        await self._ask(shard_index, job, prompt, urls, refs, prepared[0] if prepared else None)
+
     async def _ask_all(
         self,
         shard_index: int,
         job: ImageJob,
         prompts: list[Prompt],
-        url: str,
-        ref: str,
+        url: str | None,
+        ref: str | None,
         image: PreparedImage | None = None,
     ) -> None:
-        if image is None:  # a passed-through URL: nothing read here, the key uses the URL
+        if image is None:  # a passed-through URL or no image: nothing read here, the key uses the URL
             prompts = [p for p in prompts if not self._done(job.image_id, p, ref)]
             self._skip(len(job.prompts) - len(prompts))
         await asyncio.gather(*(self._ask(shard_index, job, p, url, ref, image) for p in prompts))
 
-    def _done(self, image_id: str, prompt: Prompt, ref: str) -> bool:
+    def _done(self, image_id: str | None, prompt: Prompt, ref: Images) -> bool:
         if self.config.force or not len(self.index):
             return False
         return self.index.is_done(image_id, prompt.prompt_id, request_key(prompt, ref, self.config))
@@ -218,7 +216,13 @@ class ShardRunner:
         return row
 
     async def _ask(
-        self, shard_index: int, job: ImageJob, prompt: Prompt, url: str, ref: str, image: PreparedImage | None
+        self,
+        shard_index: int,
+        job: ImageJob,
+        prompt: Prompt,
+        url: Images,
+        ref: Images,
+        image: PreparedImage | None,
     ) -> None:
         row = self._row(job, prompt, image)
         request = build_request(prompt, url, ref, self.config)

@@ -17,17 +17,27 @@ from tasks.manifests import DEFAULT_PROMPT, ImagesManifest, Prompt
 READ_BATCH_ROWS = 256  # manifest rows per read: small, since the image column may hold the bytes
 
 
-def item_id(image_id: str, prompt_id: str) -> str:
+def item_id(image_id: str | None, prompt_id: str) -> str:
     """A short stable id of a work item, sent as X-Request-Id (the same on every retry)."""
-    return hashlib.sha256(f"{image_id}\x1f{prompt_id}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"{image_id or ''}\x1f{prompt_id}".encode()).hexdigest()[:24]
+
+
+NO_IMAGE = object()  # the value of a text-only job: its prompts are asked without an image
+
+
+@dataclass(frozen=True, slots=True)
+class ManyImages:
+    """The value of a multi-image job: (image_id, manifest cell) for each image, in the prompt's order."""
+
+    images: tuple[tuple[str, Any], ...]
 
 
 @dataclass(slots=True)
 class ImageJob:
-    """One image and the prompts to ask of it."""
+    """One image and the prompts to ask of it (or, text-only, prompts with no image)."""
 
-    image_id: str
-    value: Any  # the manifest cell: str, bytes, {"bytes", "path"} or None
+    image_id: str | None
+    value: Any  # the manifest cell: str, bytes, {"bytes", "path"}, None, or NO_IMAGE
     prompts: list[Prompt]
     carry: dict[str, Any] = field(default_factory=dict)
 
@@ -50,6 +60,7 @@ class PromptPlan:
 
     for_all: tuple[Prompt, ...]
     by_image: dict[str, tuple[Prompt, ...]]
+    multi: tuple[Prompt, ...] = ()  # prompts with image_ids: one work item each
 
     @classmethod
     def build(cls, prompts: Sequence[Prompt] | None) -> PromptPlan:
@@ -60,35 +71,74 @@ class PromptPlan:
             if p.image_id is not None:
                 by_image.setdefault(p.image_id, []).append(p)
         return cls(
-            tuple(p for p in prompts if p.image_id is None), {k: tuple(v) for k, v in by_image.items()}
+            tuple(p for p in prompts if p.image_id is None and p.image_ids is None),
+            {k: tuple(v) for k, v in by_image.items()},
+            tuple(p for p in prompts if p.image_ids is not None),
         )
 
     def prompts_for(self, image_id: str) -> list[Prompt]:
         return [*self.for_all, *self.by_image.get(image_id, ())]
 
     def count_items(self, num_images: int) -> int:
-        return num_images * len(self.for_all) + sum(len(v) for v in self.by_image.values())
+        per_image = num_images * len(self.for_all) + sum(len(v) for v in self.by_image.values())
+        return per_image + len(self.multi)
 
 
-def iter_image_jobs(
-    manifest: ImagesManifest, plan: PromptPlan, limit: int | None = None
-) -> Iterator[ImageJob]:
-    """Every image with its prompts, streamed; stops after ``limit`` work items."""
+def limit_items(jobs: Iterator[ImageJob], limit: int | None) -> Iterator[ImageJob]:
+    """The first ``limit`` work items of a stream of jobs."""
+    if limit is None:
+        yield from jobs
+        return
     remaining = limit
+    for job in jobs:
+        if remaining <= 0:
+            return
+        if len(job.prompts) > remaining:
+            job.prompts = job.prompts[:remaining]
+        remaining -= len(job.prompts)
+        yield job
+
+
+def iter_image_jobs(manifest: ImagesManifest, plan: PromptPlan) -> Iterator[ImageJob]:
+    """Every image with its prompts, streamed, then the multi-image prompts."""
     for batch in manifest.iter_batches(READ_BATCH_ROWS):
         ids = batch.column(0).to_pylist()
         values = batch.column(1).to_pylist()
         carried = {name: batch.column(name).to_pylist() for name in manifest.carry}
         for row, image_id in enumerate(ids):
             prompts = plan.prompts_for(image_id)
-            if not prompts:
-                continue
-            if remaining is not None:
-                if remaining <= 0:
-                    return
-                prompts = prompts[:remaining]
-                remaining -= len(prompts)
-            yield ImageJob(image_id, values[row], prompts, {name: col[row] for name, col in carried.items()})
+            if prompts:
+                carry = {name: col[row] for name, col in carried.items()}
+                yield ImageJob(image_id, values[row], prompts, carry)
+    yield from iter_multi_jobs(manifest, plan.multi)
+
+
+def iter_multi_jobs(
+    manifest: ImagesManifest, prompts: Sequence[Prompt], chunk: int = 256
+) -> Iterator[ImageJob]:
+    """One job per multi-image prompt; each chunk of prompts costs one scan for the images it names."""
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start : start + chunk]
+        wanted = {i for p in part for i in p.image_ids or ()}
+        found: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for batch in manifest.iter_batches(READ_BATCH_ROWS):
+            ids = batch.column(0).to_pylist()
+            rows = [row for row, image_id in enumerate(ids) if image_id in wanted]
+            if rows:
+                values = batch.column(1).to_pylist()
+                carried = {name: batch.column(name).to_pylist() for name in manifest.carry}
+                for row in rows:
+                    found[ids[row]] = (values[row], {name: col[row] for name, col in carried.items()})
+        for p in part:
+            image_ids = p.image_ids or ()
+            images = ManyImages(tuple((i, found[i][0]) for i in image_ids))
+            yield ImageJob(image_ids[0], images, [p], found[image_ids[0]][1])
+
+
+def iter_text_jobs(prompts: Sequence[Prompt]) -> Iterator[ImageJob]:
+    """Text-only work: each prompt once, with no image."""
+    for prompt in prompts:
+        yield ImageJob(None, NO_IMAGE, [prompt])
 
 
 def iter_shards(jobs: Iterator[ImageJob], shard_size: int) -> Iterator[Shard]:

@@ -130,3 +130,63 @@ def test_azure_gateway_424_and_408(tmp_path: Path) -> None:
         # ...but stream through it
         res = vlmbatch(*base, "--out", tmp_path / "o3", "--no-preflight", "--stream")
         assert res.code == 0, res.err
+
+
+def test_text_only_prompts_need_no_images(tmp_path: Path, emulator: EmulatorServer) -> None:
+    prompts = prompts_manifest(
+        tmp_path,
+        [{"prompt_id": "haiku", "prompt": "Write a haiku."}, {"prompt_id": "fact", "prompt": "A fact?"}],
+    )
+    out = tmp_path / "out"
+    res = vlmbatch("run", "--prompts", prompts, "--out", out, "--base-url", emulator.base_url)
+    assert res.code == 0, res.err
+    got = rows(out)
+    assert {r["prompt_id"]: r["image_id"] for r in got} == {"haiku": None, "fact": None}
+    assert all(r["text"].startswith("No image.") and r["image_sha256"] is None for r in got)
+    emulator.reset()
+    assert vlmbatch("run", "--prompts", prompts, "--out", out, "--base-url", emulator.base_url).code == 0
+    assert emulator.stats()["requests_total"] == 0  # resumed: nothing to redo
+    named = prompts_manifest(tmp_path, [{"prompt_id": "q", "prompt": "?", "image_id": "a"}], "named.parquet")
+    res = vlmbatch("run", "--prompts", named, "--out", tmp_path / "o2", "--base-url", emulator.base_url)
+    assert res.code == 1 and "no images manifest was given" in res.err
+    res = vlmbatch("run", "--out", tmp_path / "o3", "--base-url", emulator.base_url)
+    assert res.code == 1 and "give an images manifest, a --prompts manifest, or both" in res.err
+
+
+def test_several_images_in_one_prompt(tmp_path: Path, emulator: EmulatorServer) -> None:
+    import pyarrow as pa
+
+    from tests.builders import write_parquet
+
+    images = images_manifest(
+        tmp_path, {"a": ((30, 10), "red"), "b": ((40, 10), "blue"), "c": ((50, 10), "green")}
+    )
+    prompts = write_parquet(
+        tmp_path / "p.parquet",
+        {
+            "prompt_id": ["compare", "all"],
+            "prompt": ["Compare these.", "Which is biggest?"],
+            "image_ids": pa.array([["c", "a"], ["a", "b", "c"]], pa.list_(pa.string())),
+        },
+    )
+    out = tmp_path / "out"
+    args = ["run", images, "--prompts", prompts, "--out", out, "--base-url", emulator.base_url]
+    res = vlmbatch(*args)
+    assert res.code == 0, res.err
+    got = {r["prompt_id"]: r for r in rows(out)}
+    assert set(got) == {"compare", "all"}  # no per-image rows: these prompts name their images
+    compare = got["compare"]["text"]
+    assert compare.index("50×10 image, mostly green") < compare.index("30×10 image, mostly red")  # in order
+    assert got["compare"]["image_id"] == "c" and got["compare"]["task"] == "qa"
+    assert "40×10 image, mostly blue" in got["all"]["text"]
+    assert emulator.stats()["requests_total"] == 2
+    emulator.reset()
+    assert vlmbatch(*args).code == 0 and emulator.stats()["requests_total"] == 0  # resumed
+    res = vlmbatch(*args, "--max-images-per-prompt", 2)
+    assert res.code == 1 and "more images than --max-images-per-prompt (2" in res.err and "row 1" in res.err
+    bad = write_parquet(
+        tmp_path / "bad.parquet",
+        {"prompt_id": ["x"], "prompt": ["?"], "image_ids": pa.array([["a", "zz"]], pa.list_(pa.string()))},
+    )
+    res = vlmbatch("run", images, "--prompts", bad, "--out", tmp_path / "o2", "--base-url", emulator.base_url)
+    assert res.code == 1 and "names images not in the images manifest ('zz')" in res.err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import tasks.shard_runner
+import tasks.image_loader
 from emulator import EmulatorServer
 from tasks.outputs import OutLock, prepare_out_dir
 from tests.builders import COLOURS, image_bytes, images_manifest, prompts_manifest
@@ -36,9 +36,9 @@ def test_rerun_of_a_finished_job_sends_nothing_and_reads_no_image(
     first = {(r["image_id"], r["request_key"]) for r in rows(out)}
     emulator.reset()
     reads = []
-    real_read = tasks.shard_runner.read_image_bytes
+    real_read = tasks.image_loader.read_image_bytes
     monkeypatch.setattr(
-        tasks.shard_runner, "read_image_bytes", lambda *a, **k: reads.append(1) or real_read(*a, **k)
+        tasks.image_loader, "read_image_bytes", lambda *a, **k: reads.append(1) or real_read(*a, **k)
     )
     res = vlmbatch(*args)
     assert res.code == 0, res.err

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from tasks.manifests import DEFAULT_PROMPT, Prompt, read_images_manifest
-from tasks.work_items import PromptPlan, item_id, iter_image_jobs, iter_shards
+from tasks.work_items import PromptPlan, item_id, iter_image_jobs, iter_shards, limit_items
 from tests.builders import write_parquet
 
 CAP = Prompt("cap", "Describe.", "caption")
@@ -40,7 +40,7 @@ def test_images_without_prompts_produce_no_work(tmp_path: Path) -> None:
 def test_limit_counts_work_items_not_images(tmp_path: Path) -> None:
     m = manifest(tmp_path, 10)
     plan = PromptPlan.build([CAP, Prompt("p2", "Other?", "qa")])
-    jobs = list(iter_image_jobs(m, plan, limit=5))
+    jobs = list(limit_items(iter_image_jobs(m, plan), 5))
     assert sum(len(j.prompts) for j in jobs) == 5
     assert [len(j.prompts) for j in jobs] == [2, 2, 1]
 

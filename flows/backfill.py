@@ -1,0 +1,136 @@
+"""The backfill flow: the annotate flow over a range of date partitions, a bounded number at a time.
+
+Each partition is one child flow run of ``annotate`` (a subflow, in this process) with ``{date}`` in
+the config's paths filled in. Completeness is decided by annotate's own resume, which skips every item
+already ``ok`` with the same request key without reading an image or sending a request: a complete
+partition costs a cheap child run that sends nothing and is reported ``skipped``; a partial one is
+resumed; ``force`` (``--force``) re-runs everything. A partition whose input manifest is missing is
+reported ``missing input`` and not run. The outcome of every partition is published as a table
+artifact (``backfill-partitions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Sequence
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from flows.annotate import annotate
+from tasks.artifacts import outcomes_table, publish_table
+from tasks.config import RunConfig
+from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, UsageError
+from tasks.partitions import Partition, select_partitions
+from tasks.summary import RunSummary
+
+Outcome = Literal["ok", "failed rows", "skipped", "missing input", "error", "interrupted", "not started"]
+
+
+class PartitionOutcome(BaseModel):
+    partition: str
+    outcome: Outcome
+    work_items: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    detail: str = ""
+    out: str = ""
+    exit_code: int = 0
+
+
+class BackfillIncomplete(Exception):
+    """Some partitions could not run to the end (error, endpoint unusable, interrupted)."""
+
+    def __init__(self, message: str, outcomes: list[PartitionOutcome]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
+
+
+def outcome_of(partition: Partition, summary: RunSummary) -> PartitionOutcome:
+    counts = {
+        "work_items": summary.work_items,
+        "ok": summary.ok,
+        "failed": summary.failed,
+        "skipped": summary.skipped,
+        "out": partition.config.out,
+    }
+    if summary.failed:
+        errors = ", ".join(f"{kind}: {n}" for kind, n in summary.errors.items())
+        return PartitionOutcome(
+            partition=partition.name, outcome="failed rows", detail=errors, exit_code=2, **counts
+        )
+    if summary.work_items and summary.skipped == summary.work_items:
+        detail = "already complete: nothing sent"
+        return PartitionOutcome(partition=partition.name, outcome="skipped", detail=detail, **counts)
+    detail = f"resumed: {summary.skipped} already ok" if summary.skipped else ""
+    return PartitionOutcome(partition=partition.name, outcome="ok", detail=detail, **counts)
+
+
+def exit_code(outcomes: Sequence[PartitionOutcome]) -> int:
+    """130/143 interrupted, else 3 when the endpoint was unusable, else 2 when some partition has
+    failed rows or an error, else 0 (ok, skipped and missing-input partitions)."""
+    codes = {o.exit_code for o in outcomes}
+    for code in (143, 130, 3):
+        if code in codes:
+            return code
+    return 2 if codes & {1, 2} else 0
+
+
+@flow(name="backfill", description="The annotate flow over a range of date partitions ({date} in paths).")
+async def backfill(
+    config: RunConfig, start: datetime.date, end: datetime.date, max_parallel: int = 2
+) -> list[PartitionOutcome]:
+    logger = get_run_logger()
+    if max_parallel < 1:
+        raise ConfigError(f"--max-parallel must be at least 1 (got {max_parallel})")
+    partitions = select_partitions(config, start, end)
+    logger.info(
+        "%d partitions %s..%s, %d at a time → %s", len(partitions), start, end, max_parallel, config.out
+    )
+    gate = asyncio.Semaphore(max_parallel)
+    stopping: list[str] = []  # why no further partition starts
+
+    async def run_one(partition: Partition) -> PartitionOutcome:
+        name = partition.name
+        if partition.missing is not None:
+            return PartitionOutcome(partition=name, outcome="missing input", detail=partition.missing)
+        async with gate:
+            if stopping:
+                return PartitionOutcome(partition=name, outcome="not started", detail=stopping[0])
+            child = annotate.with_options(flow_run_name=f"annotate-{name}")
+            try:
+                return outcome_of(partition, await child(partition.config))
+            except RunInterrupted as exc:
+                stopping.append(f"backfill interrupted during {name}")
+                code = exc.exit_code
+                return PartitionOutcome(
+                    partition=name, outcome="interrupted", detail=str(exc), exit_code=code
+                )
+            except EndpointUnusable as exc:
+                stopping.append(f"the endpoint was unusable during {name}")
+                return PartitionOutcome(partition=name, outcome="error", detail=str(exc), exit_code=3)
+            except UsageError as exc:
+                return PartitionOutcome(partition=name, outcome="error", detail=str(exc), exit_code=1)
+            except Exception as exc:  # a crash in one partition must not lose the others' outcomes
+                detail = f"{type(exc).__name__}: {exc}"
+                return PartitionOutcome(partition=name, outcome="error", detail=detail, exit_code=1)
+
+    outcomes = list(await asyncio.gather(*(run_one(p) for p in partitions)))
+    for o in outcomes:
+        logger.info("%s: %s %s", o.partition, o.outcome, o.detail)
+    await publish_table(
+        outcomes_table(outcomes),
+        key="backfill-partitions",
+        description=f"backfill {start}..{end}: outcome per partition",
+    )
+    broken = [o for o in outcomes if o.outcome in ("error", "interrupted", "not started")]
+    if broken:
+        raise BackfillIncomplete(
+            f"{len(broken)} of {len(outcomes)} partitions did not finish: "
+            + ", ".join(f"{o.partition} ({o.outcome})" for o in broken),
+            outcomes,
+        )
+    return outcomes

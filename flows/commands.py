@@ -1,0 +1,236 @@
+"""``vlmbatch backfill`` and ``vlmbatch serve``.
+
+``backfill`` takes every option of ``run`` (the same names, environment variables and TOML keys; its
+signature is copied from ``run``, so the two never drift apart) plus the date range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from flows.backfill import PartitionOutcome
+    from tasks.config import RunConfig
+
+Opt = typer.Option
+_REGISTERED = "_vlmbatch_schedule_commands"
+BACKFILL_OPTIONS: dict[str, tuple[Any, Any]] = {  # name: (annotation, default); ... = required
+    "start": (Annotated[str, Opt(help="First date partition, YYYY-MM-DD.")], ...),
+    "end": (Annotated[str, Opt(help="Last date partition, YYYY-MM-DD (included).")], ...),
+    "max_parallel": (Annotated[int, Opt(help="Partitions running at once.")], 2),
+    "deployment": (
+        Annotated[
+            str | None,
+            Opt(help="Submit to this backfill deployment on the server (e.g. backfill/backfill)."),
+        ],
+        None,
+    ),
+    "watch": (Annotated[bool, Opt("--watch", help="With --deployment: wait and print the outcome.")], False),
+}
+
+
+def register(app: typer.Typer) -> None:
+    if getattr(app, _REGISTERED, False):
+        return
+    setattr(app, _REGISTERED, True)
+    from flows.cli import run
+
+    app.command(
+        name="backfill",
+        help="Run the annotate flow for every date partition from --start to --end ({date} in IMAGES, "
+        "--prompts and --out), --max-parallel at a time: complete partitions are skipped (unless --force), "
+        "partial ones resumed, missing inputs reported. Takes every option of `run`. With --deployment, "
+        "submits the backfill to a Prefect server instead. Exit status: 0 every partition ok, skipped or "
+        "missing its input; 2 some partition has failed rows or an error; 3 the endpoint was unusable; "
+        "1 usage error; 130/143 interrupted.",
+    )(_backfill_command(run))
+
+    from flows.serve import PREFECT_YAML
+
+    @app.command(
+        help="Serve the deployments of prefect.yaml (schedules included) from this process, without a "
+        "work pool; flow runs start in the file's directory. Needs a Prefect server (PREFECT_API_URL)."
+    )
+    def serve(
+        file: Annotated[Path, Opt(help="The prefect.yaml to read.")] = PREFECT_YAML,
+        name: Annotated[
+            list[str] | None, Opt("--name", help="Serve only this deployment (repeatable).")
+        ] = None,
+        limit: Annotated[int | None, Opt(help="Flow runs at once.")] = None,
+    ) -> None:
+        serve_command(file, name, limit)
+
+
+def _backfill_command(run: Any) -> Any:
+    """A function with ``run``'s parameters (minus --date) plus the backfill's, for typer."""
+    params = [p for p in inspect.signature(run, eval_str=True).parameters.values() if p.name != "date"]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    own = [
+        inspect.Parameter(name, keyword, annotation=annotation, default=default)
+        for name, (annotation, default) in BACKFILL_OPTIONS.items()
+        if default is ...
+    ]
+    own_defaults = [
+        inspect.Parameter(name, keyword, annotation=annotation, default=default)
+        for name, (annotation, default) in BACKFILL_OPTIONS.items()
+        if default is not ...
+    ]
+    rest = [p.replace(kind=keyword) for p in params[1:]]
+
+    def backfill(**kwargs: Any) -> None:
+        extra = {name: kwargs.pop(name) for name in BACKFILL_OPTIONS}
+        config_file, verbose = kwargs.pop("config"), kwargs.pop("verbose")
+        raise typer.Exit(execute_backfill(kwargs, config_file=config_file, verbose=verbose, **extra))
+
+    backfill.__signature__ = inspect.Signature([params[0], *own, *rest, *own_defaults])  # type: ignore[attr-defined]
+    return backfill
+
+
+def execute_backfill(
+    flags: dict[str, Any],
+    *,
+    start: str,
+    end: str,
+    max_parallel: int = 2,
+    deployment: str | None = None,
+    watch: bool = False,
+    config_file: Path | None = None,
+    verbose: bool = False,
+) -> int:
+    from flows.cli import _fail, _quiet_prefect
+    from tasks.config import build_config
+    from tasks.errors import UsageError
+    from tasks.partitions import parse_date, select_partitions
+
+    if verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    _quiet_prefect()
+    try:
+        cfg = build_config(flags, config_file=config_file)
+        if max_parallel < 1:
+            raise UsageError(f"--max-parallel must be at least 1 (got {max_parallel})")
+        select_partitions(cfg, start, end)  # fail fast on dates and paths (exit 1)
+        if deployment is not None:
+            return asyncio.run(submit(deployment, cfg, start, end, max_parallel, watch))
+        from flows.backfill import BackfillIncomplete, backfill, exit_code
+
+        try:
+            outcomes = asyncio.run(
+                backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), max_parallel)
+            )
+        except BackfillIncomplete as exc:
+            outcomes = exc.outcomes
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    print_outcomes(outcomes)
+    return exit_code(outcomes)
+
+
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """Local paths made absolute (``{date}`` kept), for a flow run that starts in another directory."""
+
+    def fix(path: str | None) -> str | None:
+        return path if path is None or "://" in path else os.path.abspath(path)
+
+    image = config.image.model_copy(update={"image_root": fix(config.image.image_root)})
+    return config.model_copy(
+        update={
+            "images": fix(config.images),
+            "prompts": fix(config.prompts),
+            "out": fix(config.out),
+            "image": image,
+        }
+    )
+
+
+async def submit(name: str, cfg: RunConfig, start: str, end: str, max_parallel: int, watch: bool) -> int:
+    """Create a flow run of the backfill deployment ``name`` on the server; with ``watch``, wait for it."""
+    from prefect.deployments import arun_deployment
+
+    from flows.backfill import PartitionOutcome, exit_code
+    from tasks.endpoint_limit import server_url
+    from tasks.errors import UsageError
+
+    if server_url() is None:
+        raise UsageError(
+            "--deployment needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
+        )
+    parameters = {
+        "config": absolute_paths(cfg).model_dump(mode="json"),
+        "start": start,
+        "end": end,
+        "max_parallel": max_parallel,
+    }
+    try:
+        run = await arun_deployment(
+            name, parameters=parameters, timeout=None if watch else 0, as_subflow=False
+        )
+    except Exception as exc:  # unknown deployment, server unreachable, rejected parameters
+        raise UsageError(f"could not submit to deployment {name!r}: {exc}") from None
+    typer.echo(f"submitted flow run {run.name} ({run.id}) of {name}")
+    if not watch:
+        return 0
+    state = run.state
+    typer.echo(f"{run.name}: {state.name if state else 'unknown state'}")
+    rows = await read_outcomes(run.id)
+    outcomes = [PartitionOutcome.model_validate(row) for row in rows]
+    print_outcomes(outcomes)
+    if outcomes:
+        return exit_code(outcomes)
+    return 0 if state is not None and state.is_completed() else 1
+
+
+async def read_outcomes(flow_run_id: Any) -> list[dict[str, Any]]:
+    """The rows of a backfill flow run's ``backfill-partitions`` table artifact (empty if none)."""
+    import json
+
+    from tasks.artifacts import read_artifacts
+
+    found = await read_artifacts(key="backfill-partitions", flow_run_ids=[flow_run_id])
+    if not found:
+        return []
+    data = found[0].data
+    return list(json.loads(data) if isinstance(data, str) else data or [])
+
+
+def print_outcomes(outcomes: list[PartitionOutcome]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="backfill", title_justify="left")
+    for column in ("partition", "outcome"):
+        table.add_column(column, no_wrap=True)
+    for column in ("work items", "ok", "failed", "skipped"):
+        table.add_column(column, justify="right")
+    table.add_column("detail", overflow="fold")
+    for o in outcomes:
+        table.add_row(
+            o.partition, o.outcome, str(o.work_items), str(o.ok), str(o.failed), str(o.skipped), o.detail
+        )
+    Console(highlight=False, soft_wrap=True).print(table)
+
+
+def serve_command(file: Path, names: list[str] | None, limit: int | None) -> None:
+    from flows.cli import _fail, _quiet_prefect
+    from tasks.endpoint_limit import server_url
+    from tasks.errors import UsageError
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # the runner's log: runs started, finished
+    _quiet_prefect()
+    if server_url() is None:
+        raise _fail(
+            "serve needs a Prefect server (the embedded API runs no scheduler): start `prefect server "
+            "start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    from flows.serve import serve_project
+
+    try:
+        serve_project(file.resolve(), names or None, limit)
+    except UsageError as exc:
+        raise _fail(str(exc)) from None

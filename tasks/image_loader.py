@@ -1,0 +1,95 @@
+"""Reading and preparing images for the shard runner: local, object-store and fetched sources.
+
+One ``ImageLoader`` per run owns the thread pool (sized to the cores) that reads, hashes and prepares
+images, and the shared ``ImageFetcher`` for http(s) sources. On a rerun it takes an image's sha256 from
+the hash cache by source fingerprint, so images whose work is already done are never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import RunConfig
+from tasks.image_fetch import ImageFetcher
+from tasks.image_sources import ImageSource, is_http, read_image_bytes
+from tasks.images import PreparedImage, prepare_image
+from tasks.output_index import HashCache
+
+
+@dataclass(slots=True)
+class Loaded:
+    sha256: str
+    data: bytes | None  # None when the sha came from the hash cache
+    fingerprint: str | None
+
+
+def fingerprint(source: ImageSource, image_root: Path) -> str | None:
+    """A cheap identity of a source's content: a path with its size and mtime, or a URL."""
+    if source.kind == "url":
+        return f"url:{source.value!s}"
+    if source.kind == "path":
+        try:
+            path = Path(str(source.value)).resolve()
+            if not path.is_relative_to(image_root):
+                return None
+            st = path.stat()
+        except OSError:
+            return None
+        return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
+    return None
+
+
+class ImageLoader:
+    """Create inside the event loop that uses it (the fetcher's session binds to it)."""
+
+    def __init__(
+        self, config: RunConfig, *, image_root: Path, hashes: HashCache | None, use_cache: bool
+    ) -> None:
+        self.config = config
+        self.image_root = image_root
+        self.hashes = hashes or HashCache.load([])
+        self.use_cache = use_cache
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vlmbatch-image")
+        self.fetcher: ImageFetcher | None = None
+        if config.image.image_urls == "fetch":
+            self.fetcher = ImageFetcher(config.image, allow_private=config.image.allow_private_urls)
+
+    @property
+    def fetches(self) -> bool:
+        """False with --image-urls pass: http(s) images go to the server as URLs."""
+        return self.fetcher is not None
+
+    async def aclose(self) -> None:
+        if self.fetcher is not None:
+            await self.fetcher.aclose()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def read(self, source: ImageSource) -> bytes:
+        if is_http(source):
+            assert self.fetcher is not None
+            return await self.fetcher.fetch(str(source.value))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.pool, lambda: read_image_bytes(source, self.config.image, image_root=self.image_root)
+        )
+
+    async def load(self, source: ImageSource) -> Loaded:
+        """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes."""
+        loop = asyncio.get_running_loop()
+        fp = await loop.run_in_executor(self.pool, fingerprint, source, self.image_root)
+        if fp is not None and self.use_cache:
+            sha = self.hashes.get(fp)
+            if sha is not None:
+                return Loaded(sha, None, fp)
+        data = await self.read(source)
+        return Loaded(hashlib.sha256(data).hexdigest(), data, fp)
+
+    async def prepare(self, source: ImageSource, loaded: Loaded) -> PreparedImage:
+        data = loaded.data if loaded.data is not None else await self.read(source)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, prepare_image, data, self.config.image)
