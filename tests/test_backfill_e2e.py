@@ -1,0 +1,82 @@
+"""``vlmbatch backfill`` in-process (local mode): partitions resumed, skipped, missing; artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from emulator import EmulatorServer
+from flows.cli import app
+from flows.commands import register
+from tasks.artifacts import read_artifacts
+from tests.builders import images_manifest
+from tests.cli import rows, vlmbatch
+
+register(app)  # `main()` registers backfill and serve; the tests drive `app` directly
+
+D1, D2, D3 = "2024-05-01", "2024-05-02", "2024-05-03"
+
+
+def _partition(root: Path, day: str, n: int) -> None:
+    images_manifest(root / f"date={day}", {f"{day}-{k}": ((16 + k, 12), "blue") for k in range(n)})
+
+
+def test_backfill_resumes_partial_skips_complete_and_reports_missing(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    manifests, out = tmp_path / "manifests", tmp_path / "out"
+    _partition(manifests, D1, 6)  # D1 partial: 2 of 6 done below
+    _partition(manifests, D3, 3)  # D3 complete below; D2 has no input at all
+    images, out_t = manifests / "date={date}" / "images.parquet", out / "date={date}"
+    common = ["--out", out_t, "--base-url", emulator.base_url, "--shard-size", 2]
+    assert vlmbatch("run", images, *common, "--date", D1, "--limit", 2).code == 0
+    assert vlmbatch("run", images, *common, "--date", D3).code == 0
+    assert len(rows(out / f"date={D1}")) == 2
+    d3_before = rows(out / f"date={D3}")
+    emulator.reset()
+
+    res = vlmbatch("backfill", images, *common, "--start", D1, "--end", D3, "--max-parallel", 2)
+    assert res.code == 0, res.err + res.out
+    assert emulator.stats()["requests_total"] == 4  # only D1's four missing items were sent
+    assert len(rows(out / f"date={D1}")) == 6
+    assert rows(out / f"date={D3}") == d3_before  # complete: untouched
+    assert not (out / f"date={D2}").exists()
+    lines = {line.split("│")[1].strip(): line for line in res.out.splitlines() if "│ 2024-" in line}
+    assert "│ ok " in lines[D1] and "resumed: 2" in lines[D1]
+    assert "missing input" in lines[D2]
+    assert "skipped" in lines[D3]
+
+    # the table artifact: partitions × outcome; every child publishes its own summary
+    table = asyncio.run(read_artifacts(key="backfill-partitions"))[0]  # newest first
+    outcomes = {row["partition"]: row for row in json.loads(table.data)}
+    assert {d: outcomes[d]["outcome"] for d in (D1, D2, D3)} == {
+        D1: "ok",
+        D2: "missing input",
+        D3: "skipped",
+    }
+    assert outcomes[D1]["ok"] == 4 and outcomes[D1]["skipped"] == 2 and outcomes[D3]["skipped"] == 3
+    summary = asyncio.run(read_artifacts(key=f"annotate-summary-{D1}"))[0]
+    assert "| ok | 4 |" in summary.data and f"date={D1}" in summary.data
+
+    # --force re-runs a complete partition
+    emulator.reset()
+    res = vlmbatch("backfill", images, *common, "--start", D3, "--end", D3, "--force")
+    assert res.code == 0, res.err
+    assert emulator.stats()["requests_total"] == 3
+    assert len(rows(out / f"date={D3}")) == 3
+
+
+def test_backfill_failed_rows_and_usage_errors(tmp_path: Path, emulator: EmulatorServer) -> None:
+    manifests = tmp_path / "manifests"
+    _partition(manifests, D1, 2)
+    (manifests / f"date={D1}" / "img" / f"{D1}-0.jpg").write_bytes(b"not an image")
+    images = manifests / "date={date}" / "images.parquet"
+    base = ["backfill", images, "--base-url", emulator.base_url, "--start", D1, "--end", D1]
+    res = vlmbatch(*base, "--out", tmp_path / "out" / "date={date}")
+    assert res.code == 2  # a partition with failed rows
+    assert "failed rows" in res.out and "bad_image: 1" in res.out
+    res = vlmbatch(*base, "--out", tmp_path / "flat")
+    assert res.code == 1 and "{date} in --out" in res.err
+    res = vlmbatch(*base[:-4], "--start", D1, "--end", "2024-04-30", "--out", tmp_path / "o" / "{date}")
+    assert res.code == 1 and "before --start" in res.err

@@ -1,0 +1,298 @@
+"""prefect.yaml and `vlmbatch serve`'s reading of it (fast), then the real thing (slow, ~1 min):
+`prefect server start` on a free port with a temporary PREFECT_HOME, `prefect deploy --all` from the
+repository root, a process worker, the nightly deployment run for a past scheduled time (its date
+derived from the schedule) and `vlmbatch backfill --deployment` over two partitions, both against the
+emulator and sharing one global concurrency limit; outputs and artifacts checked through the client.
+Every process started here is stopped (its whole process group and descendants), even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from emulator import EmulatorServer
+from flows.serve import PREFECT_YAML, build_deployments
+from tasks.config import RunConfig
+from tests.builders import images_manifest
+from tests.cli import rows
+
+REPO = PREFECT_YAML.parent
+PROJECT = yaml.safe_load(PREFECT_YAML.read_text())
+D1, D2 = "2024-05-01", "2024-05-02"
+
+
+def _deployment(name: str) -> dict[str, Any]:
+    return next(d for d in PROJECT["deployments"] if d["name"] == name)
+
+
+def test_prefect_yaml_shares_settings_through_anchors() -> None:
+    nightly, backfill = _deployment("annotate-nightly"), _deployment("backfill")
+    assert nightly["entrypoint"] == "flows/annotate.py:annotate"
+    assert backfill["entrypoint"] == "flows/backfill.py:backfill"
+    assert nightly["work_pool"] == backfill["work_pool"] == PROJECT["definitions"]["work_pool"]
+    assert nightly["parameters"]["config"] == backfill["parameters"]["config"]
+    config = nightly["parameters"]["config"]
+    assert "{date}" in config["images"] and "{date}" in config["out"]
+    assert RunConfig.model_validate(config).date is None  # a valid parameter; the schedule gives the date
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"]
+    assert not backfill.get("schedules")
+    assert PROJECT["build"] is None and PROJECT["push"] is None
+    assert list(PROJECT["pull"][0]) == ["prefect.deployments.steps.set_working_directory"]
+
+
+def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:
+    built = {d.name: d for d in build_deployments(PREFECT_YAML)}
+    assert set(built) == {"annotate-nightly", "backfill"}
+    (schedule,) = built["annotate-nightly"].schedules
+    spec = _deployment("annotate-nightly")["schedules"][0]
+    assert schedule.schedule.cron == spec["cron"] and schedule.schedule.timezone == spec["timezone"]
+    assert built["annotate-nightly"].parameters == _deployment("annotate-nightly")["parameters"]
+    assert not built["backfill"].schedules
+    assert built["backfill"].parameters["max_parallel"] == 2
+
+
+# --- the real thing ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Processes:
+    """Processes started by this test, each in its own session, each stopped with all its descendants."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, *args: object, cwd: Path = REPO) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *map(str, args)],
+            cwd=cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.started.append((name, proc))
+        return proc
+
+    def run(self, *args: object, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", *map(str, args)],
+            cwd=REPO,
+            env=env or self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+        output = done.stdout.decode() + done.stderr.decode()
+        assert done.returncode == 0, f"{args} exited {done.returncode}:\n{output[-4000:]}"
+        return output
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(self.started):  # worker before server
+            family = [proc.pid, *_descendants(proc.pid)]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            for pid in family:  # the group, and descendants that left it
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL) if pid == proc.pid else os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def tails(self) -> str:
+        parts = []
+        for name, _proc in self.started:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+            parts.append(f"----- {name} (last lines) -----\n" + "\n".join(text.splitlines()[-40:]))
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path) -> Iterator[tuple[str, Processes]]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VLMBATCH_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="INFO",
+        PREFECT_WORKER_QUERY_SECONDS="1",  # pick runs up at once (default: every 10 s)
+        PWD=str(REPO),  # prefect.yaml's working_dir is "{{ $PWD }}", resolved by `prefect deploy`
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(env, logs)
+    try:
+        server = procs.start("server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port)
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+            assert server.poll() is None, "prefect server exited:\n" + procs.tails()
+            assert time.monotonic() < deadline, "prefect server not healthy in 90 s:\n" + procs.tails()
+            time.sleep(0.5)
+        yield url, procs
+    except BaseException:
+        print(procs.tails())
+        raise
+    finally:
+        procs.stop_all()
+
+
+async def _client_checks(url: str, nightly_config: dict[str, Any], scheduled: datetime) -> Any:
+    from prefect.deployments import arun_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return await arun_deployment(
+            "annotate/annotate-nightly",
+            parameters={"config": nightly_config},
+            scheduled_time=scheduled,
+            timeout=0,
+            as_subflow=False,
+        )
+
+
+async def _scheduled_runs(client: Any, deployment_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    runs = await client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    )
+    return [r for r in runs if r.state_name == "Scheduled" and r.expected_start_time > datetime.now(UTC)]
+
+
+async def _wait_and_read(url: str, flow_run_id: Any) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.artifacts import read_artifacts
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        async with get_client() as client:
+            deadline = time.monotonic() + 120
+            while not (run := await client.read_flow_run(flow_run_id)).state.is_final():  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, f"nightly run still {run.state}"
+                await asyncio.sleep(1)
+            nightly = await client.read_deployment_by_name("annotate/annotate-nightly")
+            limit = await client.read_global_concurrency_limit_by_name("vlmbatch-endpoint")
+            deadline = time.monotonic() + 60  # the server's scheduler fills in the cron's next runs
+            while not (scheduled := await _scheduled_runs(client, nightly.id)):
+                assert time.monotonic() < deadline, "the scheduler created no run of the nightly deployment"
+                await asyncio.sleep(2)
+        return {
+            "nightly_run": run,
+            "nightly": nightly,
+            "scheduled": scheduled,
+            "limit": limit,
+            "table": await read_artifacts(key="backfill-partitions"),
+            "summaries": {d: await read_artifacts(key=f"annotate-summary-{d}") for d in (D1, D2)},
+            "progress": await read_artifacts(kind="progress"),
+        }
+
+
+def test_deploy_worker_nightly_and_backfill_deployment(
+    tmp_path: Path, prefect_server: tuple[str, Processes], emulator: EmulatorServer
+) -> None:
+    url, procs = prefect_server
+    emulator.configure(latency=0.1)
+    for day in (D1, D2):
+        images_manifest(
+            tmp_path / "m" / f"date={day}", {f"{day}-{k}": ((16 + k, 12), "green") for k in range(8)}
+        )
+    images = str(tmp_path / "m" / "date={date}" / "images.parquet")
+    run_options = ["--base-url", emulator.base_url, "--concurrency", 4, "--concurrency-limit-slots", 4]
+
+    pool = PROJECT["definitions"]["work_pool"]["name"]
+    procs.run("prefect", "work-pool", "create", pool, "--type", "process")
+    deployed = procs.run("prefect", "deploy", "--all")
+    assert "annotate/annotate-nightly" in deployed and "backfill/backfill" in deployed
+    procs.start("worker", "prefect", "worker", "start", "--pool", pool, cwd=tmp_path)
+
+    # the nightly run of 2024-05-02 02:30 in Berlin annotates the 1st (no date given)
+    nightly_config = {
+        "images": images,
+        "out": str(tmp_path / "nightly" / "date={date}"),
+        "endpoint": {"base_url": emulator.base_url, "concurrency": 4, "concurrency_limit_slots": 4},
+    }
+    nightly_run = asyncio.run(_client_checks(url, nightly_config, datetime(2024, 5, 2, 0, 30, tzinfo=UTC)))
+
+    # the backfill deployment, submitted by the CLI, over two partitions at once
+    out = tmp_path / "out" / "date={date}"
+    args = ["flows.cli", "backfill", images, "--out", out, *run_options, "--start", D1, "--end", D2]
+    cli = procs.run(*args, "--deployment", "backfill/backfill", "--watch", timeout=180)
+    assert "submitted flow run" in cli and "Completed" in cli, cli
+
+    found = asyncio.run(_wait_and_read(url, nightly_run.id))
+    assert found["nightly_run"].state.is_completed(), found["nightly_run"].state
+    for day in (D1, D2):
+        got = rows(tmp_path / "out" / f"date={day}")
+        assert len(got) == 8 and {r["status"] for r in got} == {"ok"}
+    assert len(rows(tmp_path / "nightly" / f"date={D1}")) == 8  # the day before the scheduled time
+    assert not (tmp_path / "nightly" / f"date={D2}").exists()
+
+    # one global limit, created by the first run with the given size, capped every run together
+    assert found["limit"].limit == 4
+    assert emulator.stats()["max_in_flight"] <= 4
+
+    # artifacts: the backfill's table, a summary per partition, progress per run at 100 %
+    outcomes = {row["partition"]: row for row in json.loads(found["table"][0].data)}
+    assert {d: outcomes[d]["outcome"] for d in (D1, D2)} == {D1: "ok", D2: "ok"}
+    assert outcomes[D1]["ok"] == outcomes[D2]["ok"] == 8
+    for day in (D1, D2):
+        text = found["summaries"][day][0].data
+        assert "| ok | 8 |" in text and f"date={day}" in text and "rows per second" in text
+    assert len(found["progress"]) >= 3 and all(float(a.data) == 100.0 for a in found["progress"])
+
+    # the nightly deployment carries the schedule of prefect.yaml, and the server schedules it
+    (schedule,) = found["nightly"].schedules
+    spec = _deployment("annotate-nightly")["schedules"][0]
+    assert schedule.schedule.cron == spec["cron"] and schedule.schedule.timezone == spec["timezone"]
+    for run in found["scheduled"]:
+        local = run.expected_start_time.astimezone(ZoneInfo(spec["timezone"]))
+        assert (local.hour, local.minute) == (2, 0)
