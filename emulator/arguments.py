@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token-seconds", type=float, default=DEFAULTS.token_seconds, help="decode seconds per output token")
     add("--jitter", type=float, default=DEFAULTS.jitter, help="uniform extra 0..JITTER seconds")
     add("--max-concurrency", type=int, default=DEFAULTS.max_concurrency, help="0: unlimited")
+    add(
+        "--reject-over-capacity",
+        action="store_true",
+        help="beyond --max-concurrency answer 429 (with Retry-After) at once instead of queueing",
+    )
     add("--max-images-per-prompt", type=int, default=DEFAULTS.max_images_per_prompt)
     add("--flat-errors", action="store_true", help="old flat {'object':'error',...} error bodies")
     add("--reasoning-field", choices=REASONING_FIELDS, default=DEFAULTS.reasoning_field)

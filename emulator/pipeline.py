@@ -90,6 +90,9 @@ async def _respond(
     if not authorized(request, settings):
         outcome.status = 401
         return unauthorized_response()
+    if settings.reject_over_capacity and state.at_capacity():  # a gateway in front of a full server
+        outcome.fault, outcome.status = "capacity", 429
+        return gateway_error("429", settings)
     planned = state.faults.decide(settings, item, attempt)
     if planned in GATEWAY_FAULTS:
         outcome.fault = planned

@@ -37,6 +37,7 @@ class EmulatorSettings:
     token_seconds: float = 0.0  # decode time per output token, after the latency; paces streamed chunks
     jitter: float = 0.0  # uniform extra 0..jitter seconds
     max_concurrency: int = 64  # requests processed at once, the rest queue; 0 = unlimited
+    reject_over_capacity: bool = False  # beyond max_concurrency answer 429 at once (a gateway), not queue
     max_images_per_prompt: int = 4
     flat_errors: bool = False  # old vLLM / SGLang {"object":"error",...} bodies
     reasoning_field: str = "reasoning"  # "reasoning" (vLLM >= 0.16), "reasoning_content" or "both"

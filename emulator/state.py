@@ -54,6 +54,10 @@ class EmulatorState:
             return settings.latency + self._random.uniform(0.0, settings.jitter)
         return settings.latency
 
+    def at_capacity(self) -> bool:
+        """Every concurrency slot is taken."""
+        return self._semaphore is not None and self._semaphore.locked()
+
     async def process(self, settings: EmulatorSettings, decode: float = 0.0) -> None:
         """Queue for a concurrency slot and hold it for the latency (+ ``decode`` seconds), like a server."""
         delay = self.delay(settings) + decode

@@ -165,7 +165,7 @@ async def annotate_shard(
 
 def shards_in_flight(config: RunConfig) -> int:
     """Enough overlapping shards to keep every request slot busy across shard boundaries."""
-    return max(2, min(64, math.ceil(2 * config.endpoint.concurrency / config.shard_size)))
+    return max(2, min(64, math.ceil(2 * config.endpoint.in_flight_cap / config.shard_size)))
 
 
 @flow(name="annotate", description="Caption and Q&A over an images manifest, written to Parquet.")

@@ -81,7 +81,18 @@ def run(
     structured_output: Annotated[
         str | None, Opt(help="openai (response_format) or vllm (structured_outputs) for json_schema prompts.")
     ] = None,
-    concurrency: Annotated[int | None, Opt(help="Requests in flight.  [default: 32]")] = None,
+    concurrency: Annotated[
+        str | None, Opt(help="Requests in flight, or auto: find the endpoint's limit (AIMD).  [default: 32]")
+    ] = None,
+    max_concurrency: Annotated[
+        int | None, Opt(help="With --concurrency auto: the most.  [default: 256]")
+    ] = None,
+    rpm: Annotated[
+        float | None, Opt(help="Requests per minute at most (a gateway's published limit).")
+    ] = None,
+    tpm: Annotated[
+        float | None, Opt(help="Tokens per minute at most (image budget + prompt/4 + output budget).")
+    ] = None,
     max_images_per_prompt: Annotated[
         int | None, Opt(help="The server's per-prompt image limit (NIM_MAX_IMAGES_PER_PROMPT).  [default: 4]")
     ] = None,

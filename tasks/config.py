@@ -38,7 +38,18 @@ class EndpointConfig(_Section):
         None, description="name of a Prefect Secret block holding the key (wins over --api-key-env)"
     )
     api: Literal["chat", "responses"] = "chat"
-    concurrency: int = Field(32, ge=1, le=4096, description="requests in flight across the run")
+    concurrency: int | Literal["auto"] = Field(
+        32, description="requests in flight across the run; auto: find the endpoint's limit (AIMD)"
+    )
+    max_concurrency: int = Field(
+        256, ge=1, le=4096, description="with --concurrency auto: the most in flight"
+    )
+    rpm: float | None = Field(
+        None, gt=0, description="requests per minute at most (a gateway's published limit)"
+    )
+    tpm: float | None = Field(
+        None, gt=0, description="estimated tokens per minute at most (images, prompt, output)"
+    )
     max_retries: int = Field(6, ge=0, le=50, description="retries after the first attempt")
     request_timeout: float = Field(300.0, gt=0, le=86400, description="seconds per attempt")
     stream: bool = Field(False, description="stream Chat Completions answers (SSE) and aggregate them")
@@ -63,6 +74,24 @@ class EndpointConfig(_Section):
         if value is None or value.strip().lower() in ("", "off", "none"):
             return None
         return value.strip()
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _concurrency(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str):
+            if not value.strip().isdigit():
+                raise ValueError("must be a number from 1 to 4096, or auto")
+            value = int(value)
+        if isinstance(value, int) and not 1 <= value <= 4096:
+            raise ValueError("must be a number from 1 to 4096, or auto")
+        return value
+
+    @property
+    def in_flight_cap(self) -> int:
+        """The most requests this run may have in flight."""
+        return self.max_concurrency if self.concurrency == "auto" else self.concurrency
 
     @field_validator("base_url")
     @classmethod

@@ -49,15 +49,15 @@ class EndpointLimit:
         slots = await ensure_limit(endpoint.concurrency_limit, endpoint.concurrency_limit_slots)
         if slots is None:  # inactive: the server enforces nothing
             return None
-        return cls(endpoint.concurrency_limit, slots, max(1, min(endpoint.concurrency, slots)))
+        return cls(endpoint.concurrency_limit, slots, max(1, min(endpoint.in_flight_cap, slots)))
 
     def bound(self, config: RunConfig) -> RunConfig:
         """``config`` with the run's requests in flight bounded by the slots a shard holds."""
-        if config.endpoint.concurrency <= self.share:
+        endpoint = config.endpoint
+        if endpoint.in_flight_cap <= self.share:
             return config
-        return config.model_copy(
-            update={"endpoint": config.endpoint.model_copy(update={"concurrency": self.share})}
-        )
+        field = "max_concurrency" if endpoint.concurrency == "auto" else "concurrency"
+        return config.model_copy(update={"endpoint": endpoint.model_copy(update={field: self.share})})
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:

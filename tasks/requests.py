@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.concurrency import estimate_tokens
 from tasks.config import RunConfig
 from tasks.manifests import Prompt
 
@@ -30,6 +31,7 @@ class Request:
     api: str  # "chat" or "responses"
     body: dict[str, Any]  # the JSON body sent
     key: str
+    cost: int = 0  # estimated tokens, for --tpm
 
 
 def image_ref(sha256: str) -> str:
@@ -133,7 +135,10 @@ def build_request(prompt: Prompt, image_url: Images, image: Images, config: RunC
     if config.endpoint.stream and config.endpoint.api == "chat":
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-    return Request(config.endpoint.api, body, request_key(prompt, image, config))
+    budget = prompt.max_tokens or config.generation.max_tokens
+    text = (prompt.system or "") + prompt.prompt
+    cost = estimate_tokens(text, len(_images(image_url)), config.image.max_soft_tokens, budget)
+    return Request(config.endpoint.api, body, request_key(prompt, image, config), cost)
 
 
 def repair_request(request: Request, answer: str | None, error: str) -> Request:
@@ -152,4 +157,4 @@ def repair_request(request: Request, answer: str | None, error: str) -> Request:
             {"role": "assistant", "content": answer or ""},
             {"role": "user", "content": [{"type": "text", "text": feedback}]},
         ]
-    return Request(request.api, body, request.key)
+    return Request(request.api, body, request.key, request.cost + len(answer or "") // 4 + len(feedback) // 4)

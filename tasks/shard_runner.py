@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.answers import Answer
+from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, RateLimiter
 from tasks.config import RunConfig
 from tasks.endpoint import EndpointClient
 from tasks.errors import ItemFailure, RequestFailure
@@ -69,9 +70,13 @@ class ShardRunner:
         self.detector = OutageDetector(
             window=config.endpoint.outage_window, describe=config.endpoint.base_url
         )
-        self.requests = asyncio.Semaphore(config.endpoint.concurrency)
+        endpoint = config.endpoint
+        self.requests = InFlightLimiter(
+            endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
+        )
+        self.rate = RateLimiter(endpoint.rpm, endpoint.tpm)
         # images held in memory at once: enough to keep every request slot busy, no more
-        self.images_in_progress = asyncio.Semaphore(config.endpoint.concurrency + 2 * (os.cpu_count() or 2))
+        self.images_in_progress = asyncio.Semaphore(endpoint.in_flight_cap + 2 * (os.cpu_count() or 2))
         self.client: EndpointClient | None = (
             None if config.dry_run else EndpointClient(config.endpoint, api_key)
         )
@@ -254,8 +259,9 @@ class ShardRunner:
         async def attempt() -> Answer:
             if self.stop.is_set:
                 raise _Dropped
+            await self.rate.take(request.cost)
             row.attempts += 1
-            async with self.requests:
+            async with self.requests.slot() as slot:
                 if self.stop.is_set:
                     row.attempts -= 1
                     raise _Dropped
@@ -263,8 +269,10 @@ class ShardRunner:
                     answer = await client.send(request, request_id=rid)
                 except RequestFailure as failure:
                     row.http_status = failure.http_status
+                    slot.overloaded = failure.http_status in OVERLOAD_STATUS
                     self._observe(failure)
                     raise
+                slot.latency = answer.latency_ms / 1000
             self.detector.success()
             return answer
 

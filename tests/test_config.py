@@ -43,7 +43,9 @@ def test_every_option_has_an_env_variable() -> None:
 
 
 def test_bad_value_names_the_option_and_where_it_came_from() -> None:
-    with pytest.raises(ConfigError, match=r"VLMBATCH_CONCURRENCY.*greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match=r"VLMBATCH_CONCURRENCY: .*must be a number from 1 to 4096, or auto"
+    ):
         build_config(BASE, environ={"VLMBATCH_CONCURRENCY": "0"})
     with pytest.raises(ConfigError, match=r"option --max-soft-tokens"):
         build_config({**BASE, "max_soft_tokens": -1}, environ={})
@@ -70,3 +72,11 @@ def test_config_rejects_unknown_fields_and_holds_no_secret() -> None:
         RunConfig.model_validate({**BASE, "api_key": "sk-123"})
     dumped = build_config(BASE, environ={"VLMBATCH_API_KEY": "sk-secret"}).model_dump_json()
     assert "sk-secret" not in dumped
+
+
+def test_concurrency_auto() -> None:
+    cfg = build_config({**BASE, "concurrency": "auto", "max_concurrency": 40}, environ={})
+    assert cfg.endpoint.concurrency == "auto" and cfg.endpoint.in_flight_cap == 40
+    assert build_config({**BASE, "concurrency": "12"}, environ={}).endpoint.in_flight_cap == 12
+    with pytest.raises(ConfigError, match="or auto"):
+        build_config({**BASE, "concurrency": "lots"}, environ={})

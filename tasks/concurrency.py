@@ -1,0 +1,144 @@
+"""How many requests go out at once, and how fast: a fixed or adaptive limit, and rate limits.
+
+``InFlightLimiter`` bounds requests on the wire. Fixed (``--concurrency N``) it is a semaphore. With
+``--concurrency auto`` it adapts like TCP (AIMD): it starts small and doubles per round of answers
+(slow start) until the endpoint first pushes back, then grows by one per round while latency holds
+(no more than twice the best seen) and halves — at most once per round trip — when a 429 or 503
+arrives. It never exceeds ``--max-concurrency``.
+
+``RateLimiter`` spaces requests for gateways that publish limits: ``--rpm`` requests and ``--tpm``
+estimated tokens per minute (token buckets holding at most one second's worth, so no burst).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+AUTO_START = 8
+OVERLOAD_STATUS = frozenset({429, 503})
+
+
+@dataclass(slots=True)
+class Slot:
+    """What one request reports back to the limiter."""
+
+    overloaded: bool = False
+    latency: float | None = None  # seconds, of an answered request
+
+
+class InFlightLimiter:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        adaptive: bool = False,
+        maximum: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.adaptive = adaptive
+        self.maximum = maximum or limit
+        self.limit = float(min(AUTO_START, self.maximum) if adaptive else limit)
+        self.clock = clock
+        self.in_flight = 0
+        self.slow_start = True
+        self.best_latency = math.inf
+        self._last_cut = -math.inf
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Slot]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
+            self.in_flight += 1
+        slot = Slot()
+        try:
+            yield slot
+        finally:
+            async with self._changed:
+                self.in_flight -= 1
+                if self.adaptive:
+                    self.observe(slot)
+                self._changed.notify_all()
+
+    def observe(self, slot: Slot) -> None:
+        """Adapt the limit to one request's outcome (AIMD)."""
+        now = self.clock()
+        if slot.overloaded:
+            round_trip = self.best_latency if math.isfinite(self.best_latency) else 1.0
+            if now - self._last_cut >= round_trip:  # one cut per round trip, not one per 429 of a burst
+                self.limit = max(1.0, self.limit / 2)
+                self._last_cut = now
+            self.slow_start = False
+            return
+        if slot.latency is None:
+            return
+        self.best_latency = min(self.best_latency, slot.latency)
+        if slot.latency > 2 * self.best_latency:
+            return  # latency does not hold: the endpoint is queueing, don't push harder
+        step = 1.0 if self.slow_start else 1.0 / self.limit  # doubles per round, or +1 per round
+        self.limit = min(float(self.maximum), self.limit + step)
+
+
+class RateLimiter:
+    """Token buckets for requests and estimated tokens per minute; ``None`` disables either."""
+
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = asyncio.sleep,
+    ) -> None:
+        self.rates = {"requests": (rpm or 0) / 60, "tokens": (tpm or 0) / 60}  # per second
+        self.level = {name: 0.0 for name in self.rates}  # start empty: no burst at the start
+        self.clock = clock
+        self.sleep = sleep
+        self.updated = clock()
+        self._lock = asyncio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return any(self.rates.values())
+
+    async def take(self, tokens: int) -> None:
+        """Wait until one request of ``tokens`` estimated tokens may go."""
+        if not self.active:
+            return
+        async with self._lock:  # first come, first served
+            need = {"requests": 1.0, "tokens": float(tokens)}
+            while True:
+                self._refill()
+                # a request may go once its bucket holds what it needs (or a full bucket, for a big one);
+                # the level then goes below zero and later requests repay the debt
+                target = {n: min(need[n], self._capacity(n)) for n in self.rates}
+                waits = [
+                    (target[n] - self.level[n]) / rate
+                    for n, rate in self.rates.items()
+                    if rate and self.level[n] < target[n] - 1e-9
+                ]
+                if not waits:
+                    break
+                await self.sleep(max(waits))  # type: ignore[misc]
+            for name, rate in self.rates.items():
+                if rate:
+                    self.level[name] -= need[name]
+
+    def _capacity(self, name: str) -> float:
+        return max(self.rates[name], 1.0)  # one second's worth (a big request may still go, alone)
+
+    def _refill(self) -> None:
+        now = self.clock()
+        elapsed, self.updated = now - self.updated, now
+        for name, rate in self.rates.items():
+            self.level[name] = min(self._capacity(name), self.level[name] + elapsed * rate)
+
+
+def estimate_tokens(prompt_text: str, images: int, max_soft_tokens: int, max_tokens: int) -> int:
+    """A request's cost for --tpm: image token budgets, text at ~4 chars a token, the output budget."""
+    return images * max_soft_tokens + math.ceil(len(prompt_text) / 4) + max_tokens

@@ -1,0 +1,86 @@
+import asyncio
+
+from tasks.concurrency import InFlightLimiter, RateLimiter, Slot, estimate_tokens
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fixed_limit_bounds_requests_in_flight() -> None:
+    async def main() -> int:
+        limiter = InFlightLimiter(3)
+        peak = 0
+
+        async def one() -> None:
+            nonlocal peak
+            async with limiter.slot():
+                peak = max(peak, limiter.in_flight)
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(one() for _ in range(20)))
+        return peak
+
+    assert asyncio.run(main()) == 3
+
+
+def test_adaptive_grows_fast_then_halves_once_per_round_trip() -> None:
+    clock = Clock()
+    limiter = InFlightLimiter(1, adaptive=True, maximum=100, clock=clock)
+    assert limiter.limit == 8
+    for _ in range(8):  # one round of answers at a steady latency: slow start doubles
+        limiter.observe(Slot(latency=0.2))
+    assert limiter.limit == 16
+    limiter.observe(Slot(overloaded=True))
+    limiter.observe(Slot(overloaded=True))  # the same burst: not cut again
+    assert limiter.limit == 8 and not limiter.slow_start
+    clock.now = 0.3
+    limiter.observe(Slot(overloaded=True))  # a round trip later: cut again
+    assert limiter.limit == 4
+    for _ in range(4):  # congestion avoidance: about +1 per round
+        limiter.observe(Slot(latency=0.2))
+    assert 4.9 < limiter.limit < 5.1
+    limiter.observe(Slot(latency=1.0))  # latency does not hold: no increase
+    assert 4.9 < limiter.limit < 5.1
+
+
+def test_adaptive_never_exceeds_the_maximum_nor_drops_below_one() -> None:
+    clock = Clock()
+    limiter = InFlightLimiter(1, adaptive=True, maximum=12, clock=clock)
+    for _ in range(100):
+        limiter.observe(Slot(latency=0.1))
+    assert limiter.limit == 12
+    for step in range(20):
+        clock.now = step * 10.0
+        limiter.observe(Slot(overloaded=True))
+    assert limiter.limit == 1
+
+
+def test_rate_limiter_spaces_requests_and_tokens() -> None:
+    clock = Clock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    async def take_all(limiter: RateLimiter, costs: list[int]) -> float:
+        for cost in costs:
+            await limiter.take(cost)
+        return clock.now
+
+    rpm = RateLimiter(120, None, clock=clock, sleep=sleep)
+    assert asyncio.run(take_all(rpm, [0] * 5)) == 2.5  # 2 per second, starting empty
+    clock.now, slept[:] = 0.0, []
+    tpm = RateLimiter(None, 6000, clock=clock, sleep=sleep)  # 100 tokens a second
+    # a big request goes once the bucket is full and leaves a debt: 700 tokens at 100/s take 7 s
+    assert asyncio.run(take_all(tpm, [300, 300, 100])) == 7.0
+    assert not RateLimiter(None, None).active
+
+
+def test_token_estimate_counts_image_budgets_text_and_output() -> None:
+    assert estimate_tokens("x" * 40, images=2, max_soft_tokens=280, max_tokens=100) == 560 + 10 + 100
