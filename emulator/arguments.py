@@ -19,9 +19,9 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m emulator") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m emulator",
+        prog=prog,
         description="OpenAI-compatible stand-in for a vLLM / NIM server: deterministic answers, faults.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(argv: Sequence[str] | None = None) -> EmulatorSettings:
+def settings_from_args(
+    argv: Sequence[str] | None = None, prog: str = "python -m emulator"
+) -> EmulatorSettings:
     """Parse ``argv`` into settings; exits with a usage error when a value is invalid."""
-    parser = build_parser()
+    parser = build_parser(prog)
     values: dict[str, Any] = vars(parser.parse_args(argv))
     if not values["models"]:
         values["models"] = DEFAULTS.models

@@ -21,8 +21,13 @@ from tasks.config import build_config
 from tasks.errors import RunStopped, UsageError
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS = 0, 1, 2
-# A bad flag is a usage error: exit 1 like every other one (click's own default, 2, means "rows failed" here).
-click.exceptions.UsageError.exit_code = EXIT_USAGE
+# A bad flag is a usage error: exit 1 like every other one (click's own default, 2, means "rows failed"
+# here). Recent typer versions carry their own copy of click, so set it on whichever classes are in use.
+for _usage_error in {
+    click.exceptions.UsageError,
+    getattr(getattr(typer, "_click", None), "exceptions", click.exceptions).UsageError,
+}:
+    _usage_error.exit_code = EXIT_USAGE
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
 app = typer.Typer(

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import typer
 
+DEFAULT_PORT = 8000
+
 
 def register(app: typer.Typer) -> None:
     @app.command(
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-        help="Run the endpoint emulator (an OpenAI-compatible stand-in for the model) on loopback. "
-        "`vlmbatch emulate --help` lists its options.",
+        help="Run the endpoint emulator (an OpenAI-compatible stand-in for the model) on loopback, "
+        "port 8000 unless --port says otherwise. `vlmbatch emulate --help` lists its options.",
     )
     def emulate(ctx: typer.Context) -> None:
         from emulator import serve, settings_from_args
 
-        serve(settings_from_args(ctx.args))
+        args = list(ctx.args)
+        if not any(a == "--port" or a.startswith("--port=") for a in args):
+            args += ["--port", str(DEFAULT_PORT)]  # where `vlmbatch run` looks by default
+        serve(settings_from_args(args, prog="vlmbatch emulate"))
