@@ -179,6 +179,10 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     from flows.progress import progress_bar
     from flows.report import print_summary
 
+    what = "dry run: " if cfg.dry_run else ""
+    images = f" over {plan.num_images} images" if plan.images is not None else " (text only)"
+    typer.echo(f"{what}{plan.work_items} work items{images}; starting the annotate flow", err=True)
+
     try:
         with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
             summary = asyncio.run(annotate(cfg))
