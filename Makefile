@@ -29,5 +29,13 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Throughput benchmarks (never part of `make test`); a few minutes on 2 cores. Full sizes: see bench/README.md.
+bench: $(STAMP)
+	$(BIN)/python bench/images.py
+	$(BIN)/python bench/saturation.py
+	$(BIN)/python bench/client_cpu.py
+	$(BIN)/python bench/memory.py --sizes 10000,50000
+	$(BIN)/python bench/rerun.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out
