@@ -28,19 +28,21 @@ class Loaded:
     fingerprint: str | None
 
 
-def fingerprint(source: ImageSource, image_root: Path) -> str | None:
-    """A cheap identity of a source's content: a path with its size and mtime, or a URL."""
+def fingerprint(source: ImageSource) -> str | None:
+    """A cheap identity of a source's content: a path with its size and mtime, or a URL.
+
+    No containment check here (``Path.resolve`` is the costliest step per image): a cache hit only
+    ever lets work be skipped, and an image that is read goes through ``read_image_bytes``, which
+    enforces the image root.
+    """
     if source.kind == "url":
         return f"url:{source.value!s}"
     if source.kind == "path":
         try:
-            path = Path(str(source.value)).resolve()
-            if not path.is_relative_to(image_root):
-                return None
-            st = path.stat()
+            st = os.stat(str(source.value))
         except OSError:
             return None
-        return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
+        return f"file:{source.value!s}:{st.st_size}:{st.st_mtime_ns}"
     return None
 
 
@@ -81,7 +83,7 @@ class ImageLoader:
     async def load(self, source: ImageSource) -> Loaded:
         """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes."""
         loop = asyncio.get_running_loop()
-        fp = await loop.run_in_executor(self.pool, fingerprint, source, self.image_root)
+        fp = await loop.run_in_executor(self.pool, fingerprint, source)
         if fp is not None and self.use_cache:
             sha = self.hashes.get(fp)
             if sha is not None:
