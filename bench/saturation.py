@@ -27,6 +27,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -61,6 +62,35 @@ def parse_setting(text: str) -> tuple[int, float]:
     return int(concurrency), float(latency)
 
 
+def _row(
+    client: str,
+    concurrency: int,
+    latency: float,
+    n: int,
+    window: float,
+    elapsed: float,
+    in_flight: object,
+    proc: Any,
+) -> list[object]:
+    """One table row: the endpoint's view (window) and the client's own (elapsed), against the ideal C/L."""
+    ideal = concurrency / latency
+    ideal_s = math.ceil(n / concurrency) * latency
+    return [
+        client,
+        f"{concurrency} / {latency:g} s",
+        f"{ideal:.0f}",
+        f"{ideal_s:.1f}",
+        f"{window:.1f}",
+        f"{n / window:.0f}",
+        f"**{n / window / ideal:.1%}**",
+        f"{elapsed:.1f}",
+        f"{n / elapsed / ideal:.1%}",
+        in_flight,
+        f"{proc.wall_s - elapsed:.1f}",
+        f"{proc.cpu_s:.1f}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,8 +111,6 @@ def main() -> None:
         images = distinct_images(tmp / "manifest", n)
         prompts = caption_prompt(tmp / "manifest")
         for concurrency, latency in settings:
-            ideal = concurrency / latency
-            ideal_s = math.ceil(n / concurrency) * latency
             with emulator(latency=latency, max_concurrency=concurrency) as emu:
                 log(f"C={concurrency} L={latency}: vlmbatch run...")
                 run = vlmbatch_run(
@@ -95,22 +123,7 @@ def main() -> None:
                 )
                 window, in_flight = endpoint_window(emu, latency, n)
                 flow_s = run.flow_elapsed_s or float("nan")
-                rows.append(
-                    [
-                        "vlmbatch run",
-                        f"{concurrency} / {latency:g} s",
-                        f"{ideal:.0f}",
-                        f"{ideal_s:.1f}",
-                        f"{window:.1f}",
-                        f"{n / window:.0f}",
-                        f"**{n / window / ideal:.1%}**",
-                        f"{flow_s:.1f}",
-                        f"{n / flow_s / ideal:.1%}",
-                        in_flight,
-                        f"{run.wall_s - flow_s:.1f}",
-                        f"{run.cpu_s:.1f}",
-                    ]
-                )
+                rows.append(_row("vlmbatch run", concurrency, latency, n, window, flow_s, in_flight, run))
                 log(f"  endpoint window {window:.1f} s, flow {flow_s:.1f} s, wall {run.wall_s:.1f} s")
                 if args.no_plain:
                     continue
@@ -135,20 +148,7 @@ def main() -> None:
                 window, in_flight = endpoint_window(emu, latency, n)
                 elapsed = result["elapsed_s"]
                 rows.append(
-                    [
-                        "plain asyncio + openai",
-                        f"{concurrency} / {latency:g} s",
-                        f"{ideal:.0f}",
-                        f"{ideal_s:.1f}",
-                        f"{window:.1f}",
-                        f"{n / window:.0f}",
-                        f"**{n / window / ideal:.1%}**",
-                        f"{elapsed:.1f}",
-                        f"{n / elapsed / ideal:.1%}",
-                        in_flight,
-                        f"{plain.wall_s - elapsed:.1f}",
-                        f"{plain.cpu_s:.1f}",
-                    ]
+                    _row("plain asyncio + openai", concurrency, latency, n, window, elapsed, in_flight, plain)
                 )
                 log(f"  endpoint window {window:.1f} s, script {elapsed:.1f} s ({result})")
 
