@@ -37,6 +37,7 @@ from tasks.outputs import (
     OutLock,
     OutputStore,
     check_out_dir,
+    check_schema,
     prepare_out_dir,
     read_index,
     remove_temporaries,
@@ -119,6 +120,8 @@ def plan_run(config: RunConfig) -> RunPlan:
         image_root = images.base_dir if images is not None else Path.cwd()
     if not config.dry_run:
         check_out_dir(config.out)
+        carry = images.carry_schema if images is not None else None
+        check_schema(config.out, output_schema(carry))
     return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve())
 
 

@@ -107,6 +107,34 @@ def remove_temporaries(out: Path) -> int:
     return len(stale)
 
 
+def check_schema(out: str | Path, schema: pa.Schema) -> None:
+    """OUT's existing files must have this run's columns, or pyarrow.dataset(OUT) would read them
+    inconsistently: raise UsageError naming the difference (e.g. other --carry columns)."""
+    path = Path(out)
+    files = part_files(path) if path.is_dir() else []
+    if not files:
+        return
+    existing = pq.read_schema(files[-1])
+    if existing.equals(schema):
+        return
+    ours, theirs = set(schema.names), set(existing.names)
+    missing, extra = sorted(theirs - ours), sorted(ours - theirs)
+    changed = sorted(n for n in ours & theirs if not schema.field(n).type.equals(existing.field(n).type))
+    detail = "; ".join(
+        part
+        for part in (
+            f"its files also have {', '.join(missing)}" if missing else "",
+            f"this run adds {', '.join(extra)}" if extra else "",
+            f"types differ for {', '.join(changed)}" if changed else "",
+        )
+        if part
+    )
+    raise UsageError(
+        f"--out {path} holds rows with other columns ({detail or 'column order differs'}); rerun with the "
+        "same --carry columns, or write to a new --out"
+    )
+
+
 def read_index(out: Path) -> tuple[OutputIndex, HashCache]:
     """The index of what OUT holds (empty if OUT does not exist); read-only."""
     if not out.is_dir():

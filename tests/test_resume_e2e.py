@@ -180,3 +180,18 @@ def test_a_short_blip_inside_the_window_is_retried(tmp_path: Path, emulator: Emu
     )
     assert res.code == 0, res.err
     assert sum(r["attempts"] for r in rows(tmp_path / "out")) == 6
+
+
+def test_a_rerun_with_other_columns_is_refused_before_sending(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    images = images_manifest(tmp_path, _specs(2), title=["a", "b"], score=[1, 2])
+    out = tmp_path / "out"
+    base = ["run", images, "--out", out, "--base-url", emulator.base_url]
+    assert vlmbatch(*base, "--carry", "title").code == 0
+    emulator.reset()
+    res = vlmbatch(*base, "--carry", "score")
+    assert res.code == 1
+    assert "its files also have title" in res.err and "this run adds score" in res.err
+    assert emulator.stats()["requests_total"] == 0
+    assert vlmbatch(*base, "--carry", "title").code == 0  # the same columns: fine (and nothing to redo)
