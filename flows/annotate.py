@@ -26,6 +26,7 @@ from tasks.config import RunConfig
 from tasks.endpoint import load_api_key
 from tasks.endpoint_limit import EndpointLimit
 from tasks.errors import ConfigError, EndpointUnusable, ManifestError, RunInterrupted
+from tasks.json_columns import json_fields
 from tasks.manifests import (
     ImagesManifest,
     Prompt,
@@ -44,7 +45,7 @@ from tasks.outputs import (
 )
 from tasks.partitions import needs_date, resolve_paths, scheduled_date
 from tasks.preflight import PreflightFailed, preflight
-from tasks.results import ResultRow, output_schema
+from tasks.results import OUTPUT_SCHEMA, ResultRow, output_schema
 from tasks.shard_runner import ShardRunner
 from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
 from tasks.summary import RunSummary, SummaryBuilder
@@ -70,6 +71,7 @@ class RunPlan:
     images: ImagesManifest | None  # None: a text-only run (prompts without images)
     prompts: PromptPlan
     image_root: Path
+    output_schema: pa.Schema  # the contract's columns, carried ones, typed JSON ones
 
     @property
     def num_images(self) -> int:
@@ -78,10 +80,6 @@ class RunPlan:
     @property
     def base_dir(self) -> Path:
         return self.images.base_dir if self.images is not None else self.image_root
-
-    @property
-    def carry_schema(self) -> pa.Schema | None:
-        return self.images.carry_schema if self.images is not None else None
 
     @property
     def work_items(self) -> int:
@@ -120,9 +118,18 @@ def plan_run(config: RunConfig) -> RunPlan:
         image_root = images.base_dir if images is not None else Path.cwd()
     if not config.dry_run:
         check_out_dir(config.out)
-        carry = images.carry_schema if images is not None else None
-        check_schema(config.out, output_schema(carry))
-    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve())
+        check_schema(config.out, _output_schema(config, images, prompts))
+    schema = _output_schema(config, images, prompts)
+    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema)
+
+
+def _output_schema(
+    config: RunConfig, images: ImagesManifest | None, prompts: list[Prompt] | None
+) -> pa.Schema:
+    carry = images.carry_schema if images is not None else None
+    if not (config.json_columns and prompts):
+        return output_schema(carry)
+    return output_schema(carry, json_fields(prompts, [*OUTPUT_SCHEMA.names, *(carry.names if carry else [])]))
 
 
 def _check_text_only(config: RunConfig, prompts: list[Prompt] | None) -> None:
@@ -219,7 +226,7 @@ async def annotate(config: RunConfig) -> RunSummary:
             cleanup.callback(lock.release)
             remove_temporaries(out)
             index, hashes = read_index(out)
-            store = OutputStore(out, output_schema(plan.carry_schema), run_id.replace("-", "")[:12], index)
+            store = OutputStore(out, plan.output_schema, run_id.replace("-", "")[:12], index)
             if healed := store.heal_duplicates():
                 logger.warning("removed %d duplicate rows left by an interrupted run", healed)
                 index = store.index

@@ -129,6 +129,9 @@ def run(
         bool | None, Opt("--dry-run", help="Validate and load every image; send nothing.")
     ] = None,
     force: Annotated[bool | None, Opt("--force", help="Re-run items already ok in OUT.")] = None,
+    json_columns: Annotated[
+        bool | None, Opt("--json-columns", help="Also write JSON Schema properties as typed columns.")
+    ] = None,
     date: Annotated[str | None, Opt(help="Date partition YYYY-MM-DD: fills {date} in paths.")] = None,
     outage_window: Annotated[
         float | None, Opt(help="Seconds the endpoint may be unreachable before exit 3.  [default: 60]")

@@ -157,6 +157,9 @@ class RunConfig(_Section):
     limit: int | None = Field(None, ge=1, description="only the first N work items")
     dry_run: bool = False
     force: bool = Field(False, description="re-run items already ok in OUT")
+    json_columns: bool = Field(
+        False, description="write the JSON Schemas' top-level properties as typed columns"
+    )
     date: str | None = Field(None, description="date partition YYYY-MM-DD: fills {date} in paths")
     endpoint: EndpointConfig = EndpointConfig()
     generation: GenerationConfig = GenerationConfig()

@@ -109,7 +109,7 @@ def remove_temporaries(out: Path) -> int:
 
 def check_schema(out: str | Path, schema: pa.Schema) -> None:
     """OUT's existing files must have this run's columns, or pyarrow.dataset(OUT) would read them
-    inconsistently: raise UsageError naming the difference (e.g. other --carry columns)."""
+    inconsistently: raise UsageError naming the difference (other --carry or --json-columns)."""
     path = Path(out)
     files = part_files(path) if path.is_dir() else []
     if not files:
@@ -131,7 +131,7 @@ def check_schema(out: str | Path, schema: pa.Schema) -> None:
     )
     raise UsageError(
         f"--out {path} holds rows with other columns ({detail or 'column order differs'}); rerun with the "
-        "same --carry columns, or write to a new --out"
+        "same --carry and --json-columns options, or write to a new --out"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.errors import ItemFailure
+from tasks.json_columns import PROPERTY_KEY, json_value
 
 
 @dataclass(slots=True)
@@ -85,11 +87,12 @@ if OUTPUT_SCHEMA.names != _FIELDS:  # pragma: no cover - a programming error, ca
     raise RuntimeError(f"ResultRow fields {_FIELDS} do not match OUTPUT_SCHEMA {OUTPUT_SCHEMA.names}")
 
 
-def output_schema(carry_schema: pa.Schema | None = None) -> pa.Schema:
-    """The contract's columns followed by the carried ones."""
-    if carry_schema is None or len(carry_schema) == 0:
+def output_schema(carry_schema: pa.Schema | None = None, extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The contract's columns, then the carried ones, then any typed JSON columns (``--json-columns``)."""
+    carried = list(carry_schema) if carry_schema is not None else []
+    if not carried and not extra:
         return OUTPUT_SCHEMA
-    return pa.schema([*OUTPUT_SCHEMA, *carry_schema])
+    return pa.schema([*OUTPUT_SCHEMA, *carried, *extra])
 
 
 def rows_to_table(rows: list[ResultRow], schema: pa.Schema) -> pa.Table:
@@ -97,6 +100,9 @@ def rows_to_table(rows: list[ResultRow], schema: pa.Schema) -> pa.Table:
     for row in rows:
         for name in _FIELDS:
             columns[name].append(getattr(row, name))
-        for name in schema.names[len(_FIELDS) :]:
-            columns[name].append(row.carry.get(name))
+        for extra in list(schema)[len(_FIELDS) :]:
+            if extra.metadata and PROPERTY_KEY in extra.metadata:
+                columns[extra.name].append(json_value(row.json, extra))
+            else:
+                columns[extra.name].append(row.carry.get(extra.name))
     return pa.table({name: pa.array(columns[name], type=schema.field(name).type) for name in schema.names})

@@ -216,3 +216,38 @@ def test_requests_per_minute_are_spaced(tmp_path: Path, emulator: EmulatorServer
     arrivals = sorted(entry["t"] for entry in emulator.stats()["log"])
     assert len(arrivals) == 5
     assert arrivals[-1] - arrivals[0] >= 4 * 0.5 * 0.9  # 2 per second (transit jitter aside)
+
+
+def test_json_columns_are_typed(tmp_path: Path, emulator: EmulatorServer) -> None:
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    schema = {**SCHEMA, "properties": {**SCHEMA["properties"], "text": {"type": "integer"}}}
+    schema["required"] = [*SCHEMA["required"], "text"]
+    images = images_manifest(tmp_path, {"a": ((20, 10), "green"), "b": ((21, 10), "green")})
+    prompts = prompts_manifest(
+        tmp_path,
+        [
+            {"prompt_id": "cap", "prompt": "Describe."},
+            {"prompt_id": "meta", "prompt": "Tag.", "json_schema": json.dumps(schema)},
+        ],
+    )
+    out = tmp_path / "out"
+    base = ["run", images, "--prompts", prompts, "--out", out, "--base-url", emulator.base_url]
+    assert vlmbatch(*base, "--json-columns").code == 0
+    table = ds.dataset(out).to_table()
+    assert table.schema.field("tags").type == pa.list_(pa.string())
+    assert table.schema.field("indoor").type == pa.bool_()
+    assert table.schema.field("json_text").type == pa.int64()  # "text" is a contract column
+    for row in table.to_pylist():
+        if row["prompt_id"] == "meta":
+            document = json.loads(row["json"])
+            assert (row["tags"], row["indoor"], row["json_text"]) == (
+                document["tags"],
+                document["indoor"],
+                document["text"],
+            )
+        else:
+            assert row["tags"] is None and row["indoor"] is None
+    res = vlmbatch(*base)  # the same OUT without the typed columns: refused
+    assert res.code == 1 and "its files also have caption, indoor, json_text, tags" in res.err
