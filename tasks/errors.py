@@ -69,6 +69,15 @@ class ItemFailure(Exception):
     def __str__(self) -> str:
         return f"{self.error_type}: {self.message}"
 
+    def about(self, what: str) -> ItemFailure:
+        """The same failure, its message prefixed with what it concerns (e.g. which of several images)."""
+        return type(self)(
+            self.error_type,
+            f"{what}: {self.message}",
+            http_status=self.http_status,
+            retry_after=self.retry_after,
+        )
+
 
 class ImageFailure(ItemFailure):
     """The image could not be read or prepared; no request is sent for its work items."""

@@ -148,9 +148,7 @@ class ShardRunner:
                 loaded.append((source, one))
                 refs.append(image_ref(one.sha256))
         except ItemFailure as failure:
-            self._fail_unreadable(
-                shard_index, job, type(failure)(failure.error_type, f"image {current!r}: {failure}")
-            )
+            self._fail_unreadable(shard_index, job, failure.about(f"image {current!r}"))
             return
         if self._done(job.image_id, prompt, refs):
             self._skip(1)
@@ -165,9 +163,7 @@ class ShardRunner:
                 prepared.append(image)
                 urls.append(image.url)
         except ItemFailure as failure:
-            row = self._row(job, prompt).fail(
-                type(failure)(failure.error_type, f"image {current!r}: {failure}")
-            )
+            row = self._row(job, prompt).fail(failure.about(f"image {current!r}"))
             self._emit(shard_index, row)
             return
         await self._ask(shard_index, job, prompt, urls, refs, prepared[0] if prepared else None)

@@ -190,6 +190,13 @@ def test_several_images_in_one_prompt(tmp_path: Path, emulator: EmulatorServer) 
     )
     res = vlmbatch("run", images, "--prompts", bad, "--out", tmp_path / "o2", "--base-url", emulator.base_url)
     assert res.code == 1 and "names images not in the images manifest ('zz')" in res.err
+    (tmp_path / "img" / "b.jpg").unlink()  # one of a prompt's images is gone: its row fails, naming it
+    res = vlmbatch(
+        "run", images, "--prompts", prompts, "--out", tmp_path / "o3", "--base-url", emulator.base_url
+    )
+    assert res.code == 2
+    failed = {r["prompt_id"]: r for r in rows(tmp_path / "o3")}["all"]
+    assert failed["error_type"] == "missing_image" and failed["error_message"].startswith("image 'b': ")
 
 
 def test_auto_concurrency_backs_off_under_429s(tmp_path: Path) -> None:
