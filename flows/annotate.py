@@ -116,10 +116,10 @@ def plan_run(config: RunConfig) -> RunPlan:
             raise ConfigError(f"--image-root {image_root} is not a directory")
     else:
         image_root = images.base_dir if images is not None else Path.cwd()
+    schema = _output_schema(config, images, prompts)
     if not config.dry_run:
         check_out_dir(config.out)
-        check_schema(config.out, _output_schema(config, images, prompts))
-    schema = _output_schema(config, images, prompts)
+        check_schema(config.out, schema)
     return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema)
 
 

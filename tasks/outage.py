@@ -54,10 +54,6 @@ class OutageDetector:
         self.failing_since = None
         self.streak = {"auth": 0, "not_found": 0}
 
-    @property
-    def suspecting(self) -> bool:
-        return self.failing_since is not None or any(self.streak.values())
-
     def failure(self, failure: RequestFailure) -> str | None:
         """Record a failed attempt; returns the verdict when this failure makes the endpoint unusable."""
         if self.verdict is not None:
