@@ -54,3 +54,13 @@ def prompts_manifest(tmp: Path, rows: list[dict[str, Any]], name: str = "prompts
         typ = pa.int64() if key == "max_tokens" else pa.string()
         columns[key] = pa.array(values, type=typ)
     return write_parquet(tmp / name, columns)
+
+
+class Clock:
+    """A clock for tests: ``now`` is set by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now

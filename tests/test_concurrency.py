@@ -1,14 +1,7 @@
 import asyncio
 
 from tasks.concurrency import InFlightLimiter, RateLimiter, Slot, estimate_tokens
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.builders import Clock
 
 
 def test_fixed_limit_bounds_requests_in_flight() -> None:

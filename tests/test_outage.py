@@ -1,14 +1,7 @@
 from tasks.errors import RequestFailure
 from tasks.outage import OutageDetector, is_outage_failure
 from tasks.output_index import HashCache, OutputIndex, SortedTable, identity_hash
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.builders import Clock
 
 
 def refused() -> RequestFailure:
