@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin
 
+from tasks import images
 from tasks.config import PIXELS_PER_SOFT_TOKEN, ImageConfig
 from tasks.errors import ImageFailure
 from tasks.image_sources import parse_image_value
@@ -174,18 +175,18 @@ def test_big_jpeg_is_downscaled_through_draft(monkeypatch: pytest.MonkeyPatch) -
     data = encode(quadrants((4000, 3000), (RED, GREEN, BLUE, YELLOW)), "JPEG", quality=80)
     drafts: list[tuple[object, ...]] = []
     resized_from: list[tuple[int, int]] = []
-    real_draft, real_resize = JpegImagePlugin.JpegImageFile.draft, Image.Image.resize
+    real_draft, real_resize = JpegImagePlugin.JpegImageFile.draft, images._resize
 
     def spy_draft(self: JpegImagePlugin.JpegImageFile, mode: str | None, size: tuple[int, int] | None) -> Any:
         drafts.append((mode, size))
         return real_draft(self, mode, size)
 
-    def spy_resize(self: Image.Image, *args: Any, **kwargs: Any) -> Image.Image:
-        resized_from.append(self.size)
-        return real_resize(self, *args, **kwargs)
+    def spy_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+        resized_from.append(img.size)
+        return real_resize(img, size)
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy_draft)
-    monkeypatch.setattr(Image.Image, "resize", spy_resize)
+    monkeypatch.setattr(images, "_resize", spy_resize)
     prepared = prepare_image(data, CONFIG)
 
     target = target_size(4000, 3000, CONFIG.max_pixels)
