@@ -21,6 +21,7 @@ from emulator.images import ImageInfo
 from emulator.validation import ChatRequest
 
 CHARS_PER_TOKEN = 4
+PREVIOUS_QUOTED = 40  # characters of the previous answer a follow-up quotes
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +38,19 @@ def prompt_tokens(request: ChatRequest, images: Sequence[ImageInfo]) -> int:
     return _tokens(request.text_chars) + sum(info.tokens for info in images)
 
 
-def caption(prompt: str, images: Sequence[ImageInfo]) -> str:
-    """``A 803×602 image, mostly orange (a1b2c3d4). Prompt: "..."``, one clause per image."""
+def caption(prompt: str, images: Sequence[ImageInfo], previous: str | None = None) -> str:
+    """``A 803×602 image, mostly orange (a1b2c3d4). Prompt: "..."``, one clause per image.
+
+    In a multi-turn conversation, the start of the previous answer is quoted too (``After: "..."``),
+    so a test can see which answer a follow-up question was asked after.
+    """
+    after = f' After: "{previous[:PREVIOUS_QUOTED]}".' if previous else ""
     if not images:
-        return f'No image. Prompt: "{prompt}"'
+        return f'No image.{after} Prompt: "{prompt}"'
     clauses = " ".join(
         f"A {info.width}×{info.height} image, mostly {info.colour} ({info.fingerprint})." for info in images
     )
-    return f'{clauses} Prompt: "{prompt}"'
+    return f'{clauses}{after} Prompt: "{prompt}"'
 
 
 def reasoning_text(prompt: str, images: Sequence[ImageInfo], effort: str = "medium") -> str:
@@ -71,7 +77,7 @@ def answer(
     request: ChatRequest, images: Sequence[ImageInfo], budget: int, prompt_count: int, text: str | None = None
 ) -> Answer:
     """The answer within ``budget`` completion tokens (reasoning first, then ``text``, else the caption)."""
-    text = caption(request.prompt, images) if text is None else text
+    text = caption(request.prompt, images, request.previous_answer) if text is None else text
     content: str | None = text
     reasoning = reasoning_text(request.prompt, images, request.effort) if request.thinking else None
     finish = "stop"

@@ -141,7 +141,9 @@ async def _generate(
     text = None
     if chat.output is not None:
         bad = planned == "bad_json"
-        text = render(chat.output, caption(chat.prompt, infos), chat.prompt, infos, bad=bad)
+        text = render(
+            chat.output, caption(chat.prompt, infos, chat.previous_answer), chat.prompt, infos, bad=bad
+        )
         if bad:
             outcome.fault = planned
     result = answer(chat, infos, budget, prompt_count, text)

@@ -38,6 +38,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     effort: str = "medium"  # the Responses API's reasoning.effort
+    previous_answer: str | None = None  # the last assistant turn's text, in a multi-turn conversation
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -64,12 +65,15 @@ def validate_chat(body: dict[str, Any], settings: EmulatorSettings) -> ChatReque
     images: list[str] = []
     text_chars = 0
     prompt = ""
+    previous: str | None = None
     for message in messages:
         texts, urls = _content_parts(message)
         images.extend(urls)
         text_chars += sum(len(text) for text in texts)
         if message["role"] == "user":
             prompt = " ".join(texts)
+        elif message["role"] == "assistant":
+            previous = " ".join(texts)
     limit = settings.max_images_per_prompt
     if len(images) > limit:
         raise ApiError(400, f"At most {limit} image(s) may be provided in one prompt.")
@@ -90,6 +94,7 @@ def validate_chat(body: dict[str, Any], settings: EmulatorSettings) -> ChatReque
         output=chat_output_format(body),
         stream=body.get("stream") is True,
         include_usage=stream_options.get("include_usage") is True,
+        previous_answer=previous,
     )
 
 

@@ -275,7 +275,7 @@ async def annotate(config: RunConfig) -> RunSummary:
     await publish_summary(result, key=artifact_key("annotate-summary", config.date), title=title)
     if stop.reason == "outage":
         raise EndpointUnusable(f"aborted: {stop.message}", result)
-    if stop.reason is None and not config.dry_run and (verdict := runner.detector.final_verdict()):
+    if stop.reason is None and runner.sender and (verdict := runner.sender.detector.final_verdict()):
         raise EndpointUnusable(f"aborted: {verdict}", result)
     if stop.reason in EXIT_CODES:
         raise RunInterrupted(

@@ -8,6 +8,7 @@ Row-level failures (the row gets ``status=failed`` and an ``error_type``)::
         ├── transient            rate_limited, timeout, server_error, connection,
         │                        invalid_response                   (retried by tasks.retry)
         └── terminal             bad_request, auth, not_found, invalid_json
+    parent_failed                a chained prompt whose parent failed (no request sent)
 
 Run-level failures (nothing is sent, exit 1)::
 
@@ -26,6 +27,8 @@ The ``error_type`` names are the contract's (CONTRACT.md §2); ``ERROR_TYPES`` d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 ERROR_TYPES: dict[str, str] = {
     "missing_image": "the image file or value does not exist (no request sent)",
     "bad_image": "the image could not be read, decoded or is too large (no request sent)",
@@ -38,6 +41,7 @@ ERROR_TYPES: dict[str, str] = {
     "connection": "the endpoint could not be reached until retries ran out",
     "invalid_response": "the endpoint's answer could not be parsed until retries ran out",
     "invalid_json": "structured output did not parse or validate against the prompt's schema",
+    "parent_failed": "the prompt's parent prompt failed for this image, so it was not sent",
 }
 
 TRANSIENT_TYPES = frozenset({"rate_limited", "timeout", "server_error", "connection", "invalid_response"})
@@ -93,6 +97,16 @@ class UsageError(Exception):
 
 class ConfigError(UsageError):
     """An option, environment variable or config-file key has a bad value."""
+
+
+MAX_LISTED = 10  # rows or values named in one manifest message
+
+
+def rows_phrase(positions: Sequence[int]) -> str:
+    """``row 3`` or ``rows 1, 4 and 12 more``: the manifest rows (0-based) a message names."""
+    shown = ", ".join(str(p) for p in positions[:MAX_LISTED])
+    more = f" and {len(positions) - MAX_LISTED} more" if len(positions) > MAX_LISTED else ""
+    return f"row{'s' if len(positions) != 1 else ''} {shown}{more}"
 
 
 class ManifestError(UsageError):

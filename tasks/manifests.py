@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 from jsonschema import SchemaError
 from jsonschema.validators import validator_for
 
-from tasks.errors import ManifestError
-
-MAX_LISTED = 10  # rows or values named in one message
+from tasks.chains import order_chains
+from tasks.errors import MAX_LISTED, ManifestError
+from tasks.errors import rows_phrase as _rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class Prompt:
     max_tokens: int | None = None
     reasoning: bool | None = None  # None: the run's --reasoning
     image_ids: tuple[str, ...] | None = None  # several images in one message, in this order
+    parent_prompt_id: str | None = None  # asked after this prompt, with its conversation (a chain)
 
 
 DEFAULT_PROMPT = Prompt(
@@ -43,12 +44,6 @@ DEFAULT_PROMPT = Prompt(
     prompt="Describe this image in one or two sentences.",
     task="caption",
 )
-
-
-def _rows(positions: Sequence[int]) -> str:
-    shown = ", ".join(str(p) for p in positions[:MAX_LISTED])
-    more = f" and {len(positions) - MAX_LISTED} more" if len(positions) > MAX_LISTED else ""
-    return f"row{'s' if len(positions) != 1 else ''} {shown}{more}"
 
 
 def parquet_files(path: Path, what: str) -> list[Path]:
@@ -202,6 +197,7 @@ PROMPT_COLUMNS: dict[str, tuple[object, str, bool]] = {
     "max_tokens": (pa.types.is_integer, "integer", False),
     "reasoning": (pa.types.is_boolean, "boolean", False),
     "image_ids": (lambda t: pa.types.is_list(t) or pa.types.is_large_list(t), "list of strings", False),
+    "parent_prompt_id": (_is_id, "string", False),
 }
 
 
@@ -217,7 +213,7 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
                 _check_column(schema, name, check, expected, file)
                 present.append(name)
         table = pq.read_table(file, columns=present)
-        for name in ("prompt_id", "image_id"):
+        for name in ("prompt_id", "image_id", "parent_prompt_id"):
             if name in table.column_names:
                 table = table.set_column(table.schema.get_field_index(name), name, _as_text(table[name]))
         tables.append(table)
@@ -252,13 +248,14 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
             Prompt(
                 prompt_id=rec["prompt_id"],
                 prompt=text,
-                task=rec.get("task") or ("caption" if image_id is None and image_ids is None else "qa"),
+                task=rec.get("task") or _default_task(image_id, image_ids, rec.get("parent_prompt_id")),
                 image_id=image_id,
                 system=rec.get("system"),
                 json_schema=schema,
                 max_tokens=rec.get("max_tokens"),
                 reasoning=rec.get("reasoning"),
                 image_ids=image_ids,
+                parent_prompt_id=rec.get("parent_prompt_id"),
             )
         )
     if empty:
@@ -272,7 +269,11 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
         )
     if not prompts:
         raise ManifestError(f"{where}: the prompts manifest has no rows")
-    return prompts
+    return order_chains(prompts, where)
+
+
+def _default_task(image_id: str | None, image_ids: object, parent: str | None) -> str:
+    return "caption" if image_id is None and image_ids is None and parent is None else "qa"
 
 
 def _check_schema(text: str, where: Path, row: int) -> None:

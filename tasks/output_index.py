@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -100,6 +101,50 @@ class OutputIndex:
         for pos in self.table.duplicates():
             found.setdefault(where[pos] >> 1, set()).add(self.table.keys[pos])
         return found
+
+
+class StoredAnswers:
+    """The text of ``ok`` rows already in OUT, read back for chained prompts whose parent is done.
+
+    A child re-asked on a rerun needs its parent's answer as the conversation's assistant turn. The
+    index says which file holds the parent's row; that file's ok answers are read once and kept for
+    the few files most recently used (a rerun walks OUT's files roughly in order), so memory stays
+    bounded by a few shards' text whatever the output's size.
+    """
+
+    def __init__(self, index: OutputIndex, keep_files: int = 8) -> None:
+        self.index = index
+        self.keep_files = keep_files
+        self._files: OrderedDict[int, dict[int, str]] = OrderedDict()
+
+    def text(self, image_id: str | None, prompt_id: str) -> str | None:
+        """The stored answer of an ``ok`` row, or None (no row, failed, no text, or its file is gone)."""
+        found = self.index.lookup(image_id, prompt_id)
+        if found is None or not found[0]:
+            return None
+        return self._answers(found[2]).get(identity_hash(image_id, prompt_id))
+
+    def _answers(self, number: int) -> dict[int, str]:
+        answers = self._files.get(number)
+        if answers is not None:
+            self._files.move_to_end(number)
+            return answers
+        answers = {}
+        try:
+            table = pq.read_table(
+                self.index.files[number], columns=["image_id", "prompt_id", "status", "text"]
+            )
+        except FileNotFoundError:
+            table = None
+        if table is not None:
+            cols = [table[name].to_pylist() for name in ("image_id", "prompt_id", "status", "text")]
+            for image_id, prompt_id, status, text in zip(*cols, strict=True):
+                if status == "ok" and text is not None:
+                    answers[identity_hash(image_id, prompt_id)] = text
+        self._files[number] = answers
+        if len(self._files) > self.keep_files:
+            self._files.popitem(last=False)
+        return answers
 
 
 class HashCache:

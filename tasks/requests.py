@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.chains import Turn
 from tasks.concurrency import estimate_tokens
 from tasks.config import RunConfig
 from tasks.manifests import Prompt
@@ -52,22 +53,47 @@ def _sampling(config: RunConfig) -> dict[str, Any]:
 
 
 Images = str | Sequence[str] | None  # one image, several (in order), or none
+History = Sequence[Turn]  # a chained prompt's earlier turns, oldest first
 
 
 def _images(images: Images) -> list[str]:
     return [] if images is None else [images] if isinstance(images, str) else list(images)
 
 
-def _chat_body(prompt: Prompt, image_url: Images, config: RunConfig) -> dict[str, Any]:
+def _system(prompt: Prompt, history: History) -> str | None:
+    """The prompt's own system prompt, else its nearest ancestor's."""
+    for p in (prompt, *(turn.prompt for turn in reversed(history))):
+        if p.system:
+            return p.system
+    return None
+
+
+def _first_prompt(prompt: Prompt, history: History) -> Prompt:
+    return history[0].prompt if history else prompt
+
+
+def _later_turns(prompt: Prompt, history: History) -> list[tuple[str, str]]:
+    """(answer, next prompt's text) for each earlier turn: the assistant/user pairs after the first user."""
+    if not history:
+        return []
+    nexts = [turn.prompt for turn in history[1:]] + [prompt]
+    return [(turn.answer, nxt.prompt) for turn, nxt in zip(history, nexts, strict=True)]
+
+
+def _chat_body(prompt: Prompt, image_url: Images, config: RunConfig, history: History = ()) -> dict[str, Any]:
     gen = config.generation
     messages: list[dict[str, Any]] = []
-    if prompt.system:
-        messages.append({"role": "system", "content": prompt.system})
+    system = _system(prompt, history)
+    if system:
+        messages.append({"role": "system", "content": system})
     content: list[dict[str, Any]] = [
         {"type": "image_url", "image_url": {"url": u}} for u in _images(image_url)
     ]
-    content.append({"type": "text", "text": prompt.prompt})
+    content.append({"type": "text", "text": _first_prompt(prompt, history).prompt})
     messages.append({"role": "user", "content": content})
+    for answer, text in _later_turns(prompt, history):
+        messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
     body: dict[str, Any] = {
         "model": config.endpoint.model,
         "messages": messages,
@@ -90,18 +116,25 @@ def _chat_body(prompt: Prompt, image_url: Images, config: RunConfig) -> dict[str
     return body
 
 
-def _responses_body(prompt: Prompt, image_url: Images, config: RunConfig) -> dict[str, Any]:
+def _responses_body(
+    prompt: Prompt, image_url: Images, config: RunConfig, history: History = ()
+) -> dict[str, Any]:
     gen = config.generation
     content: list[dict[str, Any]] = [{"type": "input_image", "image_url": u} for u in _images(image_url)]
-    content.append({"type": "input_text", "text": prompt.prompt})
+    content.append({"type": "input_text", "text": _first_prompt(prompt, history).prompt})
+    items: list[dict[str, Any]] = [{"role": "user", "content": content}]
+    for answer, text in _later_turns(prompt, history):
+        items.append({"role": "assistant", "content": [{"type": "output_text", "text": answer}]})
+        items.append({"role": "user", "content": [{"type": "input_text", "text": text}]})
     body: dict[str, Any] = {
         "model": config.endpoint.model,
-        "input": [{"role": "user", "content": content}],
+        "input": items,
         "max_output_tokens": prompt.max_tokens or gen.max_tokens,
         **_sampling(config),
     }
-    if prompt.system:
-        body["instructions"] = prompt.system
+    system = _system(prompt, history)
+    if system:
+        body["instructions"] = system
     if _thinking(prompt, config):
         body["reasoning"] = {"effort": gen.reasoning_effort}
     if prompt.json_schema is not None:
@@ -110,35 +143,44 @@ def _responses_body(prompt: Prompt, image_url: Images, config: RunConfig) -> dic
     return body
 
 
-def _body(prompt: Prompt, image_url: Images, config: RunConfig) -> dict[str, Any]:
+def _body(prompt: Prompt, image_url: Images, config: RunConfig, history: History) -> dict[str, Any]:
     if config.endpoint.api == "responses":
-        return _responses_body(prompt, image_url, config)
-    return _chat_body(prompt, image_url, config)
+        return _responses_body(prompt, image_url, config, history)
+    return _chat_body(prompt, image_url, config, history)
 
 
-def request_key(prompt: Prompt, image: Images, config: RunConfig) -> str:
-    """``image``: the image's reference (``image_ref(sha256)`` or ``url:<url>``), several, or None."""
+def request_key(prompt: Prompt, image: Images, config: RunConfig, history: History = ()) -> str:
+    """``image``: the image's reference (``image_ref(sha256)`` or ``url:<url>``), several, or None.
+
+    ``history``: a chained prompt's earlier turns, whose answers the key covers too.
+    """
     image_settings = {"max_pixels": config.image.max_pixels, "jpeg_quality": config.image.jpeg_quality}
     canonical = {
         "v": KEY_VERSION,
         "api": config.endpoint.api,
-        "body": _body(prompt, image, config),
+        "body": _body(prompt, image, config, history),
         "preprocessing": image_settings if _images(image) else None,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def build_request(prompt: Prompt, image_url: Images, image: Images, config: RunConfig) -> Request:
-    """``image_url`` is what is sent (a data URL or an http(s) URL); ``image`` its reference for the key."""
-    body = _body(prompt, image_url, config)
+def build_request(
+    prompt: Prompt, image_url: Images, image: Images, config: RunConfig, history: History = ()
+) -> Request:
+    """``image_url`` is what is sent (a data URL or an http(s) URL); ``image`` its reference for the key.
+
+    ``history``: a chained prompt's earlier turns (tasks/chains.py), sent before it.
+    """
+    body = _body(prompt, image_url, config, history)
     if config.endpoint.stream and config.endpoint.api == "chat":
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     budget = prompt.max_tokens or config.generation.max_tokens
-    text = (prompt.system or "") + prompt.prompt
+    text = (_system(prompt, history) or "") + prompt.prompt
+    text += "".join(turn.prompt.prompt + turn.answer for turn in history)
     cost = estimate_tokens(text, len(_images(image_url)), config.image.max_soft_tokens, budget)
-    return Request(config.endpoint.api, body, request_key(prompt, image, config), cost)
+    return Request(config.endpoint.api, body, request_key(prompt, image, config, history), cost)
 
 
 def repair_request(request: Request, answer: str | None, error: str) -> Request:

@@ -1,13 +1,14 @@
 """Turn a shard's image jobs into result rows: images → requests → endpoint → rows.
 
-One ``ShardRunner`` per run, shared by all shard tasks in the run's event loop: it owns the endpoint
-client, the semaphore that bounds requests in flight across the whole run (held only while a request
-is on the wire, never during backoff), the image loader (tasks/image_loader.py) and the outage
-detector. Every failure becomes a row; nothing escapes a shard but cancellation.
+One ``ShardRunner`` per run, shared by all shard tasks in the run's event loop: it owns the image
+loader (tasks/image_loader.py) and the item sender (tasks/item_sender.py: request slots, rate limits,
+retries, outage detection). Every failure becomes a row; nothing escapes a shard but cancellation.
 
-A job is one image with its prompts, one multi-image prompt, or a text-only prompt. Resume: an item
-whose row in OUT is ``ok`` with the same request key is skipped; its image's sha256 comes from the hash
-cache when possible, so a rerun of a finished job reads no image.
+A job is one image with its prompts, one multi-image prompt, or a text-only prompt. A job's prompts
+are asked at once, except chained ones, asked when their parent has answered (tasks/chains.py).
+Resume: an item whose row in OUT is ``ok`` with the same request key is skipped; its image's sha256
+comes from the hash cache when possible, so a rerun of a finished job reads no image; a done parent's
+answer is read back from OUT when a child of it must be asked.
 """
 
 from __future__ import annotations
@@ -15,30 +16,44 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.answers import Answer
-from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, RateLimiter
+from tasks.chains import Turn, children_of, descendants
 from tasks.config import RunConfig
-from tasks.endpoint import EndpointClient
-from tasks.errors import ItemFailure, RequestFailure
+from tasks.errors import ItemFailure
 from tasks.image_loader import ImageLoader, Loaded
 from tasks.image_sources import ImageSource, is_http, parse_image_value
 from tasks.images import PreparedImage
+from tasks.item_sender import ItemSender
 from tasks.manifests import Prompt
-from tasks.outage import OutageDetector, is_outage_failure
-from tasks.output_index import HashCache, OutputIndex
+from tasks.output_index import HashCache, OutputIndex, StoredAnswers
 from tasks.outputs import OutputStore
-from tasks.requests import Images, Request, build_request, image_ref, repair_request, request_key
+from tasks.requests import History, Images, build_request, image_ref, request_key
 from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
-from tasks.structured import validate_json
-from tasks.work_items import NO_IMAGE, ImageJob, ManyImages, Shard, item_id
+from tasks.work_items import NO_IMAGE, ImageJob, ManyImages, Shard
 
 
-class _Dropped(Exception):
-    """The item was not finished because the run is stopping: it gets no row."""
+@dataclass(slots=True)
+class Pending:
+    """A job's prompts still to ask, and the stored answers of its done parents (by prompt_id)."""
+
+    prompts: list[Prompt]
+    answers: dict[str, str]
+
+
+def _history(prompt: Prompt, answers: dict[str, str], by_id: dict[str, Prompt]) -> History | None:
+    """The earlier turns of ``prompt``'s conversation from stored answers; None if its parent is unknown."""
+    turns: list[Turn] = []
+    parent = prompt.parent_prompt_id
+    while parent is not None:
+        if parent not in answers or parent not in by_id:
+            return None
+        turns.append(Turn(by_id[parent], answers[parent]))
+        parent = by_id[parent].parent_prompt_id
+    return tuple(reversed(turns))
 
 
 class ShardRunner:
@@ -64,29 +79,20 @@ class ShardRunner:
         self.stop = stop
         self.store = store
         self.index = index or OutputIndex.empty()
+        self.stored = StoredAnswers(self.index)  # done parents' answers, for their chained children
         self.on_row = on_row
         self.skipped = 0
-        self.policy = retry_policy or RetryPolicy(max_retries=config.endpoint.max_retries, sleep=stop.sleep)
-        self.detector = OutageDetector(
-            window=config.endpoint.outage_window, describe=config.endpoint.base_url
-        )
-        endpoint = config.endpoint
-        self.requests = InFlightLimiter(
-            endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
-        )
-        self.rate = RateLimiter(endpoint.rpm, endpoint.tpm)
         # images held in memory at once: enough to keep every request slot busy, no more
-        self.images_in_progress = asyncio.Semaphore(endpoint.in_flight_cap + 2 * (os.cpu_count() or 2))
-        self.client: EndpointClient | None = (
-            None if config.dry_run else EndpointClient(config.endpoint, api_key)
-        )
+        cap = config.endpoint.in_flight_cap
+        self.images_in_progress = asyncio.Semaphore(cap + 2 * (os.cpu_count() or 2))
+        self.sender = None if config.dry_run else ItemSender(config, stop, retry_policy, api_key)
         self.images = ImageLoader(
             config, image_root=image_root, hashes=hashes, use_cache=bool(len(self.index)) and not config.force
         )
 
     async def aclose(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        if self.sender is not None:
+            await self.sender.aclose()
         await self.images.aclose()
 
     async def run(self, shard: Shard) -> None:
@@ -99,7 +105,7 @@ class ShardRunner:
             if self.stop.is_set:
                 return
             if job.value is NO_IMAGE:
-                await self._ask_all(shard_index, job, job.prompts, None, None)
+                await self._ask_all(shard_index, job, None, None)
                 return
             if isinstance(job.value, ManyImages):
                 await self._many(shard_index, job, job.value)
@@ -108,7 +114,7 @@ class ShardRunner:
                 source = parse_image_value(job.value, manifest_dir=self.manifest_dir)
                 if is_http(source) and not self.images.fetches:  # --image-urls pass: the server fetches it
                     url = str(source.value)
-                    await self._ask_all(shard_index, job, job.prompts, url, f"url:{url}")
+                    await self._ask_all(shard_index, job, url, f"url:{url}")
                     return
                 loaded = await self.images.load(source)
             except ItemFailure as failure:
@@ -116,17 +122,17 @@ class ShardRunner:
                 return
             if self.store is not None and loaded.fingerprint is not None:
                 self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)
-            pending = [p for p in job.prompts if not self._done(job.image_id, p, image_ref(loaded.sha256))]
-            self._skip(len(job.prompts) - len(pending))
-            if not pending:
+            pending = self._pending(job.image_id, job.prompts, image_ref(loaded.sha256))
+            self._skip(len(job.prompts) - len(pending.prompts))
+            if not pending.prompts:
                 return
             try:
                 image = await self.images.prepare(source, loaded)
             except ItemFailure as failure:
-                for p in pending:
+                for p in pending.prompts:
                     self._emit(shard_index, self._row(job, p, sha256=loaded.sha256).fail(failure))
                 return
-            await self._ask_all(shard_index, job, pending, image.url, image_ref(image.sha256), image)
+            await self._ask_all(shard_index, job, image.url, image_ref(image.sha256), image, pending)
 
     async def _many(self, shard_index: int, job: ImageJob, many: ManyImages) -> None:
         """A multi-image prompt: every image read (and prepared) first, then one request with all."""
@@ -172,20 +178,99 @@ class ShardRunner:
         self,
         shard_index: int,
         job: ImageJob,
-        prompts: list[Prompt],
         url: str | None,
         ref: str | None,
         image: PreparedImage | None = None,
+        pending: Pending | None = None,
     ) -> None:
-        if image is None:  # a passed-through URL or no image: nothing read here, the key uses the URL
-            prompts = [p for p in prompts if not self._done(job.image_id, p, ref)]
-            self._skip(len(job.prompts) - len(prompts))
-        await asyncio.gather(*(self._ask(shard_index, job, p, url, ref, image) for p in prompts))
+        """Ask the job's pending prompts: roots at once, each chained prompt once its parent answered."""
+        if pending is None:  # a passed-through URL or no image: nothing read here, the key uses the URL
+            pending = self._pending(job.image_id, job.prompts, ref)
+            self._skip(len(job.prompts) - len(pending.prompts))
+        kids = children_of(pending.prompts)
+        waiting = {p.prompt_id for p in pending.prompts}
+        by_id = {p.prompt_id: p for p in job.prompts}
+        roots = [p for p in pending.prompts if p.parent_prompt_id not in waiting]
+        await asyncio.gather(
+            *(
+                self._chain(shard_index, job, p, _history(p, pending.answers, by_id), kids, url, ref, image)
+                for p in roots
+            )
+        )
 
-    def _done(self, image_id: str | None, prompt: Prompt, ref: Images) -> bool:
+    def _pending(self, image_id: str | None, prompts: list[Prompt], ref: Images) -> Pending:
+        """The prompts not yet done (a chained prompt is done only if its parent is), and the stored
+        answers of done prompts that have children among them."""
+        if self.config.force or not len(self.index):
+            return Pending(list(prompts), {})
+        parents = {p.parent_prompt_id for p in prompts}
+        by_id = {p.prompt_id: p for p in prompts}
+        answers: dict[str, str] = {}
+        todo: list[Prompt] = []
+        for p in prompts:  # parents first
+            parent = p.parent_prompt_id
+            history = _history(p, answers, by_id) if parent is None or parent in answers else None
+            if history is not None and self._done(image_id, p, ref, history):
+                text = self.stored.text(image_id, p.prompt_id) if p.prompt_id in parents else ""
+                if text is not None:
+                    answers[p.prompt_id] = text
+                    continue
+            todo.append(p)
+        return Pending(todo, answers)
+
+    def _done(self, image_id: str | None, prompt: Prompt, ref: Images, history: History = ()) -> bool:
         if self.config.force or not len(self.index):
             return False
-        return self.index.is_done(image_id, prompt.prompt_id, request_key(prompt, ref, self.config))
+        key = request_key(prompt, ref, self.config, history)
+        return self.index.is_done(image_id, prompt.prompt_id, key)
+
+    async def _chain(
+        self,
+        shard_index: int,
+        job: ImageJob,
+        prompt: Prompt,
+        history: History | None,
+        kids: dict[str, list[Prompt]],
+        url: Images,
+        ref: Images,
+        image: PreparedImage | None,
+    ) -> None:
+        """Ask ``prompt`` (``history``: its conversation so far), then its chained children."""
+        below = kids.get(prompt.prompt_id, [])
+        if history is None:  # its parent is in no job with it: nothing to continue
+            failure = ItemFailure("parent_failed", f"parent prompt {prompt.parent_prompt_id!r} was not asked")
+            for p in [prompt, *descendants(prompt, kids)]:
+                self._emit(shard_index, self._row(job, p, image).fail(failure))
+            return
+        if history and self._done(job.image_id, prompt, ref, history):  # its parent answered as before
+            text = self.stored.text(job.image_id, prompt.prompt_id)
+            if text is not None or not below:
+                self._skip(1)
+                turns = (*history, Turn(prompt, text or ""))
+                await asyncio.gather(
+                    *(self._chain(shard_index, job, c, turns, kids, url, ref, image) for c in below)
+                )
+                return
+        row = await self._ask(shard_index, job, prompt, url, ref, image, history)
+        if row is None or not below:
+            return
+        if self.sender is None:  # dry run: the children are ready; their keys need the parent's answer
+            for p in descendants(prompt, kids):
+                self._emit(shard_index, self._row(job, p, image))
+            return
+        if row.status != "ok" or row.text is None:
+            why = (
+                row.error_type if row.status != "ok" else f"no answer text, finish_reason {row.finish_reason}"
+            )
+            failure = ItemFailure(
+                "parent_failed",
+                f"prompt {prompt.prompt_id!r}, earlier in the chain, failed ({why}); not sent",
+            )
+            for p in descendants(prompt, kids):
+                self._emit(shard_index, self._row(job, p, image).fail(failure))
+            return
+        turns = (*history, Turn(prompt, row.text))
+        await asyncio.gather(*(self._chain(shard_index, job, c, turns, kids, url, ref, image) for c in below))
 
     def _fail_unreadable(self, shard_index: int, job: ImageJob, failure: ItemFailure) -> None:
         for p in job.prompts:
@@ -224,71 +309,19 @@ class ShardRunner:
         url: Images,
         ref: Images,
         image: PreparedImage | None,
-    ) -> None:
+        history: History = (),
+    ) -> ResultRow | None:
+        """Send one work item with retries and emit its row; returns the row, or None if dropped."""
         row = self._row(job, prompt, image)
-        request = build_request(prompt, url, ref, self.config)
+        request = build_request(prompt, url, ref, self.config, history)
         row.request_key = request.key
-        if self.client is None:  # dry run: everything but the request (status stays "ok": ready)
+        if self.sender is None:  # dry run: everything but the request (status stays "ok": ready)
             self._emit(shard_index, row)
-            return
-        try:
-            answer = await self._send(row, request, item_id(job.image_id, prompt.prompt_id))
-            _fill(row, answer)
-            if prompt.json_schema is not None:
-                row.json = await self._valid_json(row, request, answer, prompt.json_schema)
-        except _Dropped:
-            return
-        except ItemFailure as failure:
-            if self.stop.is_set and isinstance(failure, RequestFailure) and is_outage_failure(failure):
-                return  # the endpoint is down or we are stopping: leave the item for the rerun
-            attempts = row.attempts
-            row.fail(failure)
-            if failure.retryable and attempts > 1:
-                row.error_message = f"{failure.message} (after {attempts} attempts)"
+            return row
+        if not await self.sender.fill(row, request, prompt.json_schema):
+            return None  # the run is stopping: the item is left for the rerun
         self._emit(shard_index, row)
-
-    async def _send(self, row: ResultRow, request: Request, rid: str) -> Answer:
-        """Send with retries; every attempt counted on the row. Raises ItemFailure or _Dropped."""
-        assert self.client is not None
-        client = self.client
-
-        async def attempt() -> Answer:
-            if self.stop.is_set:
-                raise _Dropped
-            await self.rate.take(request.cost)
-            row.attempts += 1
-            async with self.requests.slot() as slot:
-                if self.stop.is_set:
-                    row.attempts -= 1
-                    raise _Dropped
-                try:
-                    answer = await client.send(request, request_id=rid)
-                except RequestFailure as failure:
-                    row.http_status = failure.http_status
-                    slot.overloaded = failure.http_status in OVERLOAD_STATUS
-                    self._observe(failure)
-                    raise
-                slot.latency = answer.latency_ms / 1000
-            self.detector.success()
-            return answer
-
-        return await self.policy.call(attempt)
-
-    async def _valid_json(self, row: ResultRow, request: Request, answer: Answer, schema: str) -> str:
-        """The validated JSON of the answer; one repair request (the error fed back) when it is not."""
-        try:
-            return validate_json(answer.text, schema)
-        except RequestFailure as failure:
-            repaired = await self._send(
-                row, repair_request(request, answer.text, failure.message), row_id(row)
-            )
-        _fill(row, repaired)
-        return validate_json(repaired.text, schema)
-
-    def _observe(self, failure: RequestFailure) -> None:
-        verdict = self.detector.failure(failure)
-        if verdict is not None:
-            self.stop.set("outage", verdict)
+        return row
 
     def _emit(self, shard_index: int, row: ResultRow) -> None:
         if self.store is not None:
@@ -301,18 +334,3 @@ class ShardRunner:
         if self.on_row is not None:
             for _ in range(count):
                 self.on_row(None)
-
-
-def row_id(row: ResultRow) -> str:
-    return item_id(row.image_id, row.prompt_id)
-
-
-def _fill(row: ResultRow, answer: Answer) -> None:
-    row.text = answer.text
-    row.reasoning = answer.reasoning
-    row.finish_reason = answer.finish_reason
-    row.prompt_tokens = answer.prompt_tokens
-    row.completion_tokens = answer.completion_tokens
-    row.http_status = answer.http_status
-    row.latency_ms = answer.latency_ms
-    row.model = answer.model or row.model

@@ -1,8 +1,9 @@
 """Work items (image × prompt, CONTRACT.md §1) grouped by image and cut into shards.
 
 For each image, in manifest order: every prompt whose ``image_id`` is null, then every prompt naming
-that image, in prompts-manifest order. An image's prompts stay together in one shard, so the image is
-read and prepared once. Shards are produced lazily from the streamed images manifest.
+that image, in prompts-manifest order (parents before their chained children: tasks/chains.py).
+An image's prompts stay together in one shard, so the image is read and prepared once. Shards are
+produced lazily from the streamed images manifest.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.chains import group_by_root
 from tasks.manifests import DEFAULT_PROMPT, ImagesManifest, Prompt
 
 READ_BATCH_ROWS = 256  # manifest rows per read: small, since the image column may hold the bytes
@@ -136,9 +138,9 @@ def iter_multi_jobs(
 
 
 def iter_text_jobs(prompts: Sequence[Prompt]) -> Iterator[ImageJob]:
-    """Text-only work: each prompt once, with no image."""
-    for prompt in prompts:
-        yield ImageJob(None, NO_IMAGE, [prompt])
+    """Text-only work: each prompt once, with no image; a chain's prompts in one job."""
+    for chain in group_by_root(prompts):
+        yield ImageJob(None, NO_IMAGE, chain)
 
 
 def iter_shards(jobs: Iterator[ImageJob], shard_size: int) -> Iterator[Shard]:

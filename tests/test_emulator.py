@@ -346,7 +346,7 @@ def test_validation_errors(server: EmulatorServer, body: Any, status: int, text:
 
 def test_continue_final_message_allows_a_final_assistant(server: EmulatorServer) -> None:
     body = {**chat_body(), "messages": _messages("user", "assistant"), "continue_final_message": True}
-    assert message(chat(server, body))["content"] == 'No image. Prompt: "user text"'
+    assert message(chat(server, body))["content"] == 'No image. After: "assistant text". Prompt: "user text"'
 
 
 def test_http_image_urls_are_fetched(make_server: Callable[..., EmulatorServer], image_host: str) -> None:

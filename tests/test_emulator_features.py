@@ -707,7 +707,7 @@ def test_several_system_messages_then_a_conversation(server: EmulatorServer) -> 
         "model": DEFAULT_MODEL,
         "messages": [{"role": r, "content": f"{r} {i}"} for i, r in enumerate(roles)],
     }
-    assert message(chat(server, body))["content"] == 'No image. Prompt: "user 4"'
+    assert message(chat(server, body))["content"] == 'No image. After: "assistant 3". Prompt: "user 4"'
 
 
 # ---------------------------------------------------------------- health route, settings

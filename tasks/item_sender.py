@@ -1,0 +1,123 @@
+"""Send one work item's request: rate limit, a request slot, retries, and structured-output repair.
+
+One ``ItemSender`` per run, shared by all its shards: it owns the endpoint client, the limiter that
+bounds requests in flight across the run (a slot is held only while a request is on the wire, never
+during backoff), the rate limiter, the retry policy (the only one: tasks/retry.py) and the outage
+detector, which stops the run when the endpoint stays unusable.
+"""
+
+from __future__ import annotations
+
+from tasks.answers import Answer
+from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, RateLimiter
+from tasks.config import RunConfig
+from tasks.endpoint import EndpointClient
+from tasks.errors import ItemFailure, RequestFailure
+from tasks.outage import OutageDetector, is_outage_failure
+from tasks.requests import Request, repair_request
+from tasks.results import ResultRow
+from tasks.retry import RetryPolicy
+from tasks.stopping import StopSwitch
+from tasks.structured import validate_json
+from tasks.work_items import item_id
+
+
+class _Dropped(Exception):
+    """The item was not finished because the run is stopping: it gets no row."""
+
+
+class ItemSender:
+    def __init__(
+        self, config: RunConfig, stop: StopSwitch, retry_policy: RetryPolicy | None, api_key: str | None
+    ) -> None:
+        endpoint = config.endpoint
+        self.stop = stop
+        self.client = EndpointClient(endpoint, api_key)
+        self.policy = retry_policy or RetryPolicy(max_retries=endpoint.max_retries, sleep=stop.sleep)
+        self.detector = OutageDetector(window=endpoint.outage_window, describe=endpoint.base_url)
+        self.requests = InFlightLimiter(
+            endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
+        )
+        self.rate = RateLimiter(endpoint.rpm, endpoint.tpm)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def fill(self, row: ResultRow, request: Request, json_schema: str | None) -> bool:
+        """Send ``request`` with retries and fill ``row`` with its answer or failure.
+
+        False when the item is dropped (the run is stopping, or the endpoint is down and the run
+        stops): it gets no row, and the rerun asks it.
+        """
+        try:
+            answer = await self._send(row, request, row_id(row))
+            _fill(row, answer)
+            if json_schema is not None:
+                row.json = await self._valid_json(row, request, answer, json_schema)
+        except _Dropped:
+            return False
+        except ItemFailure as failure:
+            if self.stop.is_set and isinstance(failure, RequestFailure) and is_outage_failure(failure):
+                return False
+            attempts = row.attempts
+            row.fail(failure)
+            if failure.retryable and attempts > 1:
+                row.error_message = f"{failure.message} (after {attempts} attempts)"
+        return True
+
+    async def _send(self, row: ResultRow, request: Request, rid: str) -> Answer:
+        """Send with retries; every attempt counted on the row. Raises ItemFailure or _Dropped."""
+        client = self.client
+
+        async def attempt() -> Answer:
+            if self.stop.is_set:
+                raise _Dropped
+            await self.rate.take(request.cost)
+            row.attempts += 1
+            async with self.requests.slot() as slot:
+                if self.stop.is_set:
+                    row.attempts -= 1
+                    raise _Dropped
+                try:
+                    answer = await client.send(request, request_id=rid)
+                except RequestFailure as failure:
+                    row.http_status = failure.http_status
+                    slot.overloaded = failure.http_status in OVERLOAD_STATUS
+                    self._observe(failure)
+                    raise
+                slot.latency = answer.latency_ms / 1000
+            self.detector.success()
+            return answer
+
+        return await self.policy.call(attempt)
+
+    async def _valid_json(self, row: ResultRow, request: Request, answer: Answer, schema: str) -> str:
+        """The validated JSON of the answer; one repair request (the error fed back) when it is not."""
+        try:
+            return validate_json(answer.text, schema)
+        except RequestFailure as failure:
+            repaired = await self._send(
+                row, repair_request(request, answer.text, failure.message), row_id(row)
+            )
+        _fill(row, repaired)
+        return validate_json(repaired.text, schema)
+
+    def _observe(self, failure: RequestFailure) -> None:
+        verdict = self.detector.failure(failure)
+        if verdict is not None:
+            self.stop.set("outage", verdict)
+
+
+def row_id(row: ResultRow) -> str:
+    return item_id(row.image_id, row.prompt_id)
+
+
+def _fill(row: ResultRow, answer: Answer) -> None:
+    row.text = answer.text
+    row.reasoning = answer.reasoning
+    row.finish_reason = answer.finish_reason
+    row.prompt_tokens = answer.prompt_tokens
+    row.completion_tokens = answer.completion_tokens
+    row.http_status = answer.http_status
+    row.latency_ms = answer.latency_ms
+    row.model = answer.model or row.model
