@@ -194,7 +194,7 @@ def _prepare(img: Image.Image, data: bytes, sha256: str, config: ImageConfig) ->
 def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Lanczos-3 downscale of an RGB or L image: cykooz-resizer's SIMD convolution, else Pillow's."""
     if FAST_RESIZE and img.mode in ("RGB", "L"):
-        out = Image.new(img.mode, size)
+        out = Image.new(img.mode, size, None)  # not initialised: the resizer writes every pixel
         # a Resizer per call: it keeps scratch buffers behind a mutex, and costs nothing to make
         Resizer().resize_pil(img, out, _LANCZOS3)
         return out
