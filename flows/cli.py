@@ -244,6 +244,35 @@ def inspect(out: Annotated[Path, typer.Argument(help="An output dataset director
     print_summary(summarize_table(table, str(out)))
 
 
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="An output dataset directory.")],
+    dest: Annotated[Path, typer.Argument(help="The Parquet file to write (outside OUT).")],
+    json_columns: Annotated[
+        bool,
+        typer.Option(
+            "--json-columns",
+            help="Add the JSON answers' top-level properties as typed columns: typed from the prompts' "
+            "JSON Schemas with --prompts, else inferred from the values.",
+        ),
+    ] = False,
+    prompts: Annotated[
+        Path | None, typer.Option(help="The prompts manifest the output was made with (for --json-columns).")
+    ] = None,
+) -> None:
+    """OUT as one Parquet file, optionally with typed JSON columns (for an OUT written without them)."""
+    from tasks.errors import UsageError
+    from tasks.export import export_output
+    from tasks.manifests import read_prompts_manifest
+
+    try:
+        schemas = read_prompts_manifest(prompts) if prompts is not None else None
+        written = export_output(out, dest, json_columns=json_columns, prompts=schemas)
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote {written} rows to {dest}")
+
+
 def main() -> None:
     from flows.commands import register as register_commands
     from flows.emulate import register

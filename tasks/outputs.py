@@ -131,7 +131,8 @@ def check_schema(out: str | Path, schema: pa.Schema) -> None:
     )
     raise UsageError(
         f"--out {path} holds rows with other columns ({detail or 'column order differs'}); rerun with the "
-        "same --carry and --json-columns options, or write to a new --out"
+        "same --carry and --json-columns options, or write to a new --out (`vlmbatch export --json-columns` "
+        "adds typed JSON columns to an existing output)"
     )
 
 

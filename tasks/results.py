@@ -105,4 +105,5 @@ def rows_to_table(rows: list[ResultRow], schema: pa.Schema) -> pa.Table:
                 columns[extra.name].append(json_value(row.json, extra))
             else:
                 columns[extra.name].append(row.carry.get(extra.name))
-    return pa.table({name: pa.array(columns[name], type=schema.field(name).type) for name in schema.names})
+    arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names]
+    return pa.Table.from_arrays(arrays, schema=schema)  # the schema's field metadata kept

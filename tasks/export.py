@@ -1,0 +1,153 @@
+"""``vlmbatch export``: OUT as one Parquet file, optionally with the JSON answers as typed columns.
+
+For an OUT written without ``--json-columns``: the top-level properties of the answers' JSON become
+columns, typed from the prompts' JSON Schemas when the prompts manifest is given (the same columns
+``run --json-columns`` writes: tasks/json_columns.py), else inferred from the values (a property
+whose values disagree on the type, or that holds objects, is a string column of its JSON). OUT's
+files are read one at a time, so memory stays at one part file whatever the output's size; the
+destination is written to a temporary name and renamed, so a failed export leaves nothing half
+written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from tasks.errors import UsageError
+from tasks.json_columns import PROPERTY_KEY, json_fields, json_value
+from tasks.manifests import Prompt
+from tasks.outputs import part_files
+
+
+def export_output(
+    out: Path, dest: Path, *, json_columns: bool = False, prompts: Sequence[Prompt] | None = None
+) -> int:
+    """Write OUT's rows to ``dest`` (one Parquet file); returns the number of rows written."""
+    files = _check(out, dest)
+    schema = ds.dataset(files, format="parquet").schema
+    fields: list[pa.Field] = []
+    if json_columns:
+        have = {f.metadata[PROPERTY_KEY] for f in schema if f.metadata and PROPERTY_KEY in f.metadata}
+        found = (
+            json_fields(prompts, schema.names)
+            if prompts is not None
+            else infer_json_fields(files, schema.names)
+        )
+        fields = [f for f in found if f.metadata[PROPERTY_KEY] not in have]
+    target = pa.schema([*schema, *fields])
+    temporary = dest.with_name(f".tmp-{dest.name}")
+    rows = 0
+    try:
+        with pq.ParquetWriter(temporary, target) as writer:
+            for path in files:
+                table = pq.read_table(path).select(schema.names).cast(schema)
+                if fields:
+                    documents = table["json"].to_pylist()
+                    for field in fields:
+                        values = [json_value(doc, field) for doc in documents]
+                        table = table.append_column(field, pa.array(values, type=field.type))
+                writer.write_table(table)
+                rows += table.num_rows
+        os.replace(temporary, dest)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return rows
+
+
+def infer_json_fields(files: Sequence[Path], taken: Sequence[str]) -> list[pa.Field]:
+    """Typed columns for the top-level properties found in the ``json`` column, from their values."""
+    types: dict[str, pa.DataType] = {}
+    for path in files:
+        for document in pq.read_table(path, columns=["json"])["json"].to_pylist():
+            if document is None:
+                continue
+            value = json.loads(document)
+            if not isinstance(value, dict):
+                continue
+            for name, item in value.items():
+                kind = _value_type(item)
+                if kind is None:  # null: says nothing about the type
+                    types.setdefault(name, pa.null())
+                    continue
+                types[name] = _merge(types.get(name), kind)
+    reserved = set(taken)
+    return [
+        pa.field(
+            f"json_{name}" if name in reserved else name,
+            _settled(kind),
+            metadata={PROPERTY_KEY: name.encode()},
+        )
+        for name, kind in types.items()
+    ]
+
+
+def _merge(known: pa.DataType | None, kind: pa.DataType) -> pa.DataType:
+    if known is None or pa.types.is_null(known) or known.equals(kind):
+        return kind
+    if pa.types.is_null(kind):
+        return known
+    if _unknown(known) and pa.types.is_list(kind):
+        return kind
+    if _unknown(kind) and pa.types.is_list(known):
+        return known
+    if {str(known), str(kind)} == {"int64", "double"}:
+        return pa.float64()
+    return pa.string()
+
+
+def _unknown(kind: pa.DataType) -> bool:
+    """Null, or a list seen only empty: any later type fits."""
+    return pa.types.is_null(kind) or (pa.types.is_list(kind) and pa.types.is_null(kind.value_type))
+
+
+def _settled(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_null(kind):
+        return pa.string()
+    if pa.types.is_list(kind) and pa.types.is_null(kind.value_type):
+        return pa.list_(pa.string())
+    return kind
+
+
+def _value_type(value: Any) -> pa.DataType | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, list):
+        kinds = {_value_type(v) for v in value} - {None}
+        if len(kinds) == 1 and not pa.types.is_list(item := kinds.pop()):
+            return pa.list_(item)
+        if not kinds:
+            return pa.list_(pa.null())  # empty: the element type is known from other rows, if any
+    return pa.string()  # objects and mixed arrays: their JSON text
+
+
+def _check(out: Path, dest: Path) -> list[Path]:
+    if not out.is_dir():
+        raise UsageError(f"{out} is not a directory")
+    files = part_files(out)
+    if not files:
+        raise UsageError(f"{out} holds no vlmbatch part files")
+    if "status" not in pq.read_schema(files[-1]).names:
+        raise UsageError(f"{out} is not a vlmbatch output (no status column)")
+    if dest.resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"{dest} is inside {out}: it would become part of the output; export elsewhere")
+    if dest.is_dir():
+        raise UsageError(f"{dest} is a directory; give a file name such as {dest / 'annotations.parquet'}")
+    if not dest.parent.is_dir():
+        raise UsageError(f"{dest.parent} does not exist")
+    return files

@@ -1,0 +1,128 @@
+"""``vlmbatch export``: OUT as one Parquet file, with the JSON answers as typed columns on demand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from emulator import EmulatorServer
+from tasks.export import infer_json_fields
+from tests.builders import images_manifest, prompts_manifest, write_parquet
+from tests.cli import rows, vlmbatch
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "caption": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "indoor": {"type": "boolean"},
+        "text": {"type": "integer"},
+    },
+    "required": ["caption", "tags", "indoor", "text"],
+}
+
+
+@pytest.fixture
+def plain_and_typed(tmp_path: Path, emulator: EmulatorServer) -> tuple[Path, Path, Path]:
+    """The same job written without and with --json-columns, and its prompts manifest."""
+    images = images_manifest(tmp_path, {f"i{k}": ((20 + k, 10), "green") for k in range(3)})
+    prompts = prompts_manifest(
+        tmp_path,
+        [
+            {"prompt_id": "cap", "prompt": "Describe."},
+            {"prompt_id": "meta", "prompt": "Tag.", "json_schema": json.dumps(SCHEMA)},
+        ],
+    )
+    base = ["run", images, "--prompts", prompts, "--base-url", emulator.base_url]
+    assert vlmbatch(*base, "--out", tmp_path / "plain").code == 0
+    assert vlmbatch(*base, "--out", tmp_path / "typed", "--json-columns").code == 0
+    return tmp_path / "plain", tmp_path / "typed", prompts
+
+
+def _sorted(table: pa.Table) -> list[dict]:
+    drop = {"finished_at", "run_id", "latency_ms"}
+    records = [{k: v for k, v in r.items() if k not in drop} for r in table.to_pylist()]
+    return sorted(records, key=lambda r: (r["image_id"], r["prompt_id"]))
+
+
+def test_export_with_the_prompts_matches_run_json_columns(
+    tmp_path: Path, plain_and_typed: tuple[Path, Path, Path]
+) -> None:
+    plain, typed, prompts = plain_and_typed
+    dest = tmp_path / "annotations.parquet"
+    res = vlmbatch("export", plain, dest, "--json-columns", "--prompts", prompts)
+    assert res.code == 0, res.err
+    assert "wrote 6 rows" in res.out
+    exported = pq.read_table(dest)
+    written = pa.Table.from_pylist(rows(typed))
+    assert exported.schema.names == written.schema.names  # tags, indoor, caption, json_text appended
+    assert exported.schema.field("tags").type == pa.list_(pa.string())
+    assert exported.schema.field("json_text").type == pa.int64()
+    assert _sorted(exported) == _sorted(written.cast(exported.schema))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_export_infers_types_from_the_values_without_the_prompts(
+    tmp_path: Path, plain_and_typed: tuple[Path, Path, Path]
+) -> None:
+    plain, typed, _ = plain_and_typed
+    dest = tmp_path / "inferred.parquet"
+    assert vlmbatch("export", plain, dest, "--json-columns").code == 0
+    table = pq.read_table(dest)
+    expected = {
+        "caption": pa.string(),
+        "tags": pa.list_(pa.string()),
+        "indoor": pa.bool_(),
+        "json_text": pa.int64(),
+    }
+    assert all(table.schema.field(name).type == kind for name, kind in expected.items()), table.schema
+    for row in table.to_pylist():
+        if row["prompt_id"] == "meta":
+            assert row["tags"] == json.loads(row["json"])["tags"] and row["tags"]
+        else:
+            assert row["tags"] is None
+    # an output that already has the typed columns is exported as it is, without doubles
+    again = tmp_path / "again.parquet"
+    assert vlmbatch("export", typed, again, "--json-columns").code == 0
+    assert pq.read_schema(again).names == pq.read_schema(dest).names
+    # without --json-columns: the output's own columns only
+    assert vlmbatch("export", plain, tmp_path / "bare.parquet").code == 0
+    assert "tags" not in pq.read_schema(tmp_path / "bare.parquet").names
+
+
+def test_inference_falls_back_to_json_text_when_values_disagree(tmp_path: Path) -> None:
+    docs = [
+        json.dumps({"n": 1, "x": 1, "mixed": "a", "obj": {"k": 1}, "nums": [1, 2], "gone": None}),
+        json.dumps({"n": 2, "x": 1.5, "mixed": 3, "obj": {"k": 2}, "nums": [], "gone": None}),
+        None,
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"listed": []}),
+        json.dumps({"listed": 3}),
+    ]
+    path = write_parquet(tmp_path / "part.parquet", {"json": pa.array(docs, pa.string())})
+    fields = {f.name: str(f.type) for f in infer_json_fields([path], taken=["json", "n"])}
+    assert fields == {
+        "json_n": "int64",  # a taken name gets the json_ prefix
+        "x": "double",  # ints and floats: float
+        "mixed": "string",
+        "obj": "string",
+        "nums": "list<item: int64>",
+        "gone": "string",
+        "listed": "string",  # a list, then a number
+    }
+
+
+def test_export_refuses_bad_destinations(tmp_path: Path, plain_and_typed: tuple[Path, Path, Path]) -> None:
+    plain, _, _ = plain_and_typed
+    res = vlmbatch("export", plain, plain / "x.parquet")
+    assert res.code == 1 and "inside" in res.err and "would become part of the output" in res.err
+    res = vlmbatch("export", plain, tmp_path)
+    assert res.code == 1 and "is a directory" in res.err
+    res = vlmbatch("export", tmp_path / "nope", tmp_path / "x.parquet")
+    assert res.code == 1 and "is not a directory" in res.err
+    res = vlmbatch("export", plain, tmp_path / "missing" / "x.parquet")
+    assert res.code == 1 and "does not exist" in res.err
