@@ -1,30 +1,30 @@
 """The endpoint client: one attempt at a request, its answer parsed, its failure classified once.
 
-One ``AsyncOpenAI`` per run, on the aiohttp transport, with the SDK's own retries off
-(``max_retries=0``): tasks.retry is the only retry layer. The API key is read from the environment
-variable the config names, handed to the SDK and never stored in config, rows, logs or messages.
+The wire is tasks.http_transport: bare aiohttp POSTs of the built body on one shared session (no SDK:
+the openai SDK's request building and httpx models cost 1–2 ms of CPU per request, the client's whole
+budget; bench/README.md). Nothing here retries: tasks.retry is the only retry layer. The API key is
+read from the environment variable the config names (or a Prefect Secret block), handed to the
+transport and never stored in config, rows, logs, messages or reprs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
-import openai
-from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from tasks.answers import Answer, StreamAggregator, parse_chat_answer, parse_responses_answer
 from tasks.config import EndpointConfig
 from tasks.errors import ConfigError, RequestFailure
+from tasks.http_transport import HttpTransport, decode_error_body, lines
 from tasks.requests import Request
 
-NO_KEY = "EMPTY"  # what vLLM's docs send when the server has no key
 AZURE_STATUS_HEADER = "ms-azureml-model-error-statuscode"
 MAX_MESSAGE = 500
+ROUTES = {"chat": "/chat/completions", "responses": "/responses"}
 
 
 def api_key(config: EndpointConfig) -> str | None:
@@ -48,82 +48,63 @@ async def load_api_key(config: EndpointConfig) -> str | None:
 
 
 class EndpointClient:
-    """Sends single attempts to the endpoint; create inside the event loop that uses it."""
+    """Sends single attempts to the endpoint on one shared connection pool (opened on first use)."""
 
     def __init__(self, config: EndpointConfig, key: str | None = None) -> None:
         self.config = config
         key = key if key is not None else api_key(config)
         self._secret = key
-        self._client = AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=key or NO_KEY,
-            max_retries=0,
-            timeout=config.request_timeout,
-            http_client=DefaultAioHttpClient(timeout=config.request_timeout),
+        self._http = HttpTransport(
+            config.base_url, key=key, timeout=config.request_timeout, connections=config.in_flight_cap
         )
 
+    def __repr__(self) -> str:
+        return f"EndpointClient({self._http!r})"
+
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
     async def send(self, request: Request, *, request_id: str) -> Answer:
         """One attempt: Chat Completions (streamed or not) or Responses. Raises RequestFailure, classified."""
-        fields = dict(request.body)
-        model = fields.pop("model")
-        headers = {"X-Request-Id": request_id}
         started = time.perf_counter()
-        raw: Any
+        route = ROUTES[request.api]
         try:
-            async with asyncio.timeout(self.config.request_timeout + 5):
-                # The body goes as built, in extra_body: the server, not the SDK, validates it, and the SDK's
-                # type-driven transform of typed arguments (which walks every message and base64 image) is
-                # skipped: it was half of the client's time per request (bench/README.md).
-                if request.api == "responses":
-                    raw = await self._client.responses.with_raw_response.create(
-                        model=model, input=[], extra_body=fields, extra_headers=headers
-                    )
-                    parse = parse_responses_answer
-                elif fields.get("stream"):
-                    return await self._stream(model, fields, headers, started)
-                else:
-                    raw = await self._client.chat.completions.with_raw_response.create(
-                        model=model, messages=[], extra_body=fields, extra_headers=headers
-                    )
-                    parse = parse_chat_answer
-                content = raw.content  # read in full by the transport
-        except RequestFailure:
-            raise
+            if request.api == "chat" and request.body.get("stream"):
+                return await self._stream(route, request.body, request_id, started)
+            status, headers, content = await self._http.post(route, request.body, request_id)
         except Exception as exc:  # classified once, here
             raise self.classify(exc) from None
-        return parse(content, status=raw.status_code, latency_ms=(time.perf_counter() - started) * 1000)
+        if not 200 <= status < 300:
+            raise self._redact(classify_status(status, headers, decode_error_body(content)))
+        parse = parse_responses_answer if request.api == "responses" else parse_chat_answer
+        return parse(content, status=status, latency_ms=(time.perf_counter() - started) * 1000)
 
-    async def _stream(
-        self, model: str, fields: dict[str, Any], headers: dict[str, str], started: float
-    ) -> Answer:
-        fields.pop("stream", None)
-        stream = self._client.chat.completions.with_streaming_response.create(
-            model=model,
-            messages=[],
-            stream=True,
-            extra_body=fields,
-            extra_headers=headers,
-        )
-        aggregate = StreamAggregator()
-        async with stream as response:
-            async for line in response.iter_lines():
+    async def _stream(self, route: str, body: dict[str, Any], request_id: str, started: float) -> Answer:
+        async with self._http.stream(route, body, request_id) as response:
+            status = response.status
+            if not 200 <= status < 300:
+                content = await response.read()
+                raise classify_status(status, response.headers, decode_error_body(content))
+            aggregate = StreamAggregator()
+            async for line in lines(response):
                 aggregate.feed(line)
-            status = response.status_code
         return aggregate.answer(status=status, latency_ms=(time.perf_counter() - started) * 1000)
 
     async def get_json(self, path: str) -> object:
-        """GET a JSON route under the base URL (one attempt, classified failures)."""
+        """GET a JSON route under the base URL (one attempt, classified failures); text if not JSON."""
         try:
-            async with asyncio.timeout(min(self.config.request_timeout, 30) + 5):
-                return await self._client.get(path, cast_to=object, options={"timeout": 30})
+            status, headers, content = await self._http.get(path)
         except Exception as exc:
             raise self.classify(exc) from None
+        body = decode_error_body(content)
+        if not 200 <= status < 300:
+            raise self._redact(classify_status(status, headers, body))
+        return body
 
     def classify(self, exc: BaseException) -> RequestFailure:
-        failure = classify(exc)
+        return self._redact(classify(exc))
+
+    def _redact(self, failure: RequestFailure) -> RequestFailure:
         if self._secret and self._secret in failure.message:
             failure.message = failure.message.replace(self._secret, "***")
         return failure
@@ -133,19 +114,18 @@ def classify(exc: BaseException) -> RequestFailure:
     """Map an exception from one attempt to the contract's error_type (CONTRACT.md §2)."""
     if isinstance(exc, RequestFailure):
         return exc
-    if isinstance(exc, openai.APIConnectionError | TimeoutError):
-        # The transports wrap and sometimes mislabel (aiohttp's refused connection arrives as a
-        # ConnectTimeout): the innermost cause says what happened.
+    if isinstance(exc, TimeoutError):  # aiohttp's total, connect and read timeouts are TimeoutErrors
         root = _root_cause(exc)
         if isinstance(root, ConnectionError | aiohttp.ClientConnectionError) and not isinstance(
-            root, aiohttp.ServerTimeoutError
+            root, TimeoutError
         ):
             return RequestFailure("connection", f"could not reach the endpoint: {root}"[:MAX_MESSAGE])
-        if isinstance(exc, openai.APITimeoutError | TimeoutError) or isinstance(root, TimeoutError):
-            return RequestFailure("timeout", "the request timed out")
+        return RequestFailure("timeout", "the request timed out")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        # refused, reset, disconnected, a body cut short, a garbled response: the innermost cause
+        # (the OSError under aiohttp's wrapper) says what happened
+        root = _root_cause(exc)
         return RequestFailure("connection", f"could not reach the endpoint: {root}"[:MAX_MESSAGE])
-    if isinstance(exc, openai.APIStatusError):
-        return classify_status(exc.status_code, exc.response.headers, exc.body)
     return RequestFailure("invalid_response", f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE])
 
 

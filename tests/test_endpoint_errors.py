@@ -3,15 +3,14 @@
 import asyncio
 import json
 
+import aiohttp
 import httpx2
-import openai
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
 from tasks.answers import StreamAggregator, parse_chat_answer, parse_responses_answer
 from tasks.endpoint import classify, classify_status, error_message, parse_retry_after
 from tasks.errors import RequestFailure
-
-REQ = httpx2.Request("POST", "http://x/v1/chat/completions")
 
 
 @pytest.mark.parametrize(
@@ -64,14 +63,24 @@ def test_retry_after_forms() -> None:
     assert http_date == 0.0  # in the past: no wait
 
 
-def test_sdk_exceptions_map_once() -> None:
-    assert classify(openai.APITimeoutError(REQ)).error_type == "timeout"
-    assert classify(openai.APIConnectionError(request=REQ)).error_type == "connection"
-    resp = httpx2.Response(429, headers={"retry-after": "2"}, request=REQ)
-    failure = classify(openai.RateLimitError("slow down", response=resp, body={"error": {"message": "slow"}}))
-    assert (failure.error_type, failure.retry_after, failure.message) == ("rate_limited", 2.0, "slow")
+def test_transport_exceptions_map_once() -> None:
+    refused = aiohttp.ClientConnectorError(
+        ConnectionKey("h", 1, False, True, None, None, None), OSError(111, "refused")
+    )
+    assert classify(refused).error_type == "connection"
+    try:
+        raise aiohttp.ClientOSError(104, "Connection reset by peer")
+    except aiohttp.ClientOSError as exc:
+        assert classify(exc).error_type == "connection"
+    assert classify(aiohttp.ServerDisconnectedError()).error_type == "connection"
+    assert classify(aiohttp.ClientPayloadError("cut short")).error_type == "connection"
+    assert classify(ConnectionResetError()).error_type == "connection"
+    assert classify(aiohttp.ServerTimeoutError("read")).error_type == "timeout"
+    assert classify(aiohttp.ConnectionTimeoutError()).error_type == "timeout"
     assert classify(TimeoutError()).error_type == "timeout"
     assert classify(ValueError("weird")).error_type == "invalid_response"
+    failure = RequestFailure("rate_limited", "slow", http_status=429, retry_after=2.0)
+    assert classify(failure) is failure
 
 
 def test_answer_parsing_prefers_reasoning_then_reasoning_content() -> None:

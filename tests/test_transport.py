@@ -1,0 +1,429 @@
+"""The endpoint's wire (tasks.http_transport) and EndpointClient on it, against an in-process aiohttp server.
+
+Each test starts an ``aiohttp.test_utils.TestServer`` on loopback with handlers that answer what the test
+scripts and record what they received; nothing else (no emulator, no Prefect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from tasks.config import EndpointConfig
+from tasks.endpoint import EndpointClient
+from tasks.errors import RequestFailure
+from tasks.http_transport import decode_error_body, encode_json, lines
+from tasks.requests import Request
+
+KEY = "sk-transport-secret-123"
+CHAT_OK = {
+    "id": "c1",
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "a cat"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+}
+RESPONSES_OK = {
+    "model": "m",
+    "status": "completed",
+    "output": [{"type": "message", "content": [{"type": "output_text", "text": "a dog"}]}],
+    "usage": {"input_tokens": 4, "output_tokens": 2},
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Recorder:
+    """The requests the server saw: method, path, headers, JSON body, client port."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def middleware(self) -> Any:
+        @web.middleware
+        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+            raw = await request.read()
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            self.seen.append(
+                {
+                    "method": request.method,
+                    "path": request.path,
+                    "headers": CIMultiDict(request.headers),
+                    "body": json.loads(raw) if raw else None,
+                    "port": peer[1] if peer else None,
+                }
+            )
+            return await handler(request)
+
+        return record
+
+
+def run_with_server(
+    routes: dict[str, Handler],
+    test: Callable[[str, Recorder], Awaitable[None]],
+) -> Recorder:
+    """Start a server with ``routes`` (path → handler, any method), run ``test(base_url, recorder)``."""
+    recorder = Recorder()
+
+    async def main() -> None:
+        app = web.Application(middlewares=[recorder.middleware()])
+        for path, handler in routes.items():
+            app.router.add_route("*", path, handler)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            await test(str(server.make_url("/v1")), recorder)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+    return recorder
+
+
+def config(base_url: str, **changes: Any) -> EndpointConfig:
+    return EndpointConfig(base_url=base_url, model="m", **changes)
+
+
+def chat_request(**extra: Any) -> Request:
+    body = {"model": "m", "messages": [{"role": "user", "content": "Describe. é ü 日本"}], **extra}
+    return Request("chat", body, "key")
+
+
+def json_handler(status: int, body: object, headers: dict[str, str] | None = None) -> Handler:
+    async def handle(_: web.Request) -> web.StreamResponse:
+        text = body if isinstance(body, str) else json.dumps(body)
+        return web.Response(status=status, text=text, headers=headers, content_type="application/json")
+
+    return handle
+
+
+async def send(base_url: str, request: Request, key: str | None = None, **changes: Any) -> Any:
+    client = EndpointClient(config(base_url, **changes), key)
+    try:
+        return await client.send(request, request_id="img1/cap")
+    finally:
+        await client.aclose()
+
+
+async def failure(base_url: str, request: Request | None = None, key: str | None = None, **changes: Any):
+    with pytest.raises(RequestFailure) as err:
+        await send(base_url, request or chat_request(), key, **changes)
+    return err.value
+
+
+# --- what goes on the wire ---------------------------------------------------------------------------
+
+
+def test_a_chat_request_is_the_body_as_built_with_its_headers() -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        answer = await send(base_url, chat_request(max_tokens=9), key=KEY)
+        assert (answer.text, answer.finish_reason, answer.prompt_tokens, answer.http_status) == (
+            "a cat",
+            "stop",
+            3,
+            200,
+        )
+        assert answer.latency_ms > 0
+
+    rec = run_with_server({"/v1/chat/completions": json_handler(200, CHAT_OK)}, test)
+    (seen,) = rec.seen
+    assert (seen["method"], seen["path"]) == ("POST", "/v1/chat/completions")
+    assert seen["body"] == chat_request(max_tokens=9).body  # byte-for-byte the built body, UTF-8 intact
+    assert seen["headers"]["X-Request-Id"] == "img1/cap"
+    assert seen["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert seen["headers"]["Content-Type"] == "application/json"
+
+
+def test_no_key_means_no_authorization_header_and_a_trailing_slash_is_fine() -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        await send(base_url + "/", chat_request())
+
+    rec = run_with_server({"/v1/chat/completions": json_handler(200, CHAT_OK)}, test)
+    assert "Authorization" not in rec.seen[0]["headers"]
+    assert rec.seen[0]["path"] == "/v1/chat/completions"
+
+
+def test_the_responses_api_goes_to_responses() -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        answer = await send(base_url, Request("responses", {"model": "m", "input": "hi"}, "k"))
+        assert (answer.text, answer.finish_reason, answer.prompt_tokens) == ("a dog", "stop", 4)
+
+    rec = run_with_server({"/v1/responses": json_handler(200, RESPONSES_OK)}, test)
+    assert rec.seen[0]["path"] == "/v1/responses" and rec.seen[0]["body"] == {"model": "m", "input": "hi"}
+
+
+def test_one_pooled_connection_per_slot_kept_alive() -> None:
+    async def slow(_: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.02)
+        return web.json_response(CHAT_OK)
+
+    async def test(base_url: str, _: Recorder) -> None:
+        client = EndpointClient(config(base_url, concurrency=4))
+        try:
+            for _round in range(3):
+                await asyncio.gather(*(client.send(chat_request(), request_id=str(i)) for i in range(8)))
+        finally:
+            await client.aclose()
+
+    rec = run_with_server({"/v1/chat/completions": slow}, test)
+    assert len(rec.seen) == 24
+    assert len({s["port"] for s in rec.seen}) == 4  # the pool holds 4 connections and reuses them
+
+
+# --- failures, classified once -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "expected"),
+    [
+        (400, {"error": {"message": "too many images", "code": 400}}, {}, ("bad_request", False, None)),
+        (400, {"object": "error", "message": "flat body", "code": 400}, {}, ("bad_request", False, None)),
+        (401, {"error": "Unauthorized"}, {}, ("auth", False, None)),
+        (403, {"error": {"message": "forbidden"}}, {}, ("auth", False, None)),
+        (404, {"error": {"message": "no such model", "param": "model"}}, {}, ("not_found", False, None)),
+        (408, "request timeout", {}, ("timeout", True, None)),
+        (429, {"error": {"message": "slow down"}}, {"Retry-After": "2"}, ("rate_limited", True, 2.0)),
+        (429, {"error": {"message": "slow"}}, {"retry-after-ms": "250"}, ("rate_limited", True, 0.25)),
+        (500, {"error": {"message": "engine"}}, {}, ("server_error", True, None)),
+        (503, "", {"Retry-After": "1"}, ("server_error", True, 1.0)),
+        (
+            424,
+            {"message": "bad image"},
+            {"ms-azureml-model-error-statuscode": "400"},
+            ("bad_request", False, None),
+        ),
+        (424, {"message": "oom"}, {"ms-azureml-model-error-statuscode": "503"}, ("server_error", True, None)),
+    ],
+)
+def test_http_errors_are_classified(
+    status: int, body: object, headers: dict[str, str], expected: tuple[str, bool, float | None]
+) -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        got = await failure(base_url)
+        assert (got.error_type, got.retryable, got.retry_after) == expected
+        assert got.http_status == status
+        if isinstance(body, dict):
+            inner = body.get("error", body)
+            assert (inner.get("message") if isinstance(inner, dict) else inner) in got.message
+        elif body:
+            assert body in got.message
+        else:
+            assert got.message == f"HTTP {status}"
+
+    run_with_server({"/v1/chat/completions": json_handler(status, body, headers)}, test)
+
+
+@pytest.mark.parametrize("content", ['{"id": "x", "choices": [', "{}", "<html>oops</html>"])
+def test_a_malformed_200_is_a_transient_invalid_response(content: str) -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        got = await failure(base_url)
+        assert (got.error_type, got.retryable, got.http_status) == ("invalid_response", True, 200)
+
+    run_with_server({"/v1/chat/completions": json_handler(200, content)}, test)
+
+
+def test_the_request_timeout_is_a_transient_timeout() -> None:
+    async def hang(_: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(5)
+        return web.json_response(CHAT_OK)
+
+    async def test(base_url: str, _: Recorder) -> None:
+        started = asyncio.get_running_loop().time()
+        got = await failure(base_url, request_timeout=0.3)
+        assert (got.error_type, got.retryable) == ("timeout", True)
+        assert asyncio.get_running_loop().time() - started < 3
+
+    run_with_server({"/v1/chat/completions": hang}, test)
+
+
+def test_a_reset_connection_is_a_transient_connection_failure() -> None:
+    async def reset(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    async def test(base_url: str, _: Recorder) -> None:
+        got = await failure(base_url)
+        assert (got.error_type, got.retryable, got.http_status) == ("connection", True, None)
+
+    run_with_server({"/v1/chat/completions": reset}, test)
+
+
+def test_a_body_cut_short_is_a_transient_failure() -> None:
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "1000", "Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"choices": [')
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async def test(base_url: str, _: Recorder) -> None:
+        got = await failure(base_url)
+        assert got.retryable and got.error_type == "connection"
+
+    run_with_server({"/v1/chat/completions": cut}, test)
+
+
+def test_an_unreachable_endpoint_is_a_connection_failure() -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        pass
+
+    async def main() -> None:
+        server = TestServer(web.Application(), host="127.0.0.1")
+        await server.start_server()
+        base_url = str(server.make_url("/v1"))
+        await server.close()  # nothing listens there now
+        got = await failure(base_url)
+        assert (got.error_type, got.retryable) == ("connection", True)
+        assert got.message.startswith("could not reach the endpoint: ")
+
+    asyncio.run(main())
+
+
+def test_the_key_never_appears_in_a_message_or_repr() -> None:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"error": {"message": f"bad token {request.headers.get('Authorization')}"}}, status=401
+        )
+
+    async def test(base_url: str, _: Recorder) -> None:
+        got = await failure(base_url, key=KEY)
+        assert got.error_type == "auth" and KEY not in got.message and "***" in got.message
+        client = EndpointClient(config(base_url), KEY)
+        assert KEY not in repr(client) and KEY not in repr(client._http)
+        with pytest.raises(RequestFailure) as err:
+            await client.get_json("/models")
+        assert KEY not in str(err.value) and KEY not in repr(client._http.session())
+        await client.aclose()
+
+    run_with_server({"/v1/chat/completions": echo, "/v1/models": echo}, test)
+
+
+# --- streaming -------------------------------------------------------------------------------------------
+
+
+def sse(*events: object, end: bytes = b"\r\n\r\n", done: bool = True) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            data = event if isinstance(event, bytes) else json.dumps(event).encode()
+            await response.write(b"data: " + data + end)
+        if done:
+            await response.write(b"data: [DONE]" + end)
+        await response.write_eof()
+        return response
+
+    return handle
+
+
+CHUNKS = [
+    {"model": "m", "choices": [{"delta": {"role": "assistant", "content": ""}}]},
+    {"choices": [{"delta": {"reasoning": "hm "}}]},
+    {"choices": [{"delta": {"content": "Hel"}}]},
+    {"choices": [{"delta": {"content": "lo ✓"}, "finish_reason": "stop"}]},
+    {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}},
+]
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n"])
+def test_a_stream_is_joined_into_one_answer(end: bytes) -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        answer = await send(base_url, chat_request(stream=True, stream_options={"include_usage": True}))
+        assert (answer.text, answer.reasoning, answer.finish_reason, answer.prompt_tokens) == (
+            "Hello ✓",
+            "hm ",
+            "stop",
+            4,
+        )
+
+    rec = run_with_server({"/v1/chat/completions": sse(*CHUNKS, end=end)}, test)
+    assert rec.seen[0]["body"]["stream"] is True and rec.seen[0]["body"]["stream_options"]
+    assert rec.seen[0]["headers"]["Accept"] == "text/event-stream"
+
+
+def test_stream_failures_are_transient() -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        request = chat_request(stream=True)
+        got = await failure(base_url.replace("/v1", "/error/v1"), request)
+        assert (got.error_type, got.retryable, got.http_status) == ("server_error", True, 200)
+        got = await failure(base_url.replace("/v1", "/short/v1"), request)
+        assert (got.error_type, got.retryable) == ("invalid_response", True)
+        got = await failure(base_url.replace("/v1", "/429/v1"), request)
+        assert (got.error_type, got.retry_after, got.http_status) == ("rate_limited", 3.0, 429)
+
+    routes = {
+        "/error/v1/chat/completions": sse(CHUNKS[2], {"error": {"message": "engine died"}}, done=False),
+        "/short/v1/chat/completions": sse(CHUNKS[2], done=False),
+        "/429/v1/chat/completions": json_handler(429, {"error": {"message": "busy"}}, {"Retry-After": "3"}),
+    }
+    run_with_server(routes, test)
+
+
+class _Content:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+
+
+class _Response:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = _Content(chunks)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"data: a\n\ndata: b\n\n"],
+        [b"data: a\r", b"\n\r\ndata: ", b"b\r\n\r\n"],
+        [b"data: a\r\rdata: b"],
+        [b"da", b"ta: a\n", b"\n", b"data: b\r\n"],
+    ],
+)
+def test_lines_split_on_any_line_end_across_chunks(chunks: list[bytes]) -> None:
+    async def collect() -> list[str]:
+        return [line async for line in lines(_Response(chunks))]  # type: ignore[arg-type]
+
+    assert [line for line in asyncio.run(collect()) if line] == ["data: a", "data: b"]
+
+
+# --- preflight's GETs and the codecs ----------------------------------------------------------------------
+
+
+def test_get_json() -> None:
+    async def test(base_url: str, _: Recorder) -> None:
+        client = EndpointClient(config(base_url), KEY)
+        try:
+            assert await client.get_json("/models") == {"data": [{"id": "m"}]}
+            assert await client.get_json("/health/ready") == "ready"  # not JSON: the text
+            with pytest.raises(RequestFailure) as err:
+                await client.get_json("/nothing")
+            assert (err.value.error_type, err.value.http_status) == ("not_found", 404)
+        finally:
+            await client.aclose()
+
+    async def ready(_: web.Request) -> web.StreamResponse:
+        return web.Response(text="ready")
+
+    rec = run_with_server(
+        {"/v1/models": json_handler(200, {"data": [{"id": "m"}]}), "/v1/health/ready": ready}, test
+    )
+    assert [s["method"] for s in rec.seen] == ["GET", "GET", "GET"]
+    assert rec.seen[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+def test_codecs() -> None:
+    assert json.loads(encode_json({"a": "é", "n": 1})) == {"a": "é", "n": 1}
+    assert json.loads(encode_json({"big": 2**70})) == {"big": 2**70}  # beyond orjson: json takes it
+    assert decode_error_body(b'{"error": "x"}') == {"error": "x"}
+    assert decode_error_body(b"plain") == "plain"
+    assert decode_error_body(b"  ") is None
