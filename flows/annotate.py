@@ -20,6 +20,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from tasks.artifacts import Progress, artifact_key, publish_summary
 from tasks.config import RunConfig
@@ -151,22 +152,29 @@ class ShardReport:
     path: str | None
 
 
-@task(cache_policy=NO_CACHE, task_run_name="shard-{shard.index}", retries=0)
+@task(cache_policy=NO_CACHE, task_run_name="shard-{index}", retries=0)
 async def annotate_shard(
-    shard: Shard, runner: ShardRunner, writer: AsyncWriter | None, limit: EndpointLimit | None = None
+    index: int,
+    shard: Shard,
+    runner: ShardRunner,
+    writer: AsyncWriter | None,
+    limit: EndpointLimit | None = None,
 ) -> ShardReport:
     """One shard: its work items concurrently, its rows written to OUT as they finish. With a global
-    endpoint limit, the shard holds the run's share of its slots while its requests run."""
+    endpoint limit, the shard holds the run's share of its slots while its requests run.
+
+    The caller passes its arguments inside ``quote``: Prefect would otherwise walk every work item of
+    the shard (and the runner) looking for futures, twice per task, about 0.2 ms per item.
+    """
     started = time.perf_counter()
-    before = runner.skipped
     async with limit.hold() if limit is not None else contextlib.nullcontext():
-        await runner.run(shard)
+        skipped = await runner.run(shard)
     path = await writer.finish(shard.index) if writer is not None else None
     get_run_logger().info(
         "shard %d: %d work items (%d skipped as done) in %.1f s%s",
         shard.index,
         shard.num_items,
-        runner.skipped - before,
+        skipped,
         time.perf_counter() - started,
         f" → {path.name}" if path else "",
     )
@@ -252,7 +260,10 @@ async def annotate(config: RunConfig) -> RunSummary:
                     writer = await flushing.enter_async_context(AsyncWriter(store))
 
                 async def run_shard(shard: Shard) -> ShardReport:
-                    report = await annotate_shard(shard, runner, writer, limit)
+                    # quoted: Prefect unwraps them for the task without walking their contents
+                    report: ShardReport = await annotate_shard(  # type: ignore[call-overload]
+                        shard.index, quote(shard), quote(runner), quote(writer), quote(limit)
+                    )
                     await progress.advance(shard.num_items)
                     return report
 

@@ -80,6 +80,13 @@ class ImageLoader:
             self.pool, lambda: read_image_bytes(source, self.config.image, image_root=self.image_root)
         )
 
+    def cached_sha256(self, source: ImageSource) -> str | None:
+        """The image's sha256 from the hash cache, if resuming and it is there (one ``stat``)."""
+        if not self.use_cache:
+            return None
+        fp = fingerprint(source)
+        return self.hashes.get(fp) if fp is not None else None
+
     async def load(self, source: ImageSource) -> Loaded:
         """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes."""
         loop = asyncio.get_running_loop()

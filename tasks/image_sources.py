@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -81,10 +83,7 @@ def _from_string(value: str, manifest_dir: Path) -> ImageSource:
         return _from_file_url(value)
     match = _SCHEME.match(value)
     if match is None:
-        path = Path(value)
-        if not path.is_absolute():
-            path = manifest_dir.absolute() / path
-        return ImageSource("path", str(path), value)
+        return ImageSource("path", _local_path(value, manifest_dir), value)
     scheme = match.group(1).lower()
     if scheme in REMOTE_SCHEMES:
         return ImageSource("url", value, value)
@@ -93,6 +92,24 @@ def _from_string(value: str, manifest_dir: Path) -> ImageSource:
         f"unsupported image source scheme {scheme}:// in {_shorten(value)} "
         "(use a local path, file://, http(s)://, s3://, gs:// or a data: URL)",
     )
+
+
+def _local_path(value: str, manifest_dir: Path) -> str:
+    """``str(manifest_dir.absolute() / value)``, without pathlib for the common plain relative path
+    (a rerun does this for every image; the result must stay the same, as the hash cache keys on it)."""
+    plain = not (
+        value.startswith(("/", "./")) or value.endswith(("/", "/.")) or "//" in value or "/./" in value
+    )
+    if plain and value != ".":
+        base = _folder(manifest_dir) if manifest_dir.is_absolute() else str(manifest_dir.absolute())
+        return os.path.join(base, value)
+    path = Path(value)
+    return str(path if path.is_absolute() else manifest_dir.absolute() / path)
+
+
+@functools.lru_cache(maxsize=64)
+def _folder(folder: Path) -> str:
+    return str(folder)
 
 
 def _from_file_url(url: str) -> ImageSource:

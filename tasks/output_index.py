@@ -10,6 +10,7 @@ The same structure caches image hashes by source fingerprint, so a rerun need no
 from __future__ import annotations
 
 import hashlib
+import threading
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
@@ -116,6 +117,7 @@ class StoredAnswers:
         self.index = index
         self.keep_files = keep_files
         self._files: OrderedDict[int, dict[int, str]] = OrderedDict()
+        self._lock = threading.Lock()  # used from the event loop and from the shard runner's worker thread
 
     def text(self, image_id: str | None, prompt_id: str) -> str | None:
         """The stored answer of an ``ok`` row, or None (no row, failed, no text, or its file is gone)."""
@@ -125,6 +127,10 @@ class StoredAnswers:
         return self._answers(found[2]).get(identity_hash(image_id, prompt_id))
 
     def _answers(self, number: int) -> dict[int, str]:
+        with self._lock:
+            return self._load(number)
+
+    def _load(self, number: int) -> dict[int, str]:
         answers = self._files.get(number)
         if answers is not None:
             self._files.move_to_end(number)

@@ -154,6 +154,10 @@ def request_key(prompt: Prompt, image: Images, config: RunConfig, history: Histo
 
     ``history``: a chained prompt's earlier turns, whose answers the key covers too.
     """
+    return hashlib.sha256(_canonical(prompt, image, config, history).encode()).hexdigest()
+
+
+def _canonical(prompt: Prompt, image: Images, config: RunConfig, history: History) -> str:
     image_settings = {"max_pixels": config.image.max_pixels, "jpeg_quality": config.image.jpeg_quality}
     canonical = {
         "v": KEY_VERSION,
@@ -161,8 +165,43 @@ def request_key(prompt: Prompt, image: Images, config: RunConfig, history: Histo
         "body": _body(prompt, image, config, history),
         "preprocessing": image_settings if _images(image) else None,
     }
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+_SLOT = "\x00image\x00"  # stands for the image reference in a key template (no reference holds a NUL)
+
+
+class RequestKeys:
+    """``request_key`` for many items of a run, fast: a prompt's canonical JSON is built once, and each
+    item's key hashes that text with its image reference spliced in — the very same text, so the very
+    same key (tests/test_requests.py checks), at a tenth of the cost. Chained prompts and several
+    images take the plain path.
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self._templates: dict[tuple[Prompt, bool], tuple[bytes, bytes] | str] = {}
+
+    def key(self, prompt: Prompt, image: Images, history: History = ()) -> str:
+        if history or not (image is None or isinstance(image, str)) or "\x00" in (image or ""):
+            return request_key(prompt, image, self.config, history)
+        template = self._templates.get((prompt, image is None))
+        if template is None:
+            template = self._templates[(prompt, image is None)] = self._template(prompt, image is None)
+        if isinstance(template, str):  # no image: one key per prompt
+            return template
+        before, after = template
+        digest = hashlib.sha256(before)
+        digest.update(json.dumps(image, ensure_ascii=False).encode())
+        digest.update(after)
+        return digest.hexdigest()
+
+    def _template(self, prompt: Prompt, text_only: bool) -> tuple[bytes, bytes] | str:
+        if text_only:
+            return request_key(prompt, None, self.config)
+        text = _canonical(prompt, _SLOT, self.config, ())
+        before, after = text.split(json.dumps(_SLOT, ensure_ascii=False))
+        return before.encode(), after.encode()
 
 
 def build_request(

@@ -29,7 +29,7 @@ from tasks.item_sender import ItemSender
 from tasks.manifests import Prompt
 from tasks.output_index import HashCache, OutputIndex, StoredAnswers
 from tasks.outputs import OutputStore
-from tasks.requests import History, Images, build_request, image_ref, request_key
+from tasks.requests import History, Images, RequestKeys, build_request, image_ref
 from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
@@ -80,8 +80,10 @@ class ShardRunner:
         self.store = store
         self.index = index or OutputIndex.empty()
         self.stored = StoredAnswers(self.index)  # done parents' answers, for their chained children
+        self.keys = RequestKeys(config)
         self.on_row = on_row
         self.skipped = 0
+        self.skipped_in: dict[int, int] = {}  # by shard, while it runs
         # images held in memory at once: enough to keep every request slot busy, no more
         cap = config.endpoint.in_flight_cap
         self.images_in_progress = asyncio.Semaphore(cap + 2 * (os.cpu_count() or 2))
@@ -95,8 +97,45 @@ class ShardRunner:
             await self.sender.aclose()
         await self.images.aclose()
 
-    async def run(self, shard: Shard) -> None:
-        await asyncio.gather(*(self._job(shard.index, job) for job in shard.jobs))
+    async def run(self, shard: Shard) -> int:
+        """Run a shard's jobs; returns how many of its work items were skipped as done."""
+        jobs = shard.jobs
+        if self.images.use_cache:  # resuming: drop finished jobs in one pass, off the event loop
+            loop = asyncio.get_running_loop()
+            jobs, done = await loop.run_in_executor(self.images.pool, self._left_to_do, jobs)
+            self._skip(shard.index, done)
+        await asyncio.gather(*(self._job(shard.index, job) for job in jobs))
+        return self.skipped_in.pop(shard.index, 0)
+
+    def _left_to_do(self, jobs: list[ImageJob]) -> tuple[list[ImageJob], int]:
+        """The jobs with work left, and the number of work items of the others: those whose image hash
+        is in the cache and whose prompts are all done. No image is read and no coroutine made for them,
+        which is what keeps the rerun of a finished job cheap (bench/rerun.py). Runs on a worker thread.
+        """
+        left: list[ImageJob] = []
+        done = 0
+        for job in jobs:
+            known, ref = self._cached_ref(job)
+            if known and not self._pending(job.image_id, job.prompts, ref).prompts:
+                done += len(job.prompts)
+            else:
+                left.append(job)
+        return left, done
+
+    def _cached_ref(self, job: ImageJob) -> tuple[bool, str | None]:
+        """(known, the job's image reference for its request keys) without reading the image."""
+        if job.value is NO_IMAGE:
+            return True, None
+        if isinstance(job.value, ManyImages):
+            return False, None
+        try:
+            source = parse_image_value(job.value, manifest_dir=self.manifest_dir)
+        except ItemFailure:
+            return False, None
+        if is_http(source) and not self.images.fetches:
+            return True, f"url:{source.value!s}"
+        sha = self.images.cached_sha256(source)
+        return sha is not None, image_ref(sha) if sha is not None else None
 
     # images ------------------------------------------------------------------------------------
 
@@ -120,10 +159,10 @@ class ShardRunner:
             except ItemFailure as failure:
                 self._fail_unreadable(shard_index, job, failure)
                 return
-            if self.store is not None and loaded.fingerprint is not None:
-                self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)
+            if self.store is not None and loaded.fingerprint is not None and loaded.data is not None:
+                self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)  # new to the cache
             pending = self._pending(job.image_id, job.prompts, image_ref(loaded.sha256))
-            self._skip(len(job.prompts) - len(pending.prompts))
+            self._skip(shard_index, len(job.prompts) - len(pending.prompts))
             if not pending.prompts:
                 return
             try:
@@ -157,7 +196,7 @@ class ShardRunner:
             self._fail_unreadable(shard_index, job, failure.about(f"image {current!r}"))
             return
         if self._done(job.image_id, prompt, refs):
-            self._skip(1)
+            self._skip(shard_index, 1)
             return
         prepared: list[PreparedImage] = []
         try:
@@ -186,7 +225,7 @@ class ShardRunner:
         """Ask the job's pending prompts: roots at once, each chained prompt once its parent answered."""
         if pending is None:  # a passed-through URL or no image: nothing read here, the key uses the URL
             pending = self._pending(job.image_id, job.prompts, ref)
-            self._skip(len(job.prompts) - len(pending.prompts))
+            self._skip(shard_index, len(job.prompts) - len(pending.prompts))
         kids = children_of(pending.prompts)
         waiting = {p.prompt_id for p in pending.prompts}
         by_id = {p.prompt_id: p for p in job.prompts}
@@ -221,8 +260,7 @@ class ShardRunner:
     def _done(self, image_id: str | None, prompt: Prompt, ref: Images, history: History = ()) -> bool:
         if self.config.force or not len(self.index):
             return False
-        key = request_key(prompt, ref, self.config, history)
-        return self.index.is_done(image_id, prompt.prompt_id, key)
+        return self.index.is_done(image_id, prompt.prompt_id, self.keys.key(prompt, ref, history))
 
     async def _chain(
         self,
@@ -245,7 +283,7 @@ class ShardRunner:
         if history and self._done(job.image_id, prompt, ref, history):  # its parent answered as before
             text = self.stored.text(job.image_id, prompt.prompt_id)
             if text is not None or not below:
-                self._skip(1)
+                self._skip(shard_index, 1)
                 turns = (*history, Turn(prompt, text or ""))
                 await asyncio.gather(
                     *(self._chain(shard_index, job, c, turns, kids, url, ref, image) for c in below)
@@ -276,7 +314,7 @@ class ShardRunner:
         for p in job.prompts:
             found = None if self.config.force else self.index.lookup(job.image_id, p.prompt_id)
             if found is not None and found[0]:
-                self._skip(1)  # an answer we have is never replaced by "the image is gone now"
+                self._skip(shard_index, 1)  # an answer we have is never replaced by "the image is gone now"
                 continue
             self._emit(shard_index, self._row(job, p).fail(failure))
 
@@ -329,8 +367,9 @@ class ShardRunner:
         if self.on_row is not None:
             self.on_row(row)
 
-    def _skip(self, count: int) -> None:
+    def _skip(self, shard_index: int, count: int) -> None:
         self.skipped += count
+        self.skipped_in[shard_index] = self.skipped_in.get(shard_index, 0) + count
         if self.on_row is not None:
             for _ in range(count):
                 self.on_row(None)

@@ -97,3 +97,20 @@ def test_responses_body_stream_and_repair() -> None:
     assert "not JSON" in fixed.body["messages"][-1]["content"][0]["text"]
     fixed = repair_request(req, "{oops", "not JSON")
     assert [m["role"] for m in fixed.body["input"]] == ["user", "assistant", "user"]
+
+
+def test_request_keys_from_templates_equal_the_plain_keys() -> None:
+    from tasks.chains import Turn
+    from tasks.requests import RequestKeys
+
+    prompt = Prompt("p", 'Say "hi" ☃\n', "qa", system="sys", json_schema='{"type": "object"}', max_tokens=7)
+    refs = [None, "sha256:" + "ab" * 32, 'url:https://x.test/a "b"\\c?d=☃&e=\t', "url:https://x.test/\x00"]
+    for config in (CFG, cfg(api="responses", reasoning=True, temperature=0.5)):
+        keys = RequestKeys(config)
+        for ref in refs:
+            assert keys.key(prompt, ref) == request_key(prompt, ref, config), ref
+            assert keys.key(prompt, ref) == request_key(prompt, ref, config)  # from the cached template
+        history = (Turn(P, "an answer"),)
+        assert keys.key(prompt, refs[1], history) == request_key(prompt, refs[1], config, history)
+        several = [refs[1], "sha256:" + "cd" * 32]
+        assert keys.key(prompt, several) == request_key(prompt, several, config)

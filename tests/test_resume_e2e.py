@@ -34,6 +34,7 @@ def test_rerun_of_a_finished_job_sends_nothing_and_reads_no_image(
     args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--shard-size", 7]
     assert vlmbatch(*args).code == 0
     first = {(r["image_id"], r["request_key"]) for r in rows(out)}
+    hash_files = sorted((out / "_vlmbatch" / "hashes").iterdir())
     emulator.reset()
     reads = []
     real_read = tasks.image_loader.read_image_bytes
@@ -46,6 +47,7 @@ def test_rerun_of_a_finished_job_sends_nothing_and_reads_no_image(
     assert reads == []  # image hashes came from the cache by path, size and mtime
     assert "skipped (already ok)" in res.out and "20" in res.out
     assert {(r["image_id"], r["request_key"]) for r in rows(out)} == first
+    assert sorted((out / "_vlmbatch" / "hashes").iterdir()) == hash_files  # nothing new to cache
 
 
 def test_changed_prompt_resends_only_its_items(tmp_path: Path, emulator: EmulatorServer) -> None:
