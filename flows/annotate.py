@@ -111,6 +111,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         )
         if prompts is not None:
             check_prompt_images(prompts, images, config.prompts or "", config.endpoint.max_images_per_prompt)
+        images = images.without_ids()  # checked: a million ids need not stay in memory for the run
     if config.image.image_root is not None:
         image_root = Path(config.image.image_root)
         if not image_root.is_dir():

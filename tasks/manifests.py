@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -111,16 +111,17 @@ class ImagesManifest:
     image_column: str
     carry: tuple[str, ...]
     carry_schema: pa.Schema
-    ids: pa.ChunkedArray  # every image_id as string, in manifest order
+    num_rows: int
+    ids: pa.ChunkedArray | None  # every image_id as string, in manifest order; None once checked
 
     @property
     def base_dir(self) -> Path:
         """Relative image paths resolve against the manifest's folder (the directory itself if one)."""
         return self.path if self.path.is_dir() else self.path.parent
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.ids)
+    def without_ids(self) -> ImagesManifest:
+        """The same manifest without its ids in memory (a run needs them only to check the prompts)."""
+        return replace(self, ids=None)
 
     def iter_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
         """Stream (image_id as string, image, carried columns) in manifest order."""
@@ -171,6 +172,7 @@ def read_images_manifest(
         image_column=image_column,
         carry=tuple(carry),
         carry_schema=pa.schema([carry_fields[name] for name in carry]),
+        num_rows=len(all_ids),
         ids=all_ids,
     )
 
@@ -303,6 +305,8 @@ def check_prompt_images(
     named += [(row, i) for row, p in enumerate(prompts) for i in p.image_ids or ()]
     if not named:
         return
+    if images.ids is None:
+        raise ValueError("check_prompt_images needs the manifest's ids (read it again)")
     wanted = pa.array([image_id for _, image_id in named], type=pa.string())
     known = pc.is_in(wanted, value_set=images.ids.combine_chunks()).to_pylist()
     unknown = [(row, image_id) for (row, image_id), ok in zip(named, known, strict=True) if not ok]
