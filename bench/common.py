@@ -84,10 +84,20 @@ class Emulator:
         with urllib.request.urlopen(f"{self.root}/_emulator/stats", timeout=60) as response:
             return json.load(response)
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the emulator process has used so far (from /proc)."""
+        return process_cpu_s(self.process.pid)
+
     def reset(self) -> None:
         request = urllib.request.Request(f"{self.root}/_emulator/reset", data=b"", method="POST")
         with urllib.request.urlopen(request, timeout=60):
             pass
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process (``/proc/PID/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager

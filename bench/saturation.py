@@ -18,6 +18,8 @@ timestamps in the emulator's stats log (the last request completes L after it ar
 The figure is achieved ÷ ideal. The client's own elapsed time (the flow's ``elapsed`` from the summary,
 the script's from manifest read to Parquet written) gives a second, end-to-end figure. Prefect's start
 (embedded API server, imports, flow set-up) is the rest of the wall time and is reported separately.
+The emulator's own CPU time during each client's run (from /proc) says whether the emulator, one event
+loop sharing the cores with the client, was what limited the rate.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def _row(
     elapsed: float,
     in_flight: object,
     proc: Any,
+    emulator_cpu: float,
 ) -> list[object]:
     """One table row: the endpoint's view (window) and the client's own (elapsed), against the ideal C/L."""
     ideal = concurrency / latency
@@ -88,6 +91,8 @@ def _row(
         in_flight,
         f"{proc.wall_s - elapsed:.1f}",
         f"{proc.cpu_s:.1f}",
+        f"{emulator_cpu:.1f}",
+        f"{emulator_cpu / window:.0%}",
     ]
 
 
@@ -113,6 +118,7 @@ def main() -> None:
         for concurrency, latency in settings:
             with emulator(latency=latency, max_concurrency=concurrency) as emu:
                 log(f"C={concurrency} L={latency}: vlmbatch run...")
+                emulator_before = emu.cpu_s()
                 run = vlmbatch_run(
                     images,
                     prompts,
@@ -121,14 +127,23 @@ def main() -> None:
                     prefect_home=tmp / "prefect",
                     concurrency=concurrency,
                 )
+                emulator_cpu = emu.cpu_s() - emulator_before
                 window, in_flight = endpoint_window(emu, latency, n)
                 flow_s = run.flow_elapsed_s or float("nan")
-                rows.append(_row("vlmbatch run", concurrency, latency, n, window, flow_s, in_flight, run))
-                log(f"  endpoint window {window:.1f} s, flow {flow_s:.1f} s, wall {run.wall_s:.1f} s")
+                rows.append(
+                    _row(
+                        "vlmbatch run", concurrency, latency, n, window, flow_s, in_flight, run, emulator_cpu
+                    )
+                )
+                log(
+                    f"  endpoint window {window:.1f} s, flow {flow_s:.1f} s, wall {run.wall_s:.1f} s, "
+                    f"emulator CPU {emulator_cpu:.1f} s"
+                )
                 if args.no_plain:
                     continue
                 emu.reset()
                 log(f"C={concurrency} L={latency}: plain asyncio + openai script...")
+                emulator_before = emu.cpu_s()
                 plain = run_process(
                     [
                         PYTHON,
@@ -145,10 +160,14 @@ def main() -> None:
                 if plain.code != 0:
                     raise RuntimeError(plain.stderr[-3000:])
                 result = json.loads(plain.stdout.strip().splitlines()[-1])
+                emulator_cpu = emu.cpu_s() - emulator_before
                 window, in_flight = endpoint_window(emu, latency, n)
                 elapsed = result["elapsed_s"]
                 rows.append(
-                    _row("plain asyncio + openai", concurrency, latency, n, window, elapsed, in_flight, plain)
+                    _row(
+                        "plain asyncio + openai",
+                        *(concurrency, latency, n, window, elapsed, in_flight, plain, emulator_cpu),
+                    )
                 )
                 log(f"  endpoint window {window:.1f} s, script {elapsed:.1f} s ({result})")
 
@@ -170,6 +189,8 @@ def main() -> None:
         "max in flight",
         "start-up s",
         "client CPU s",
+        "emulator CPU s",
+        "emulator busy",
     ]
     print(table(columns, rows, "ll" + "r" * (len(columns) - 2)))
     print(
@@ -177,7 +198,9 @@ def main() -> None:
         "the flow's `elapsed` (vlmbatch) or manifest read → Parquet written (script). "
         "start-up: wall − client elapsed "
         "(for vlmbatch: imports, the embedded Prefect server, flow set-up and tear-down). client CPU: "
-        "user + system of the client process tree, start-up included."
+        "user + system of the client process tree, start-up included. emulator CPU: user + system of the "
+        "emulator process during the client's run; emulator busy: that ÷ the endpoint window (the emulator "
+        "is one event loop: near 100 % it, not the client, sets the pace)."
     )
     ours = [row for row in rows if row[0] == "vlmbatch run"]
     verdicts = [
