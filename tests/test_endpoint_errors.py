@@ -162,6 +162,13 @@ def test_retry_policy_retries_only_transient_and_honours_retry_after() -> None:
     assert calls == 4  # first attempt + max_retries
     backoffs = slept[2:]
     assert len(backoffs) == 3 and all(0 < b <= 30 for b in backoffs)
+    # exponential from the first retry on: 0.5 s, 1 s, 2 s, each plus up to 0.5 s of jitter
+    assert [0.5 <= backoffs[0] <= 1.0, 1.0 <= backoffs[1] <= 1.5, 2.0 <= backoffs[2] <= 2.5] == [True] * 3
+
+    calls = 0
+    with pytest.raises(RequestFailure, match="connection"):
+        asyncio.run(RetryPolicy(max_retries=0, sleep=fake_sleep).call(down))
+    assert calls == 1 and len(slept) == 5  # no retries: no wait
 
 
 def test_responses_answers_and_streams_parse() -> None:
