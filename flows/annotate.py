@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import time
 import uuid
@@ -270,7 +271,8 @@ async def annotate(config: RunConfig) -> RunSummary:
 
                 # under a global limit one shard at a time: the slots held cover the requests in flight
                 in_flight = 1 if limit is not None else shards_in_flight(config)
-                await _run_shards(plan.shards(), run_shard, in_flight, stop)
+                with _long_lived_objects_frozen():
+                    await _run_shards(plan.shards(), run_shard, in_flight, stop)
         finally:
             await runner.aclose()
     result = summary.build(
@@ -294,6 +296,23 @@ async def annotate(config: RunConfig) -> RunSummary:
             f"interrupted by {stop.reason}; rerun to continue", result, EXIT_CODES[stop.reason]
         )
     return result
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen() -> Iterator[None]:
+    """Keep the garbage collector's full passes off the request path while shards run.
+
+    Prefect, pyarrow and friends leave a few hundred thousand long-lived objects; each full collection
+    walks them all, stalling the event loop 0.2–0.3 s a few times a minute at hundreds of requests a
+    second (measured at C=256: no request is sent or answered meanwhile). Frozen, they are skipped;
+    young garbage is still collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 async def _run_shards(
