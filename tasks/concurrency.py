@@ -4,7 +4,12 @@
 ``--concurrency auto`` it adapts like TCP (AIMD): it starts small and doubles per round of answers
 (slow start) until the endpoint first pushes back, then grows by one per round while latency holds
 (no more than twice the best seen) and halves — at most once per round trip — when a 429 or 503
-arrives. It never exceeds ``--max-concurrency``.
+arrives. After a halving it climbs back at the slow-start pace to 90 % of the limit that drew the
+pushback (the endpoint took about that much a moment ago), probes by one per two rounds up to that
+limit and by one per round past it, so it spends its time just under the endpoint's capacity instead
+of sawing between half of it and all of it (bench/auto.py, steady rate against a hidden capacity of
+32: 71–81 % of the best fixed setting with plain halving and +1 per round, 95 % with this). It never
+exceeds ``--max-concurrency``.
 
 ``RateLimiter`` spaces requests for gateways that publish limits: ``--rpm`` requests and ``--tpm``
 estimated tokens per minute (token buckets holding at most one second's worth, so no burst).
@@ -20,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 AUTO_START = 8
+RECOVER_TO = 0.9  # after a cut, climb back fast to this share of the limit that drew the pushback
 OVERLOAD_STATUS = frozenset({429, 503})
 
 
@@ -47,6 +53,7 @@ class InFlightLimiter:
         self.in_flight = 0
         self.slow_start = True
         self.best_latency = math.inf
+        self.ceiling = math.inf  # the limit when the endpoint last pushed back
         self._last_cut = -math.inf
         self._changed = asyncio.Condition()
 
@@ -71,6 +78,7 @@ class InFlightLimiter:
         if slot.overloaded:
             round_trip = self.best_latency if math.isfinite(self.best_latency) else 1.0
             if now - self._last_cut >= round_trip:  # one cut per round trip, not one per 429 of a burst
+                self.ceiling = self.limit
                 self.limit = max(1.0, self.limit / 2)
                 self._last_cut = now
             self.slow_start = False
@@ -80,8 +88,11 @@ class InFlightLimiter:
         self.best_latency = min(self.best_latency, slot.latency)
         if slot.latency > 2 * self.best_latency:
             return  # latency does not hold: the endpoint is queueing, don't push harder
-        step = 1.0 if self.slow_start else 1.0 / self.limit  # doubles per round, or +1 per round
-        self.limit = min(float(self.maximum), self.limit + step)
+        if self.limit < RECOVER_TO * self.ceiling:  # slow start, or climbing back: doubles per round
+            self.limit = min(float(self.maximum), self.limit + 1.0, RECOVER_TO * self.ceiling)
+        else:  # +1 per round; +1 per two rounds just under where the endpoint last pushed back
+            step = 0.5 if self.limit < self.ceiling else 1.0
+            self.limit = min(float(self.maximum), self.limit + step / self.limit)
 
 
 class RateLimiter:

@@ -33,12 +33,40 @@ def test_adaptive_grows_fast_then_halves_once_per_round_trip() -> None:
     assert limiter.limit == 8 and not limiter.slow_start
     clock.now = 0.3
     limiter.observe(Slot(overloaded=True))  # a round trip later: cut again
-    assert limiter.limit == 4
-    for _ in range(4):  # congestion avoidance: about +1 per round
+    assert limiter.limit == 4 and limiter.ceiling == 8
+    for _ in range(4):  # back up at the slow-start pace, to 90 % of the limit that drew the 429
         limiter.observe(Slot(latency=0.2))
-    assert 4.9 < limiter.limit < 5.1
+    assert limiter.limit == 0.9 * 8
+    for _ in range(7):  # then, just under that level, probe gently: about +1 per two rounds
+        limiter.observe(Slot(latency=0.2))
+    assert 7.6 < limiter.limit < 7.7
+    for _ in range(6):  # past it: congestion avoidance, about +1 per round
+        limiter.observe(Slot(latency=0.2))
+    assert 8.0 < limiter.limit < 8.1
+    for _ in range(8):
+        limiter.observe(Slot(latency=0.2))
+    assert 8.9 < limiter.limit < 9.1
+    before = limiter.limit
     limiter.observe(Slot(latency=1.0))  # latency does not hold: no increase
-    assert 4.9 < limiter.limit < 5.1
+    assert limiter.limit == before
+
+
+def test_adaptive_follows_an_endpoint_whose_capacity_drops() -> None:
+    clock = Clock()
+    limiter = InFlightLimiter(1, adaptive=True, maximum=256, clock=clock)
+    for _ in range(56):  # slow start: 8 → 64
+        limiter.observe(Slot(latency=0.2))
+    limiter.observe(Slot(overloaded=True))
+    assert limiter.limit == 32 and limiter.ceiling == 64
+    for _ in range(10):  # climbing back towards 0.9 × 64 ...
+        limiter.observe(Slot(latency=0.2))
+    assert limiter.limit == 42
+    clock.now = 1.0
+    limiter.observe(Slot(overloaded=True))  # ... the endpoint now takes less: a 429 on the way up
+    assert limiter.limit == 21 and limiter.ceiling == 42  # the new, lower level is what it climbs back to
+    for _ in range(50):
+        limiter.observe(Slot(latency=0.2))
+    assert limiter.limit < 42
 
 
 def test_adaptive_never_exceeds_the_maximum_nor_drops_below_one() -> None:
