@@ -18,7 +18,7 @@ means its children are asked anew.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,3 +127,50 @@ def group_by_root(prompts: Sequence[Prompt]) -> list[list[Prompt]]:
         root[p.prompt_id] = top
         groups.setdefault(top, []).append(p)
     return list(groups.values())
+
+
+@dataclass(slots=True)
+class Pending:
+    """A job's prompts still to ask, and the stored answers of its done parents (by prompt_id)."""
+
+    prompts: list[Prompt]
+    answers: dict[str, str]
+
+
+def history_of(prompt: Prompt, answers: dict[str, str], by_id: dict[str, Prompt]) -> tuple[Turn, ...] | None:
+    """The earlier turns of ``prompt``'s conversation from known answers; None if an ancestor's is unknown."""
+    turns: list[Turn] = []
+    parent = prompt.parent_prompt_id
+    while parent is not None:
+        if parent not in answers or parent not in by_id:
+            return None
+        turns.append(Turn(by_id[parent], answers[parent]))
+        parent = by_id[parent].parent_prompt_id
+    return tuple(reversed(turns))
+
+
+def pending_prompts(
+    prompts: Sequence[Prompt],
+    is_done: Callable[[Prompt, tuple[Turn, ...]], bool],
+    stored_text: Callable[[Prompt], str | None],
+) -> Pending:
+    """Which of a job's prompts (ordered parents first) still need asking on a rerun.
+
+    A prompt is done when ``is_done`` says so for its conversation; a chained prompt can only be done
+    if its parent is, since its conversation holds the parent's stored answer (``stored_text``). A
+    done parent whose answer cannot be read back is asked again, with its children.
+    """
+    parents = {p.parent_prompt_id for p in prompts}
+    by_id = {p.prompt_id: p for p in prompts}
+    answers: dict[str, str] = {}
+    todo: list[Prompt] = []
+    for p in prompts:
+        parent = p.parent_prompt_id
+        history = history_of(p, answers, by_id) if parent is None or parent in answers else None
+        if history is not None and is_done(p, history):
+            text = stored_text(p) if p.prompt_id in parents else ""
+            if text is not None:
+                answers[p.prompt_id] = text
+                continue
+        todo.append(p)
+    return Pending(todo, answers)

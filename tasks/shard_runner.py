@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.chains import Turn, children_of, descendants
+from tasks.chains import Pending, Turn, children_of, descendants, history_of, pending_prompts
 from tasks.config import RunConfig
 from tasks.errors import ItemFailure
 from tasks.image_loader import ImageLoader, Loaded
@@ -34,26 +33,6 @@ from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
 from tasks.work_items import NO_IMAGE, ImageJob, ManyImages, Shard
-
-
-@dataclass(slots=True)
-class Pending:
-    """A job's prompts still to ask, and the stored answers of its done parents (by prompt_id)."""
-
-    prompts: list[Prompt]
-    answers: dict[str, str]
-
-
-def _history(prompt: Prompt, answers: dict[str, str], by_id: dict[str, Prompt]) -> History | None:
-    """The earlier turns of ``prompt``'s conversation from stored answers; None if its parent is unknown."""
-    turns: list[Turn] = []
-    parent = prompt.parent_prompt_id
-    while parent is not None:
-        if parent not in answers or parent not in by_id:
-            return None
-        turns.append(Turn(by_id[parent], answers[parent]))
-        parent = by_id[parent].parent_prompt_id
-    return tuple(reversed(turns))
 
 
 class ShardRunner:
@@ -232,30 +211,20 @@ class ShardRunner:
         roots = [p for p in pending.prompts if p.parent_prompt_id not in waiting]
         await asyncio.gather(
             *(
-                self._chain(shard_index, job, p, _history(p, pending.answers, by_id), kids, url, ref, image)
+                self._chain(shard_index, job, p, history_of(p, pending.answers, by_id), kids, url, ref, image)
                 for p in roots
             )
         )
 
     def _pending(self, image_id: str | None, prompts: list[Prompt], ref: Images) -> Pending:
-        """The prompts not yet done (a chained prompt is done only if its parent is), and the stored
-        answers of done prompts that have children among them."""
+        """The prompts not yet done, and the stored answers of done parents (tasks/chains.py)."""
         if self.config.force or not len(self.index):
             return Pending(list(prompts), {})
-        parents = {p.parent_prompt_id for p in prompts}
-        by_id = {p.prompt_id: p for p in prompts}
-        answers: dict[str, str] = {}
-        todo: list[Prompt] = []
-        for p in prompts:  # parents first
-            parent = p.parent_prompt_id
-            history = _history(p, answers, by_id) if parent is None or parent in answers else None
-            if history is not None and self._done(image_id, p, ref, history):
-                text = self.stored.text(image_id, p.prompt_id) if p.prompt_id in parents else ""
-                if text is not None:
-                    answers[p.prompt_id] = text
-                    continue
-            todo.append(p)
-        return Pending(todo, answers)
+        return pending_prompts(
+            prompts,
+            lambda p, history: self._done(image_id, p, ref, history),
+            lambda p: self.stored.text(image_id, p.prompt_id),
+        )
 
     def _done(self, image_id: str | None, prompt: Prompt, ref: Images, history: History = ()) -> bool:
         if self.config.force or not len(self.index):
