@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/client_cpu.py
 	$(BIN)/python bench/memory.py --sizes 10000,50000
 	$(BIN)/python bench/rerun.py
+	$(BIN)/python bench/auto.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out
