@@ -157,12 +157,21 @@ def test_an_outage_longer_than_the_window_aborts_with_exit_3_and_resumes(
     images = images_manifest(tmp_path, specs)
     out = tmp_path / "out"
     args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--concurrency", 2]
-    timer = threading.Timer(0.8, lambda: emulator.configure(down=True))
-    timer.start()
+    stop_watching = threading.Event()
+
+    def take_down_after_some_answers() -> None:  # not a timer: start-up takes longer on a busy machine
+        while not stop_watching.wait(0.02):
+            if emulator.stats()["by_status"].get("200", 0) >= 4:
+                emulator.configure(down=True)
+                return
+
+    watcher = threading.Thread(target=take_down_after_some_answers)
+    watcher.start()
     try:
         res = vlmbatch(*args, "--outage-window", 1)
     finally:
-        timer.cancel()
+        stop_watching.set()
+        watcher.join()
     assert res.code == 3, res.out + res.err
     assert "unreachable" in res.err and "--outage-window 1" in res.err
     kept = rows(out)
