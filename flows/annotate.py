@@ -27,12 +27,13 @@ from tasks.artifacts import Progress, artifact_key, publish_summary
 from tasks.config import RunConfig
 from tasks.endpoint import load_api_key
 from tasks.endpoint_limit import EndpointLimit
-from tasks.errors import ConfigError, EndpointUnusable, ManifestError, RunInterrupted
+from tasks.errors import ConfigError, EndpointUnusable, ManifestError, RunInterrupted, UsageError
 from tasks.json_columns import json_fields
 from tasks.manifests import (
     ImagesManifest,
     Prompt,
     check_prompt_images,
+    parquet_files,
     read_images_manifest,
     read_prompts_manifest,
 )
@@ -99,9 +100,48 @@ class RunPlan:
         return iter_shards(limit_items(jobs, self.config.limit), self.config.shard_size)
 
 
+_PLANS: dict[str, RunPlan] = {}  # the last plan, by config and manifest files
+
+
 def plan_run(config: RunConfig) -> RunPlan:
-    """Read and validate everything a run needs; raises UsageError (exit 1) before anything is sent."""
+    """Read and validate everything a run needs; raises UsageError (exit 1) before anything is sent.
+
+    The CLI plans before starting the flow (to fail fast) and the flow plans again (it may run in a
+    worker): while the config and the manifests' files are unchanged, the second call reuses the
+    first's manifests, so a million-row manifest's ids are read and checked once per process, not
+    twice. OUT is checked every time.
+    """
     config = resolve_paths(config)  # {date} in paths filled from config.date (ConfigError without one)
+    key = _plan_key(config)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _plan(config)
+        pa.default_memory_pool().release_unused()  # the id checks' buffers: back to the OS, not kept
+        _PLANS.clear()
+        if key is not None:
+            _PLANS[key] = plan
+    if not config.dry_run:  # OUT may change between two plans: checked every time
+        check_out_dir(config.out)
+        check_schema(config.out, plan.output_schema)
+    return plan
+
+
+def _plan_key(config: RunConfig) -> str | None:
+    """The config and the size and mtime of every manifest file; None if a manifest is missing."""
+    stats = []
+    for path, what in ((config.images, "images"), (config.prompts, "prompts")):
+        if path is None:
+            continue
+        try:
+            for file in parquet_files(Path(path), what):
+                st = file.stat()
+                stats.append(f"{file}:{st.st_size}:{st.st_mtime_ns}")
+        except (UsageError, OSError):
+            return None
+    return config.model_dump_json() + "\n" + "\n".join(stats)
+
+
+def _plan(config: RunConfig) -> RunPlan:
     prompts = read_prompts_manifest(config.prompts) if config.prompts else None
     if config.images is None:
         images = None
@@ -120,9 +160,6 @@ def plan_run(config: RunConfig) -> RunPlan:
     else:
         image_root = images.base_dir if images is not None else Path.cwd()
     schema = _output_schema(config, images, prompts)
-    if not config.dry_run:
-        check_out_dir(config.out)
-        check_schema(config.out, schema)
     return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema)
 
 
