@@ -50,13 +50,17 @@ from common import (
 TARGET = 0.95
 
 
-def endpoint_window(emu: Emulator, latency: float, n: int) -> tuple[float, int]:
-    """Seconds from the first arrival to the last completion (last arrival + L), and requests seen."""
+def endpoint_window(emu: Emulator, latency: float, n: int) -> tuple[float, int, float]:
+    """Seconds from the first arrival to the last completion (last arrival + L), the most requests in
+    flight, and the steady rate: arrivals per second between the 10th and the 90th percentile arrival
+    (the middle of the job, without its first wave and its tail)."""
     stats = emu.stats()
-    arrivals = [entry["t"] for entry in stats["log"]]
+    arrivals = sorted(entry["t"] for entry in stats["log"])
     if stats["requests_total"] != n or len(arrivals) != n:
         log(f"warning: the emulator saw {stats['requests_total']} requests for {n} items")
-    return max(arrivals) + latency - min(arrivals), stats["max_in_flight"]
+    low, high = arrivals[len(arrivals) // 10], arrivals[len(arrivals) * 9 // 10]
+    steady = (len(arrivals) * 9 // 10 - len(arrivals) // 10) / (high - low) if high > low else float("nan")
+    return arrivals[-1] + latency - arrivals[0], stats["max_in_flight"], steady
 
 
 def parse_setting(text: str) -> tuple[int, float]:
@@ -70,6 +74,7 @@ def _row(
     latency: float,
     n: int,
     window: float,
+    steady: float,
     elapsed: float,
     in_flight: object,
     proc: Any,
@@ -86,6 +91,7 @@ def _row(
         f"{window:.1f}",
         f"{n / window:.0f}",
         f"**{n / window / ideal:.1%}**",
+        f"{steady / ideal:.1%}",
         f"{elapsed:.1f}",
         f"{n / elapsed / ideal:.1%}",
         in_flight,
@@ -128,11 +134,12 @@ def main() -> None:
                     concurrency=concurrency,
                 )
                 emulator_cpu = emu.cpu_s() - emulator_before
-                window, in_flight = endpoint_window(emu, latency, n)
+                window, in_flight, steady = endpoint_window(emu, latency, n)
                 flow_s = run.flow_elapsed_s or float("nan")
                 rows.append(
                     _row(
-                        "vlmbatch run", concurrency, latency, n, window, flow_s, in_flight, run, emulator_cpu
+                        "vlmbatch run",
+                        *(concurrency, latency, n, window, steady, flow_s, in_flight, run, emulator_cpu),
                     )
                 )
                 log(
@@ -161,12 +168,12 @@ def main() -> None:
                     raise RuntimeError(plain.stderr[-3000:])
                 result = json.loads(plain.stdout.strip().splitlines()[-1])
                 emulator_cpu = emu.cpu_s() - emulator_before
-                window, in_flight = endpoint_window(emu, latency, n)
+                window, in_flight, steady = endpoint_window(emu, latency, n)
                 elapsed = result["elapsed_s"]
                 rows.append(
                     _row(
                         "plain asyncio + openai",
-                        *(concurrency, latency, n, window, elapsed, in_flight, plain, emulator_cpu),
+                        *(concurrency, latency, n, window, steady, elapsed, in_flight, plain, emulator_cpu),
                     )
                 )
                 log(f"  endpoint window {window:.1f} s, script {elapsed:.1f} s ({result})")
@@ -184,6 +191,7 @@ def main() -> None:
         "endpoint window s",
         "achieved req/s",
         "achieved ÷ ideal",
+        "steady ÷ ideal",
         "client elapsed s",
         "end to end ÷ ideal",
         "max in flight",
@@ -194,7 +202,9 @@ def main() -> None:
     ]
     print(table(columns, rows, "ll" + "r" * (len(columns) - 2)))
     print(
-        "\nendpoint window: first arrival → last arrival + L (emulator stats log). client elapsed: "
+        "\nendpoint window: first arrival → last arrival + L (emulator stats log). steady: arrivals per "
+        "second between the 10th and 90th percentile arrival, ÷ C/L (the job's middle; the window also "
+        "holds the first wave, whose answers all come back together, and the tail). client elapsed: "
         "the flow's `elapsed` (vlmbatch) or manifest read → Parquet written (script). "
         "start-up: wall − client elapsed "
         "(for vlmbatch: imports, the embedded Prefect server, flow set-up and tear-down). client CPU: "
