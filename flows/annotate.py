@@ -312,6 +312,7 @@ async def annotate(config: RunConfig) -> RunSummary:
                     await _run_shards(plan.shards(), run_shard, in_flight, stop)
         finally:
             await runner.aclose()
+    await progress.publish()  # where the run got to (updates come at most once a second)
     result = summary.build(
         work_items=plan.work_items,
         skipped=runner.skipped,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -66,11 +67,15 @@ async def publish_summary(summary: RunSummary, *, key: str, title: str) -> UUID 
 class Progress:
     """A progress artifact of one run, created at 0 % and updated as shards finish."""
 
+    EVERY_S = 1.0  # at most one update a second (a rerun of a finished job races through its shards)
+
     def __init__(self, total: int, description: str) -> None:
         self.total = total
         self.done = 0
         self.description = description
         self.artifact_id: UUID | None = None
+        self._updated = 0.0
+        self._sent: float | None = None  # the percentage last sent
 
     @property
     def percent(self) -> float:
@@ -81,13 +86,20 @@ class Progress:
 
         try:
             self.artifact_id = await acreate_progress_artifact(self.percent, description=self.description)
+            self._sent = self.percent
         except Exception as exc:
             log.warning("could not create the progress artifact: %s", exc)
 
     async def advance(self, items: int) -> None:
         self.done += items
-        if self.artifact_id is None:
+        if time.monotonic() - self._updated >= self.EVERY_S or self.done >= self.total:
+            await self.publish()
+
+    async def publish(self) -> None:
+        """Send the current percentage now (the flow calls it once more at the end)."""
+        if self.artifact_id is None or self.percent == self._sent:
             return
+        self._updated, self._sent = time.monotonic(), self.percent
         from prefect.artifacts import aupdate_progress_artifact
 
         try:
