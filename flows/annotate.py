@@ -198,6 +198,7 @@ async def annotate_shard(
     runner: ShardRunner,
     writer: AsyncWriter | None,
     limit: EndpointLimit | None = None,
+    skipped_before: int = 0,
 ) -> ShardReport:
     """One shard: its work items concurrently, its rows written to OUT as they finish. With a global
     endpoint limit, the shard holds the run's share of its slots while its requests run.
@@ -212,8 +213,8 @@ async def annotate_shard(
     get_run_logger().info(
         "shard %d: %d work items (%d skipped as done) in %.1f s%s",
         shard.index,
-        shard.num_items,
-        skipped,
+        shard.num_items + skipped_before,
+        skipped + skipped_before,
         time.perf_counter() - started,
         f" → {path.name}" if path else "",
     )
@@ -299,10 +300,13 @@ async def annotate(config: RunConfig) -> RunSummary:
                     writer = await flushing.enter_async_context(AsyncWriter(store))
 
                 async def run_shard(shard: Shard) -> ShardReport:
-                    # quoted: Prefect unwraps them for the task without walking their contents
-                    report: ShardReport = await annotate_shard(  # type: ignore[call-overload]
-                        shard.index, quote(shard), quote(runner), quote(writer), quote(limit)
-                    )
+                    left, done = await runner.drop_done(shard)  # resuming: a finished shard needs no task
+                    report = ShardReport(shard.index, None)
+                    if left.jobs:
+                        # quoted: Prefect unwraps them for the task without walking their contents
+                        report = await annotate_shard(  # type: ignore[call-overload]
+                            shard.index, quote(left), quote(runner), quote(writer), quote(limit), done
+                        )
                     await progress.advance(shard.num_items)
                     return report
 

@@ -76,14 +76,20 @@ class ShardRunner:
             await self.sender.aclose()
         await self.images.aclose()
 
+    async def drop_done(self, shard: Shard) -> tuple[Shard, int]:
+        """Resuming: the shard without its finished jobs, and how many work items those held (counted
+        as skipped here). One pass on a worker thread, before any Prefect task starts for the shard."""
+        if not self.images.use_cache:
+            return shard, 0
+        loop = asyncio.get_running_loop()
+        jobs, done = await loop.run_in_executor(self.images.pool, self._left_to_do, shard.jobs)
+        self._skip(shard.index, done)
+        self.skipped_in.pop(shard.index, None)
+        return Shard(shard.index, jobs), done
+
     async def run(self, shard: Shard) -> int:
         """Run a shard's jobs; returns how many of its work items were skipped as done."""
-        jobs = shard.jobs
-        if self.images.use_cache:  # resuming: drop finished jobs in one pass, off the event loop
-            loop = asyncio.get_running_loop()
-            jobs, done = await loop.run_in_executor(self.images.pool, self._left_to_do, jobs)
-            self._skip(shard.index, done)
-        await asyncio.gather(*(self._job(shard.index, job) for job in jobs))
+        await asyncio.gather(*(self._job(shard.index, job) for job in shard.jobs))
         return self.skipped_in.pop(shard.index, 0)
 
     def _left_to_do(self, jobs: list[ImageJob]) -> tuple[list[ImageJob], int]:
