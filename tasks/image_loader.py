@@ -82,19 +82,18 @@ class ImageLoader:
 
     def cached_sha256(self, source: ImageSource) -> str | None:
         """The image's sha256 from the hash cache, if resuming and it is there (one ``stat``)."""
-        if not self.use_cache:
-            return None
-        fp = fingerprint(source)
-        return self.hashes.get(fp) if fp is not None else None
+        return self._cached(fingerprint(source)) if self.use_cache else None
+
+    def _cached(self, fp: str | None) -> str | None:
+        return self.hashes.get(fp) if fp is not None and self.use_cache else None
 
     async def load(self, source: ImageSource) -> Loaded:
         """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes."""
         loop = asyncio.get_running_loop()
         fp = await loop.run_in_executor(self.pool, fingerprint, source)
-        if fp is not None and self.use_cache:
-            sha = self.hashes.get(fp)
-            if sha is not None:
-                return Loaded(sha, None, fp)
+        sha = self._cached(fp)
+        if sha is not None:
+            return Loaded(sha, None, fp)
         data = await self.read(source)
         return Loaded(hashlib.sha256(data).hexdigest(), data, fp)
 

@@ -83,8 +83,7 @@ class ShardRunner:
             return shard, 0
         loop = asyncio.get_running_loop()
         jobs, done = await loop.run_in_executor(self.images.pool, self._left_to_do, shard.jobs)
-        self._skip(shard.index, done)
-        self.skipped_in.pop(shard.index, None)
+        self._count_skipped(done)
         return Shard(shard.index, jobs), done
 
     async def run(self, shard: Shard) -> int:
@@ -217,7 +216,17 @@ class ShardRunner:
         roots = [p for p in pending.prompts if p.parent_prompt_id not in waiting]
         await asyncio.gather(
             *(
-                self._chain(shard_index, job, p, history_of(p, pending.answers, by_id), kids, url, ref, image)
+                self._chain(
+                    shard_index,
+                    job,
+                    p,
+                    history_of(p, pending.answers, by_id),
+                    kids,
+                    url,
+                    ref,
+                    image,
+                    recheck=False,
+                )
                 for p in roots
             )
         )
@@ -247,15 +256,20 @@ class ShardRunner:
         url: Images,
         ref: Images,
         image: PreparedImage | None,
+        recheck: bool = True,
     ) -> None:
-        """Ask ``prompt`` (``history``: its conversation so far), then its chained children."""
+        """Ask ``prompt`` (``history``: its conversation so far), then its chained children.
+
+        ``recheck``: whether it may be done already. Not for a job's roots, which ``_pending`` checked;
+        yes for a child whose parent was just answered, since the answer may be the one stored.
+        """
         below = kids.get(prompt.prompt_id, [])
         if history is None:  # its parent is in no job with it: nothing to continue
             failure = ItemFailure("parent_failed", f"parent prompt {prompt.parent_prompt_id!r} was not asked")
             for p in [prompt, *descendants(prompt, kids)]:
                 self._emit(shard_index, self._row(job, p, image).fail(failure))
             return
-        if history and self._done(job.image_id, prompt, ref, history):  # its parent answered as before
+        if recheck and history and self._done(job.image_id, prompt, ref, history):  # answered as before
             text = self.stored.text(job.image_id, prompt.prompt_id)
             if text is not None or not below:
                 self._skip(shard_index, 1)
@@ -343,8 +357,11 @@ class ShardRunner:
             self.on_row(row)
 
     def _skip(self, shard_index: int, count: int) -> None:
-        self.skipped += count
         self.skipped_in[shard_index] = self.skipped_in.get(shard_index, 0) + count
+        self._count_skipped(count)
+
+    def _count_skipped(self, count: int) -> None:
+        self.skipped += count
         if self.on_row is not None:
             for _ in range(count):
                 self.on_row(None)

@@ -97,6 +97,32 @@ def test_a_rerun_reads_done_parents_answers_back_from_out(tmp_path: Path, emulat
     assert all(_after(final[(i, "describe")]["text"]) in final[(i, "colour")]["text"] for i in "ab")
 
 
+def test_a_parent_answered_again_as_before_keeps_its_done_children(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    prompts = prompts_manifest(tmp_path, CHAIN)
+    args = _args(tmp_path, emulator, prompts)
+    assert vlmbatch(*args).code == 0
+    first = _by_item(tmp_path / "out")
+    for part in (tmp_path / "out").glob("part-*.parquet"):  # the roots' rows marked failed, children kept
+        table = pq.read_table(part)
+        roots = pc.equal(table["prompt_id"], "describe")
+        status = pc.if_else(roots, pa.scalar("failed"), table["status"])
+        pq.write_table(table.set_column(table.schema.get_field_index("status"), "status", status), part)
+    emulator.reset()
+    assert vlmbatch(*args).code == 0
+    # the roots are asked again; their (deterministic) answers are the stored ones, so the children's
+    # conversations, and keys, are unchanged and they are not sent again
+    assert emulator.stats()["requests_total"] == 2
+    again = _by_item(tmp_path / "out")
+    assert len(again) == 6 and all(r["status"] == "ok" for r in again.values())
+    assert all(again[(i, "colour")] == first[(i, "colour")] for i in "ab")
+
+
 def test_a_failed_parent_fails_its_children_unsent(tmp_path: Path, emulator: EmulatorServer) -> None:
     prompts = prompts_manifest(tmp_path, CHAIN)
     emulator.configure(fault_script=["500"])  # the first request, one image's "describe", fails
