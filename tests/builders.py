@@ -10,6 +10,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+TAGS_SCHEMA = {  # a JSON Schema for structured-output tests: a caption, tags and a flag
+    "type": "object",
+    "properties": {
+        "caption": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "indoor": {"type": "boolean"},
+    },
+    "required": ["caption", "tags", "indoor"],
+    "additionalProperties": False,
+}
+
+TAGS_TEXT_SCHEMA = {  # also "text", a property named like a contract column (→ json_text)
+    **TAGS_SCHEMA,
+    "properties": {**TAGS_SCHEMA["properties"], "text": {"type": "integer"}},
+    "required": [*TAGS_SCHEMA["required"], "text"],
+}
+
 COLOURS = {"red": (220, 20, 20), "green": (20, 180, 40), "blue": (20, 40, 220), "yellow": (240, 220, 20)}
 
 

@@ -9,19 +9,8 @@ import jsonschema
 import pytest
 
 from emulator import EmulatorServer, EmulatorSettings
-from tests.builders import images_manifest, prompts_manifest
+from tests.builders import TAGS_SCHEMA, TAGS_TEXT_SCHEMA, images_manifest, prompts_manifest
 from tests.cli import rows, vlmbatch
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "caption": {"type": "string"},
-        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-        "indoor": {"type": "boolean"},
-    },
-    "required": ["caption", "tags", "indoor"],
-    "additionalProperties": False,
-}
 
 
 def _inputs(tmp_path: Path, n: int = 3) -> list[object]:
@@ -30,7 +19,7 @@ def _inputs(tmp_path: Path, n: int = 3) -> list[object]:
         tmp_path,
         [
             {"prompt_id": "cap", "prompt": "Describe."},
-            {"prompt_id": "meta", "prompt": "Tag it.", "json_schema": json.dumps(SCHEMA)},
+            {"prompt_id": "meta", "prompt": "Tag it.", "json_schema": json.dumps(TAGS_SCHEMA)},
         ],
     )
     return ["run", images, "--prompts", prompts]
@@ -45,7 +34,7 @@ def test_structured_output_is_validated_and_stored(
     assert res.code == 0, res.err
     for row in rows(tmp_path / "out"):
         if row["prompt_id"] == "meta":
-            jsonschema.validate(json.loads(row["json"]), SCHEMA)
+            jsonschema.validate(json.loads(row["json"]), TAGS_SCHEMA)
             assert row["text"] and json.loads(row["text"]) == json.loads(row["json"])
         else:
             assert row["json"] is None
@@ -103,7 +92,7 @@ def test_responses_api(tmp_path: Path, emulator: EmulatorServer) -> None:
     for row in rows(tmp_path / "out"):
         assert row["reasoning"] and row["finish_reason"] == "stop" and row["prompt_tokens"] > 0
         if row["prompt_id"] == "meta":
-            jsonschema.validate(json.loads(row["json"]), SCHEMA)
+            jsonschema.validate(json.loads(row["json"]), TAGS_SCHEMA)
         else:
             assert "×10 image, mostly green" in row["text"]
     short = ["run", base[1], "--base-url", emulator.base_url, "--api", "responses", "--max-tokens", 4]
@@ -229,8 +218,7 @@ def test_json_columns_are_typed(tmp_path: Path, emulator: EmulatorServer) -> Non
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    schema = {**SCHEMA, "properties": {**SCHEMA["properties"], "text": {"type": "integer"}}}
-    schema["required"] = [*SCHEMA["required"], "text"]
+    schema = TAGS_TEXT_SCHEMA
     images = images_manifest(tmp_path, {"a": ((20, 10), "green"), "b": ((21, 10), "green")})
     prompts = prompts_manifest(
         tmp_path,

@@ -11,19 +11,8 @@ import pytest
 
 from emulator import EmulatorServer
 from tasks.export import infer_json_fields
-from tests.builders import images_manifest, prompts_manifest, write_parquet
+from tests.builders import TAGS_TEXT_SCHEMA, images_manifest, prompts_manifest, write_parquet
 from tests.cli import rows, vlmbatch
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "caption": {"type": "string"},
-        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-        "indoor": {"type": "boolean"},
-        "text": {"type": "integer"},
-    },
-    "required": ["caption", "tags", "indoor", "text"],
-}
 
 
 @pytest.fixture
@@ -34,7 +23,7 @@ def plain_and_typed(tmp_path: Path, emulator: EmulatorServer) -> tuple[Path, Pat
         tmp_path,
         [
             {"prompt_id": "cap", "prompt": "Describe."},
-            {"prompt_id": "meta", "prompt": "Tag.", "json_schema": json.dumps(SCHEMA)},
+            {"prompt_id": "meta", "prompt": "Tag.", "json_schema": json.dumps(TAGS_TEXT_SCHEMA)},
         ],
     )
     base = ["run", images, "--prompts", prompts, "--base-url", emulator.base_url]
