@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -55,22 +56,46 @@ class InFlightLimiter:
         self.best_latency = math.inf
         self.ceiling = math.inf  # the limit when the endpoint last pushed back
         self._last_cut = -math.inf
-        self._changed = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
-            self.in_flight += 1
+        await self._acquire()
         slot = Slot()
         try:
             yield slot
         finally:
-            async with self._changed:
+            self.in_flight -= 1
+            if self.adaptive:
+                self.observe(slot)
+            self._grant()
+
+    async def _acquire(self) -> None:
+        """Take a slot: at once if one is free and nobody waits, else in arrival order.
+
+        A freed slot is handed straight to the first waiter (its count taken on its behalf), so a
+        release wakes one coroutine, not all of them: with hundreds waiting, a wake-all condition cost
+        a loop iteration per waiter per release and delayed the refills of a burst of answers.
+        """
+        if not self._waiters and self.in_flight < int(self.limit):
+            self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # granted, then cancelled: give it back
                 self.in_flight -= 1
-                if self.adaptive:
-                    self.observe(slot)
-                self._changed.notify_all()
+                self._grant()
+            raise
+
+    def _grant(self) -> None:
+        while self._waiters and self.in_flight < int(self.limit):
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled waiter is skipped
+                self.in_flight += 1
+                waiter.set_result(None)
 
     def observe(self, slot: Slot) -> None:
         """Adapt the limit to one request's outcome (AIMD)."""
@@ -112,10 +137,7 @@ class RateLimiter:
         self.sleep = sleep
         self.updated = clock()
         self._lock = asyncio.Lock()
-
-    @property
-    def active(self) -> bool:
-        return any(self.rates.values())
+        self.active = any(self.rates.values())
 
     async def take(self, tokens: int) -> None:
         """Wait until one request of ``tokens`` estimated tokens may go."""

@@ -105,3 +105,83 @@ def test_rate_limiter_spaces_requests_and_tokens() -> None:
 
 def test_token_estimate_counts_image_budgets_text_and_output() -> None:
     assert estimate_tokens("x" * 40, images=2, max_soft_tokens=280, max_tokens=100) == 560 + 10 + 100
+
+
+def test_a_freed_slot_goes_to_the_longest_waiter() -> None:
+    async def main() -> list[int]:
+        limiter = InFlightLimiter(1)
+        order: list[int] = []
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with limiter.slot():
+                await release.wait()
+
+        async def waiter(n: int) -> None:
+            async with limiter.slot():
+                order.append(n)
+                assert limiter.in_flight == 1
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        waiters = []
+        for n in range(5):
+            waiters.append(asyncio.create_task(waiter(n)))
+            await asyncio.sleep(0)  # each queues before the next
+        release.set()
+        await asyncio.gather(first, *waiters)
+        assert limiter.in_flight == 0
+        return order
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4]
+
+
+def test_a_cancelled_waiter_never_holds_a_slot() -> None:
+    async def main() -> None:
+        limiter = InFlightLimiter(1)
+        got: list[str] = []
+
+        async def use(name: str) -> None:
+            async with limiter.slot():
+                got.append(name)
+
+        held = limiter.slot()
+        await held.__aenter__()
+        cancelled_while_waiting = asyncio.create_task(use("never"))
+        granted_then_cancelled = asyncio.create_task(use("never either"))
+        last = asyncio.create_task(use("last"))
+        await asyncio.sleep(0)  # all three wait, in this order
+        cancelled_while_waiting.cancel()
+        await asyncio.sleep(0)
+        await held.__aexit__(None, None, None)  # hands the slot to the first live waiter...
+        assert limiter.in_flight == 1
+        granted_then_cancelled.cancel()  # ...cancelled before it runs: it gives the slot on
+        cancelled = (cancelled_while_waiting, granted_then_cancelled)
+        results = await asyncio.gather(*cancelled, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        await asyncio.wait_for(last, 5)  # a leaked slot would keep it waiting
+        assert got == ["last"]
+        assert limiter.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_raised_adaptive_limit_lets_waiters_in_at_once() -> None:
+    clock = Clock()
+
+    async def main() -> int:
+        limiter = InFlightLimiter(1, adaptive=True, maximum=8, clock=clock)
+        peak = 0
+
+        async def one() -> None:
+            nonlocal peak
+            async with limiter.slot() as slot:
+                peak = max(peak, limiter.in_flight)
+                await asyncio.sleep(0.001)
+                slot.latency = 0.1
+
+        await asyncio.gather(*(one() for _ in range(40)))
+        assert limiter.in_flight == 0
+        return peak
+
+    assert asyncio.run(main()) > 1  # answers raised the limit while others were waiting
