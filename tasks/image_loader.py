@@ -8,6 +8,7 @@ the hash cache by source fingerprint, so images whose work is already done are n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,9 @@ class ImageLoader:
         self.image_root = image_root
         self.hashes = hashes or HashCache.load([])
         self.use_cache = use_cache
-        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vlmbatch-image")
+        threads = os.cpu_count() or 2
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vlmbatch-image")
+        self._turns = asyncio.Semaphore(2 * threads)  # images between read and prepared: see turn()
         self.fetcher: ImageFetcher | None = None
         if config.image.image_urls == "fetch":
             self.fetcher = ImageFetcher(config.image, allow_private=config.image.allow_private_urls)
@@ -76,9 +79,10 @@ class ImageLoader:
             assert self.fetcher is not None
             return await self.fetcher.fetch(str(source.value))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.pool, lambda: read_image_bytes(source, self.config.image, image_root=self.image_root)
-        )
+        return await loop.run_in_executor(self.pool, self._read, source)
+
+    def _read(self, source: ImageSource) -> bytes:
+        return read_image_bytes(source, self.config.image, image_root=self.image_root)
 
     def cached_sha256(self, source: ImageSource) -> str | None:
         """The image's sha256 from the hash cache, if resuming and it is there (one ``stat``)."""
@@ -87,17 +91,40 @@ class ImageLoader:
     def _cached(self, fp: str | None) -> str | None:
         return self.hashes.get(fp) if fp is not None and self.use_cache else None
 
+    def turn(self, source: ImageSource) -> contextlib.AbstractAsyncContextManager[object]:
+        """Hold this from ``load`` to the end of ``prepare``: images are read and prepared a few at a
+        time, each finished before more are read. Unbounded, every image waiting for a request slot
+        was read first (the pool runs in arrival order), so the first request went out only after
+        hundreds of reads, all their bytes held at once. An http(s) image is not bounded here: its
+        fetch waits on the network, not on the pool, and the fetcher bounds its own connections."""
+        return contextlib.nullcontext() if is_http(source) else self._turns
+
     async def load(self, source: ImageSource) -> Loaded:
-        """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes."""
+        """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes:
+        fingerprint, read and hash in one trip to the pool (an http(s) image: fetched, then hashed)."""
         loop = asyncio.get_running_loop()
-        fp = await loop.run_in_executor(self.pool, fingerprint, source)
+        if is_http(source):
+            data = await self.read(source)
+            sha = await loop.run_in_executor(self.pool, _sha256, data)
+            return Loaded(sha, data, fingerprint(source))
+        return await loop.run_in_executor(self.pool, self._load, source)
+
+    def _load(self, source: ImageSource) -> Loaded:
+        fp = fingerprint(source)
         sha = self._cached(fp)
         if sha is not None:
             return Loaded(sha, None, fp)
-        data = await self.read(source)
-        return Loaded(hashlib.sha256(data).hexdigest(), data, fp)
+        data = self._read(source)
+        return Loaded(_sha256(data), data, fp)
 
     async def prepare(self, source: ImageSource, loaded: Loaded) -> PreparedImage:
-        data = loaded.data if loaded.data is not None else await self.read(source)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, prepare_image, data, self.config.image)
+        if loaded.data is None:  # its hash came from the cache: read it, and hash what was read
+            data = await self.read(source)
+            return await loop.run_in_executor(self.pool, prepare_image, data, self.config.image)
+        config = self.config.image
+        return await loop.run_in_executor(self.pool, prepare_image, loaded.data, config, loaded.sha256)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

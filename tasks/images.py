@@ -118,9 +118,12 @@ def load_image(source: ImageSource, config: ImageConfig, *, image_root: Path) ->
     return prepare_image(read_image_bytes(source, config, image_root=image_root), config)
 
 
-def prepare_image(data: bytes, config: ImageConfig) -> PreparedImage:
-    """Turn encoded image bytes into what is sent; raise ImageFailure("bad_image", ...) if they can't be."""
-    sha256 = hashlib.sha256(data).hexdigest()
+def prepare_image(data: bytes, config: ImageConfig, sha256: str | None = None) -> PreparedImage:
+    """Turn encoded image bytes into what is sent; raise ImageFailure("bad_image", ...) if they can't be.
+
+    ``sha256``: the bytes' hex digest when the caller has it already (it is not computed twice).
+    """
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
     fmt = ""
     try:
         with _open(data) as img:

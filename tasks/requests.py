@@ -205,11 +205,17 @@ class RequestKeys:
 
 
 def build_request(
-    prompt: Prompt, image_url: Images, image: Images, config: RunConfig, history: History = ()
+    prompt: Prompt,
+    image_url: Images,
+    image: Images,
+    config: RunConfig,
+    history: History = (),
+    keys: RequestKeys | None = None,
 ) -> Request:
     """``image_url`` is what is sent (a data URL or an http(s) URL); ``image`` its reference for the key.
 
-    ``history``: a chained prompt's earlier turns (tasks/chains.py), sent before it.
+    ``history``: a chained prompt's earlier turns (tasks/chains.py), sent before it. ``keys``: the
+    run's ``RequestKeys``, which computes the same key faster.
     """
     body = _body(prompt, image_url, config, history)
     if config.endpoint.stream and config.endpoint.api == "chat":
@@ -219,7 +225,8 @@ def build_request(
     text = (_system(prompt, history) or "") + prompt.prompt
     text += "".join(turn.prompt.prompt + turn.answer for turn in history)
     cost = estimate_tokens(text, len(_images(image_url)), config.image.max_soft_tokens, budget)
-    return Request(config.endpoint.api, body, request_key(prompt, image, config, history), cost)
+    key = request_key(prompt, image, config, history) if keys is None else keys.key(prompt, image, history)
+    return Request(config.endpoint.api, body, key, cost)
 
 
 def repair_request(request: Request, answer: str | None, error: str) -> Request:

@@ -135,26 +135,31 @@ class ShardRunner:
                 return
             try:
                 source = parse_image_value(job.value, manifest_dir=self.manifest_dir)
-                if is_http(source) and not self.images.fetches:  # --image-urls pass: the server fetches it
-                    url = str(source.value)
-                    await self._ask_all(shard_index, job, url, f"url:{url}")
-                    return
-                loaded = await self.images.load(source)
             except ItemFailure as failure:
                 self._fail_unreadable(shard_index, job, failure)
                 return
-            if self.store is not None and loaded.fingerprint is not None and loaded.data is not None:
-                self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)  # new to the cache
-            pending = self._pending(job.image_id, job.prompts, image_ref(loaded.sha256))
-            self._skip(shard_index, len(job.prompts) - len(pending.prompts))
-            if not pending.prompts:
+            if is_http(source) and not self.images.fetches:  # --image-urls pass: the server fetches it
+                url = str(source.value)
+                await self._ask_all(shard_index, job, url, f"url:{url}")
                 return
-            try:
-                image = await self.images.prepare(source, loaded)
-            except ItemFailure as failure:
-                for p in pending.prompts:
-                    self._emit(shard_index, self._row(job, p, sha256=loaded.sha256).fail(failure))
-                return
+            async with self.images.turn(source):  # read to prepared without letting others cut in
+                try:
+                    loaded = await self.images.load(source)
+                except ItemFailure as failure:
+                    self._fail_unreadable(shard_index, job, failure)
+                    return
+                if self.store is not None and loaded.fingerprint is not None and loaded.data is not None:
+                    self.store.remember(shard_index, loaded.fingerprint, loaded.sha256)  # new to the cache
+                pending = self._pending(job.image_id, job.prompts, image_ref(loaded.sha256))
+                self._skip(shard_index, len(job.prompts) - len(pending.prompts))
+                if not pending.prompts:
+                    return
+                try:
+                    image = await self.images.prepare(source, loaded)
+                except ItemFailure as failure:
+                    for p in pending.prompts:
+                        self._emit(shard_index, self._row(job, p, sha256=loaded.sha256).fail(failure))
+                    return
             await self._ask_all(shard_index, job, image.url, image_ref(image.sha256), image, pending)
 
     async def _many(self, shard_index: int, job: ImageJob, many: ManyImages) -> None:
@@ -214,22 +219,16 @@ class ShardRunner:
         waiting = {p.prompt_id for p in pending.prompts}
         by_id = {p.prompt_id: p for p in job.prompts}
         roots = [p for p in pending.prompts if p.parent_prompt_id not in waiting]
-        await asyncio.gather(
-            *(
-                self._chain(
-                    shard_index,
-                    job,
-                    p,
-                    history_of(p, pending.answers, by_id),
-                    kids,
-                    url,
-                    ref,
-                    image,
-                    recheck=False,
-                )
-                for p in roots
+        chains = [
+            self._chain(
+                shard_index, job, p, history_of(p, pending.answers, by_id), kids, url, ref, image, False
             )
-        )
+            for p in roots
+        ]
+        if len(chains) == 1:  # the common case: no task to wrap it in
+            await chains[0]
+        else:
+            await asyncio.gather(*chains)
 
     def _pending(self, image_id: str | None, prompts: list[Prompt], ref: Images) -> Pending:
         """The prompts not yet done, and the stored answers of done parents (tasks/chains.py)."""
@@ -340,7 +339,7 @@ class ShardRunner:
     ) -> ResultRow | None:
         """Send one work item with retries and emit its row; returns the row, or None if dropped."""
         row = self._row(job, prompt, image)
-        request = build_request(prompt, url, ref, self.config, history)
+        request = build_request(prompt, url, ref, self.config, history, self.keys)
         row.request_key = request.key
         if self.sender is None:  # dry run: everything but the request (status stays "ok": ready)
             self._emit(shard_index, row)

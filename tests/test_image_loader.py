@@ -1,0 +1,121 @@
+"""The image loader as the shard runner drives it: images read and prepared a few at a time, hashed once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tasks.image_loader as image_loader
+from tasks.config import ImageConfig, RunConfig
+from tasks.images import PreparedImage, prepare_image
+from tasks.manifests import DEFAULT_PROMPT
+from tasks.results import ResultRow
+from tasks.shard_runner import ShardRunner
+from tasks.stopping import StopSwitch
+from tasks.work_items import ImageJob, Shard
+from tests.builders import COLOURS, image_bytes, write_images
+
+
+class Trace:
+    """What the pool did, in order: ("read", name) and ("prepared", name) events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.hashed = 0
+        self.lock = threading.Lock()
+
+    def add(self, what: str, name: str) -> None:
+        with self.lock:
+            self.events.append((what, name))
+
+    def most_read_not_prepared(self) -> int:
+        outstanding = peak = 0
+        for what, _ in self.events:
+            outstanding += 1 if what == "read" else -1
+            peak = max(peak, outstanding)
+        return peak
+
+
+@pytest.fixture
+def trace(monkeypatch: pytest.MonkeyPatch) -> Trace:
+    trace = Trace()
+    real_read, real_sha = image_loader.read_image_bytes, image_loader._sha256
+
+    def read(source: Any, config: ImageConfig, *, image_root: Path) -> bytes:
+        trace.add("read", Path(str(source.value)).stem)
+        return real_read(source, config, image_root=image_root)
+
+    def prepare(data: bytes, config: ImageConfig, sha256: str | None = None) -> PreparedImage:
+        prepared = prepare_image(data, config, sha256)
+        trace.add("prepared", prepared.sha256)
+        return prepared
+
+    def sha(data: bytes) -> str:
+        with trace.lock:
+            trace.hashed += 1
+        return real_sha(data)
+
+    monkeypatch.setattr(image_loader, "read_image_bytes", read)
+    monkeypatch.setattr(image_loader, "prepare_image", prepare)
+    monkeypatch.setattr(image_loader, "_sha256", sha)
+    return trace
+
+
+def run_dry(tmp_path: Path, count: int, in_flight: int = 64) -> tuple[list[ResultRow], ShardRunner]:
+    """A dry-run shard of ``count`` images (everything but the request), through the shard runner."""
+    colours = list(COLOURS)
+    specs = {f"im{i:03d}": ((40 + i, 30), colours[i % 4]) for i in range(count)}
+    paths = write_images(tmp_path / "img", specs)
+    config = RunConfig(out=str(tmp_path / "out"), dry_run=True, endpoint={"concurrency": in_flight})
+    rows: list[ResultRow] = []
+
+    async def main() -> ShardRunner:
+        runner = ShardRunner(
+            config,
+            image_root=tmp_path,
+            manifest_dir=tmp_path,
+            run_id="test",
+            stop=StopSwitch(),
+            on_row=lambda row: rows.append(row) if row is not None else None,
+        )
+        jobs = [ImageJob(image_id, str(path), [DEFAULT_PROMPT]) for image_id, path in paths.items()]
+        try:
+            await runner.run(Shard(0, jobs))
+        finally:
+            await runner.aclose()
+        return runner
+
+    return rows, asyncio.run(main())
+
+
+def test_images_are_read_a_few_at_a_time_each_prepared_before_more_are_read(
+    tmp_path: Path, trace: Trace
+) -> None:
+    rows, runner = run_dry(tmp_path, 60)
+    assert len(rows) == 60 and all(row.status == "ok" and row.request_key for row in rows)
+    bound = 2 * runner.images.pool._max_workers
+    # 64 request slots and room for 60 images in progress: without the turns, all 60 were read before
+    # the first was prepared (the pool runs in arrival order), and their bytes held at once
+    assert trace.most_read_not_prepared() <= bound
+    reads = [i for i, (what, _) in enumerate(trace.events) if what == "read"]
+    first_prepared = next(i for i, (what, _) in enumerate(trace.events) if what == "prepared")
+    assert first_prepared < reads[bound]  # the first image was ready long before the last was read
+
+
+def test_each_image_is_hashed_once_and_the_hash_is_of_its_bytes(tmp_path: Path, trace: Trace) -> None:
+    rows, _ = run_dry(tmp_path, 8)
+    assert trace.hashed == 8  # by the loader; prepare_image was given the digest, not asked again
+    for row in rows:
+        data = (tmp_path / "img" / f"{row.image_id}.jpg").read_bytes()
+        assert row.image_sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_prepare_image_computes_the_digest_only_when_not_given() -> None:
+    data = image_bytes((20, 10), COLOURS["red"])
+    assert prepare_image(data, ImageConfig()).sha256 == hashlib.sha256(data).hexdigest()
+    assert prepare_image(data, ImageConfig(), "given").sha256 == "given"
