@@ -26,7 +26,7 @@ from prefect.utilities.annotations import quote
 from tasks.artifacts import Progress, artifact_key, publish_summary
 from tasks.config import RunConfig
 from tasks.endpoint import load_api_key
-from tasks.endpoint_limit import EndpointLimit
+from tasks.endpoint_limit import EndpointLimit, SlotLease
 from tasks.errors import ConfigError, EndpointUnusable, ManifestError, RunInterrupted, UsageError
 from tasks.json_columns import json_fields
 from tasks.manifests import (
@@ -197,17 +197,17 @@ async def annotate_shard(
     shard: Shard,
     runner: ShardRunner,
     writer: AsyncWriter | None,
-    limit: EndpointLimit | None = None,
+    lease: SlotLease | None = None,
     skipped_before: int = 0,
 ) -> ShardReport:
     """One shard: its work items concurrently, its rows written to OUT as they finish. With a global
-    endpoint limit, the shard holds the run's share of its slots while its requests run.
+    endpoint limit, the run's share of its slots is held while the shard's requests run.
 
     The caller passes its arguments inside ``quote``: Prefect would otherwise walk every work item of
     the shard (and the runner) looking for futures, twice per task, about 0.2 ms per item.
     """
     started = time.perf_counter()
-    async with limit.hold() if limit is not None else contextlib.nullcontext():
+    async with lease.hold() if lease is not None else contextlib.nullcontext():
         skipped = await runner.run(shard)
     path = await writer.finish(shard.index) if writer is not None else None
     get_run_logger().info(
@@ -250,8 +250,14 @@ async def annotate(config: RunConfig) -> RunSummary:
             raise EndpointUnusable(f"preflight: {exc}", None) from None
     summary = SummaryBuilder()
     limit = None if config.dry_run else await EndpointLimit.connect(config)
+    lease = None if limit is None else SlotLease(limit.hold)
     if limit is not None:
-        logger.info("endpoint limit %r (%d slots): each shard holds %d", limit.name, limit.slots, limit.share)
+        logger.info(
+            "endpoint limit %r (%d slots): the run holds %d while its shards run",
+            limit.name,
+            limit.slots,
+            limit.share,
+        )
     progress = Progress(plan.work_items, f"work items done → {config.out}")
     await progress.start()
 
@@ -305,15 +311,13 @@ async def annotate(config: RunConfig) -> RunSummary:
                     if left.jobs:
                         # quoted: Prefect unwraps them for the task without walking their contents
                         report = await annotate_shard(  # type: ignore[call-overload]
-                            shard.index, quote(left), quote(runner), quote(writer), quote(limit), done
+                            shard.index, quote(left), quote(runner), quote(writer), quote(lease), done
                         )
                     await progress.advance(shard.num_items)
                     return report
 
-                # under a global limit one shard at a time: the slots held cover the requests in flight
-                in_flight = 1 if limit is not None else shards_in_flight(config)
                 with _long_lived_objects_frozen():
-                    await _run_shards(plan.shards(), run_shard, in_flight, stop)
+                    await _run_shards(plan.shards(), run_shard, shards_in_flight(config), stop)
         finally:
             await runner.aclose()
     await progress.publish()  # where the run got to (updates come at most once a second)

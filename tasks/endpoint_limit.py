@@ -3,12 +3,16 @@
 When runs share a Prefect server (``PREFECT_API_URL`` is set), every run reserves slots of one global
 concurrency limit (``--concurrency-limit``, default ``vlmbatch-endpoint``; created with
 ``--concurrency-limit-slots`` slots, default 64, when missing; an existing limit is left as it is).
-A shard task holds ``occupy=share`` slots while it runs — one acquisition per shard, never per request
-(per-request acquisition costs a server round trip each) — where ``share`` is the run's
-``--concurrency``, capped at the limit. The run then keeps one shard in flight at a time and bounds its
-requests by ``share``, so the slots a run holds are always at least its requests in flight: the sum over
-all runs never exceeds the limit. Between two shards the slots go back to the server, where a waiting
-run (a backfill partition, the nightly job) can take them.
+A run holds ``share`` slots while any of its shard tasks runs — one acquisition per hold, never per
+request (per-request acquisition costs a server round trip each) — where ``share`` is the run's
+``--concurrency``, capped at the limit, and bounds its requests by ``share``: the slots a run holds are
+always at least its requests in flight, so the sum over all runs never exceeds the limit.
+
+The hold is the run's, not a shard's (``SlotLease``): its shards overlap as they do without a limit,
+the next one's images prepared while the last requests of the current one are in flight, and the
+endpoint's slots do not fall idle at every shard boundary. So that a waiting run (a backfill
+partition, the nightly job) gets its turn, a hold older than ``MAX_HOLD_S`` admits no new shard: the
+shards inside finish, the slots go back to the server, and the run queues for them again.
 
 Without a server (the embedded API of ``vlmbatch run``) there is no limit: the run's own
 ``--concurrency`` applies.
@@ -16,14 +20,19 @@ Without a server (the embedded API of ``vlmbatch run``) there is no limit: the r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from tasks.config import RunConfig
 
 log = logging.getLogger(__name__)
+
+MAX_HOLD_S = 60.0  # a run's hold admits new shards for this long, then lets waiting runs in
 
 
 def server_url() -> str | None:
@@ -38,7 +47,7 @@ def server_url() -> str | None:
 class EndpointLimit:
     name: str
     slots: int  # the limit's size on the server
-    share: int  # slots each shard of this run holds
+    share: int  # slots this run holds while its shards run
 
     @classmethod
     async def connect(cls, config: RunConfig) -> EndpointLimit | None:
@@ -52,7 +61,7 @@ class EndpointLimit:
         return cls(endpoint.concurrency_limit, slots, max(1, min(endpoint.in_flight_cap, slots)))
 
     def bound(self, config: RunConfig) -> RunConfig:
-        """``config`` with the run's requests in flight bounded by the slots a shard holds."""
+        """``config`` with the run's requests in flight bounded by the slots the run holds."""
         endpoint = config.endpoint
         if endpoint.in_flight_cap <= self.share:
             return config
@@ -66,6 +75,81 @@ class EndpointLimit:
 
         async with concurrency(self.name, occupy=self.share):
             yield
+
+
+class SlotLease:
+    """The run's ``share`` of the limit, held while any of its shards is inside ``hold()``.
+
+    The first shard in acquires the slots (waiting as long as it takes); later ones join the hold;
+    the last one out releases them. Once the hold is ``max_hold`` seconds old, a shard arriving waits
+    for the shards inside to finish and the slots to go back, then queues for a new hold, behind any
+    run already waiting on the server. Each hold lives in a task of its own: Prefect's ``concurrency``
+    must be left in the task that entered it, and the shard that acquires is not the one that releases.
+    """
+
+    def __init__(
+        self,
+        acquire: Callable[[], AbstractAsyncContextManager[object]],
+        *,
+        max_hold: float = MAX_HOLD_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.acquire = acquire  # EndpointLimit.hold
+        self.max_hold = max_hold
+        self.clock = clock
+        self.inside = 0
+        self.holds = 0  # acquisitions so far
+        self._holder: asyncio.Task[None] | None = None
+        self._release = asyncio.Event()
+        self._since = 0.0
+        self._entry = asyncio.Lock()  # one shard at a time acquires, joins or waits for the turn
+        self._released = asyncio.Event()
+        self._released.set()
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        async with self._entry:
+            if self._holder is not None and self.clock() - self._since >= self.max_hold:
+                await self._released.wait()  # the shards inside finish; the slots go back
+            if self._holder is None:
+                await self._released.wait()  # a release still on its way to the server
+                await self._start_holder()
+            self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+            if self.inside == 0 and self._holder is not None:
+                holder, self._holder = self._holder, None
+                self._release.set()
+                try:
+                    await holder
+                finally:
+                    self._released.set()
+
+    async def _start_holder(self) -> None:
+        """Acquire in a task of its own, which holds the slots until ``_release`` is set."""
+        acquired, release = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with self.acquire():
+                acquired.set()
+                await release.wait()
+
+        task = asyncio.create_task(holder(), name="vlmbatch-endpoint-slots")
+        signal = asyncio.create_task(acquired.wait())
+        try:
+            await asyncio.wait({task, signal}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled while waiting for the slots: stop asking for them
+            task.cancel()
+            raise
+        finally:
+            signal.cancel()
+        if task.done():
+            task.result()  # the acquisition failed: raise its error here
+        self._holder, self._release, self._since = task, release, self.clock()
+        self._released.clear()
+        self.holds += 1
 
 
 async def ensure_limit(name: str, slots: int) -> int | None:

@@ -246,7 +246,9 @@ def test_deploy_worker_nightly_and_backfill_deployment(
             tmp_path / "m" / f"date={day}", {f"{day}-{k}": ((16 + k, 12), "green") for k in range(8)}
         )
     images = str(tmp_path / "m" / "date={date}" / "images.parquet")
+    # shards of 3: each partition's three shards overlap, all inside the run's one hold of 4 slots
     run_options = ["--base-url", emulator.base_url, "--concurrency", 4, "--concurrency-limit-slots", 4]
+    run_options += ["--shard-size", 3]
 
     pool = PROJECT["definitions"]["work_pool"]["name"]
     procs.run("prefect", "work-pool", "create", pool, "--type", "process")
