@@ -148,6 +148,16 @@ def distinct_images(folder: Path, n: int) -> Path:
     return folder / "images.parquet"
 
 
+def first_rows(manifest: Path, n: int) -> Path:
+    """A manifest of the first ``n`` rows of ``manifest``, beside it (relative image paths still hold)."""
+    table = pq.read_table(manifest)
+    if n >= table.num_rows:
+        return manifest
+    path = manifest.with_name(f"{manifest.stem}-{n}.parquet")
+    pq.write_table(table.slice(0, n), path)
+    return path
+
+
 def one_image_manifest(folder: Path, n: int, batch: int = 100_000) -> Path:
     """A manifest of ``n`` rows that all reference one small JPEG by path (cheap at a million rows)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
