@@ -1,7 +1,9 @@
 """Reading and preparing images for the shard runner: local, object-store and fetched sources.
 
 One ``ImageLoader`` per run owns the thread pool (sized to the cores) that reads, hashes and prepares
-images, and the shared ``ImageFetcher`` for http(s) sources. On a rerun it takes an image's sha256 from
+images, a second pool for object-store reads (``s3://``, ``gs://``: each waits tens of milliseconds
+on the network, so they run many at once, ``OBJECT_STORE_READS``), and the shared ``ImageFetcher``
+for http(s) sources. On a rerun it takes an image's sha256 from
 the hash cache by source fingerprint, so images whose work is already done are never read.
 """
 
@@ -17,9 +19,11 @@ from pathlib import Path
 
 from tasks.config import RunConfig
 from tasks.image_fetch import ImageFetcher
-from tasks.image_sources import ImageSource, is_http, read_image_bytes
+from tasks.image_sources import REMOTE_SCHEMES, ImageSource, is_http, read_image_bytes, url_scheme
 from tasks.images import PreparedImage, prepare_image
 from tasks.output_index import HashCache
+
+OBJECT_STORE_READS = 32  # object-store reads at once (threads of their own pool)
 
 
 @dataclass(slots=True)
@@ -60,6 +64,7 @@ class ImageLoader:
         threads = os.cpu_count() or 2
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vlmbatch-image")
         self._turns = asyncio.Semaphore(2 * threads)  # images between read and prepared: see turn()
+        self._object_reads: ThreadPoolExecutor | None = None  # made on the first s3:// or gs:// image
         self.fetcher: ImageFetcher | None = None
         if config.image.image_urls == "fetch":
             self.fetcher = ImageFetcher(config.image, allow_private=config.image.allow_private_urls)
@@ -73,13 +78,23 @@ class ImageLoader:
         if self.fetcher is not None:
             await self.fetcher.aclose()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._object_reads is not None:
+            self._object_reads.shutdown(wait=False, cancel_futures=True)
+
+    def _reader(self, source: ImageSource) -> ThreadPoolExecutor:
+        """The pool that reads ``source``: its own for object stores, else the image pool."""
+        if url_scheme(source) not in REMOTE_SCHEMES:
+            return self.pool
+        if self._object_reads is None:
+            self._object_reads = ThreadPoolExecutor(OBJECT_STORE_READS, thread_name_prefix="vlmbatch-object")
+        return self._object_reads
 
     async def read(self, source: ImageSource) -> bytes:
         if is_http(source):
             assert self.fetcher is not None
             return await self.fetcher.fetch(str(source.value))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._read, source)
+        return await loop.run_in_executor(self._reader(source), self._read, source)
 
     def _read(self, source: ImageSource) -> bytes:
         return read_image_bytes(source, self.config.image, image_root=self.image_root)
@@ -95,19 +110,20 @@ class ImageLoader:
         """Hold this from ``load`` to the end of ``prepare``: images are read and prepared a few at a
         time, each finished before more are read. Unbounded, every image waiting for a request slot
         was read first (the pool runs in arrival order), so the first request went out only after
-        hundreds of reads, all their bytes held at once. An http(s) image is not bounded here: its
-        fetch waits on the network, not on the pool, and the fetcher bounds its own connections."""
-        return contextlib.nullcontext() if is_http(source) else self._turns
+        hundreds of reads, all their bytes held at once. Remote images (http(s), object stores) are
+        not bounded here: they wait on the network, not the cores, and their own pool or the fetcher
+        bounds how many are read at once."""
+        return contextlib.nullcontext() if url_scheme(source) in REMOTE_SCHEMES else self._turns
 
     async def load(self, source: ImageSource) -> Loaded:
         """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes:
-        fingerprint, read and hash in one trip to the pool (an http(s) image: fetched, then hashed)."""
+        fingerprint, read and hash in one trip to a pool (an http(s) image: fetched, then hashed)."""
         loop = asyncio.get_running_loop()
         if is_http(source):
             data = await self.read(source)
             sha = await loop.run_in_executor(self.pool, _sha256, data)
             return Loaded(sha, data, fingerprint(source))
-        return await loop.run_in_executor(self.pool, self._load, source)
+        return await loop.run_in_executor(self._reader(source), self._load, source)
 
     def _load(self, source: ImageSource) -> Loaded:
         fp = fingerprint(source)

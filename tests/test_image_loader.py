@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import tasks.image_loader as image_loader
+from tasks import object_store
 from tasks.config import ImageConfig, RunConfig
 from tasks.images import PreparedImage, prepare_image
 from tasks.manifests import DEFAULT_PROMPT
@@ -66,12 +67,17 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Trace:
     return trace
 
 
-def run_dry(tmp_path: Path, count: int, in_flight: int = 64) -> tuple[list[ResultRow], ShardRunner]:
-    """A dry-run shard of ``count`` images (everything but the request), through the shard runner."""
+def local_images(tmp_path: Path, count: int) -> dict[str, str]:
     colours = list(COLOURS)
     specs = {f"im{i:03d}": ((40 + i, 30), colours[i % 4]) for i in range(count)}
-    paths = write_images(tmp_path / "img", specs)
-    config = RunConfig(out=str(tmp_path / "out"), dry_run=True, endpoint={"concurrency": in_flight})
+    return {image_id: str(path) for image_id, path in write_images(tmp_path / "img", specs).items()}
+
+
+def run_dry(tmp_path: Path, images: int | dict[str, str]) -> tuple[list[ResultRow], ShardRunner]:
+    """A dry-run shard (everything but the request) through the shard runner: ``images`` local JPEGs,
+    or these manifest values by image id."""
+    values = local_images(tmp_path, images) if isinstance(images, int) else images
+    config = RunConfig(out=str(tmp_path / "out"), dry_run=True, endpoint={"concurrency": 64})
     rows: list[ResultRow] = []
 
     async def main() -> ShardRunner:
@@ -83,7 +89,7 @@ def run_dry(tmp_path: Path, count: int, in_flight: int = 64) -> tuple[list[Resul
             stop=StopSwitch(),
             on_row=lambda row: rows.append(row) if row is not None else None,
         )
-        jobs = [ImageJob(image_id, str(path), [DEFAULT_PROMPT]) for image_id, path in paths.items()]
+        jobs = [ImageJob(image_id, value, [DEFAULT_PROMPT]) for image_id, value in values.items()]
         try:
             await runner.run(Shard(0, jobs))
         finally:
@@ -119,3 +125,27 @@ def test_prepare_image_computes_the_digest_only_when_not_given() -> None:
     data = image_bytes((20, 10), COLOURS["red"])
     assert prepare_image(data, ImageConfig()).sha256 == hashlib.sha256(data).hexdigest()
     assert prepare_image(data, ImageConfig(), "given").sha256 == "given"
+
+
+def test_object_store_images_are_read_many_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read waits on the network: they are not queued behind the cores' few image threads."""
+    lock = threading.Lock()
+    reading = most = 0
+    release = threading.Event()
+
+    def read_object(url: str, max_bytes: int) -> bytes:
+        nonlocal reading, most
+        with lock:
+            reading += 1
+            most = max(most, reading)
+            if most == 24:
+                release.set()
+        release.wait(3)  # a slow store: every read waits until all 24 are under way (or 3 s)
+        with lock:
+            reading -= 1
+        return image_bytes((24, 16), COLOURS["blue"])
+
+    monkeypatch.setattr(object_store, "read_object", read_object)
+    rows, _ = run_dry(tmp_path, {f"o{i:02d}": f"s3://photos/o{i:02d}.jpg" for i in range(24)})
+    assert len(rows) == 24 and all(row.status == "ok" and row.sent_width == 24 for row in rows)
+    assert most == 24 <= image_loader.OBJECT_STORE_READS  # not the image pool's few threads
