@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-AUTO_START = 8
+AUTO_START = 16
 RECOVER_TO = 0.9  # after a cut, climb back fast to this share of the limit that drew the pushback
 OVERLOAD_STATUS = frozenset({429, 503})
 
@@ -106,6 +106,11 @@ class InFlightLimiter:
                 self.ceiling = self.limit
                 self.limit = max(1.0, self.limit / 2)
                 self._last_cut = now
+            else:  # already cut in this round trip: hold the limit to the requests still out
+                # A 429 comes back at once: its slot, handed straight to the next request, would only
+                # draw the next 429, a storm of them at the client's own pace until the round trip
+                # ends (measured: 150-250 per storm at a hidden capacity of 32).
+                self.limit = max(1.0, min(self.limit, float(self.in_flight)))
             self.slow_start = False
             return
         if slot.latency is None:

@@ -1,6 +1,6 @@
 import asyncio
 
-from tasks.concurrency import InFlightLimiter, RateLimiter, Slot, estimate_tokens
+from tasks.concurrency import AUTO_START, InFlightLimiter, RateLimiter, Slot, estimate_tokens
 from tests.builders import Clock
 
 
@@ -24,37 +24,68 @@ def test_fixed_limit_bounds_requests_in_flight() -> None:
 def test_adaptive_grows_fast_then_halves_once_per_round_trip() -> None:
     clock = Clock()
     limiter = InFlightLimiter(1, adaptive=True, maximum=100, clock=clock)
-    assert limiter.limit == 8
-    for _ in range(8):  # one round of answers at a steady latency: slow start doubles
+    assert limiter.limit == AUTO_START == 16
+    for _ in range(16):  # one round of answers at a steady latency: slow start doubles
         limiter.observe(Slot(latency=0.2))
-    assert limiter.limit == 16
+    assert limiter.limit == 32
+    limiter.in_flight = 24  # requests still out when the 429s come back
     limiter.observe(Slot(overloaded=True))
     limiter.observe(Slot(overloaded=True))  # the same burst: not cut again
-    assert limiter.limit == 8 and not limiter.slow_start
+    assert limiter.limit == 16 and not limiter.slow_start
+    limiter.in_flight = 0
     clock.now = 0.3
     limiter.observe(Slot(overloaded=True))  # a round trip later: cut again
-    assert limiter.limit == 4 and limiter.ceiling == 8
-    for _ in range(4):  # back up at the slow-start pace, to 90 % of the limit that drew the 429
+    assert limiter.limit == 8 and limiter.ceiling == 16
+    for _ in range(7):  # back up at the slow-start pace, to 90 % of the limit that drew the 429
         limiter.observe(Slot(latency=0.2))
-    assert limiter.limit == 0.9 * 8
-    for _ in range(7):  # then, just under that level, probe gently: about +1 per two rounds
+    assert limiter.limit == 0.9 * 16
+    for _ in range(15):  # then, just under that level, probe gently: about +1 per two rounds
         limiter.observe(Slot(latency=0.2))
-    assert 7.6 < limiter.limit < 7.7
-    for _ in range(6):  # past it: congestion avoidance, about +1 per round
+    assert 14.9 < limiter.limit < 15.0
+    while limiter.limit < 16:
         limiter.observe(Slot(latency=0.2))
-    assert 8.0 < limiter.limit < 8.1
-    for _ in range(8):
+    for _ in range(16):  # past it: congestion avoidance, about +1 per round
         limiter.observe(Slot(latency=0.2))
-    assert 8.9 < limiter.limit < 9.1
+    assert 16.9 < limiter.limit < 17.1
     before = limiter.limit
     limiter.observe(Slot(latency=1.0))  # latency does not hold: no increase
     assert limiter.limit == before
 
 
+def test_adaptive_429s_after_the_cut_hold_the_limit_to_the_requests_still_out() -> None:
+    clock = Clock()
+
+    async def main() -> InFlightLimiter:
+        limiter = InFlightLimiter(1, adaptive=True, maximum=100, clock=clock)
+        for _ in range(18):
+            limiter.observe(Slot(latency=0.25))
+        assert limiter.limit == 34  # just over a hidden capacity of 32
+        limiter.observe(Slot(overloaded=True))  # the first 429: cut to 17, ceiling 34
+        for _ in range(17):  # answers on their way back: climbing towards 0.9 × 34 again
+            limiter.observe(Slot(latency=0.25))
+        assert 30.5 < limiter.limit < 31
+        # 29 requests out (in service), one more is rejected at once: its slot must not go on
+        held = [limiter.slot() for _ in range(29)]
+        for cm in held:
+            await cm.__aenter__()
+        async with limiter.slot() as slot:
+            slot.overloaded = True
+        assert limiter.limit == 29 and limiter.ceiling == 34  # what it climbs back to is unchanged
+        waiter = asyncio.create_task(limiter.slot().__aenter__())
+        await asyncio.sleep(0)
+        assert not waiter.done()  # no slot for the next request until an answer comes back
+        await held[0].__aexit__(None, None, None)  # an answer (no latency reported): its slot goes on
+        await asyncio.sleep(0)
+        assert waiter.done() and limiter.in_flight == 29
+        return limiter
+
+    asyncio.run(main())
+
+
 def test_adaptive_follows_an_endpoint_whose_capacity_drops() -> None:
     clock = Clock()
     limiter = InFlightLimiter(1, adaptive=True, maximum=256, clock=clock)
-    for _ in range(56):  # slow start: 8 → 64
+    for _ in range(48):  # slow start: 16 → 64
         limiter.observe(Slot(latency=0.2))
     limiter.observe(Slot(overloaded=True))
     assert limiter.limit == 32 and limiter.ceiling == 64
