@@ -65,7 +65,8 @@ class ShardRunner:
         self.skipped_in: dict[int, int] = {}  # by shard, while it runs
         # images held in memory at once: enough to keep every request slot busy, no more
         cap = config.endpoint.in_flight_cap
-        self.images_in_progress = asyncio.Semaphore(cap + 2 * (os.cpu_count() or 2))
+        self.workers = cap + 2 * (os.cpu_count() or 2)
+        self.images_in_progress = asyncio.Semaphore(self.workers)
         self.sender = None if config.dry_run else ItemSender(config, stop, retry_policy, api_key)
         self.images = ImageLoader(
             config, image_root=image_root, hashes=hashes, use_cache=bool(len(self.index)) and not config.force
@@ -87,8 +88,18 @@ class ShardRunner:
         return Shard(shard.index, jobs), done
 
     async def run(self, shard: Shard) -> int:
-        """Run a shard's jobs; returns how many of its work items were skipped as done."""
-        await asyncio.gather(*(self._job(shard.index, job) for job in shard.jobs))
+        """Run a shard's jobs; returns how many of its work items were skipped as done.
+
+        A few workers take the jobs in order, not a task per job: a shard of a million jobs would
+        otherwise hold a million coroutines (~2 KB each) while a few hundred of them can move.
+        """
+        jobs = iter(shard.jobs)
+
+        async def worker() -> None:
+            for job in jobs:  # shared: each job is taken by one worker
+                await self._job(shard.index, job)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.workers, len(shard.jobs)))))
         return self.skipped_in.pop(shard.index, 0)
 
     def _left_to_do(self, jobs: list[ImageJob]) -> tuple[list[ImageJob], int]:

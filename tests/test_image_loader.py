@@ -149,3 +149,24 @@ def test_object_store_images_are_read_many_at_once(tmp_path: Path, monkeypatch: 
     rows, _ = run_dry(tmp_path, {f"o{i:02d}": f"s3://photos/o{i:02d}.jpg" for i in range(24)})
     assert len(rows) == 24 and all(row.status == "ok" and row.sent_width == 24 for row in rows)
     assert most == 24 <= image_loader.OBJECT_STORE_READS  # not the image pool's few threads
+
+
+def test_a_shard_runs_on_a_few_workers_not_a_coroutine_per_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live = most = 0
+    real_job = ShardRunner._job
+
+    async def job(self: ShardRunner, shard_index: int, one: ImageJob) -> None:
+        nonlocal live, most
+        live += 1
+        most = max(most, live)
+        try:
+            await real_job(self, shard_index, one)
+        finally:
+            live -= 1
+
+    monkeypatch.setattr(ShardRunner, "_job", job)
+    rows, runner = run_dry(tmp_path, 150)
+    assert len(rows) == 150 and {row.image_id for row in rows} == {f"im{i:03d}" for i in range(150)}
+    assert most <= runner.workers < 150  # 64 request slots + a few: not one coroutine per job
