@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tasks.config import RunConfig
 from tasks.image_fetch import ImageFetcher
-from tasks.image_sources import REMOTE_SCHEMES, ImageSource, is_http, read_image_bytes, url_scheme
+from tasks.image_sources import ImageSource, is_http, is_remote, read_image_bytes
 from tasks.images import PreparedImage, prepare_image
 from tasks.output_index import HashCache
 
@@ -83,7 +83,7 @@ class ImageLoader:
 
     def _reader(self, source: ImageSource) -> ThreadPoolExecutor:
         """The pool that reads ``source``: its own for object stores, else the image pool."""
-        if url_scheme(source) not in REMOTE_SCHEMES:
+        if not is_remote(source):
             return self.pool
         if self._object_reads is None:
             self._object_reads = ThreadPoolExecutor(OBJECT_STORE_READS, thread_name_prefix="vlmbatch-object")
@@ -113,7 +113,7 @@ class ImageLoader:
         hundreds of reads, all their bytes held at once. Remote images (http(s), object stores) are
         not bounded here: they wait on the network, not the cores, and their own pool or the fetcher
         bounds how many are read at once."""
-        return contextlib.nullcontext() if url_scheme(source) in REMOTE_SCHEMES else self._turns
+        return contextlib.nullcontext() if is_remote(source) else self._turns
 
     async def load(self, source: ImageSource) -> Loaded:
         """The image's sha256 (from the hash cache when resuming) and, unless cached, its bytes:

@@ -171,6 +171,11 @@ def is_http(source: ImageSource) -> bool:
     return url_scheme(source) in HTTP_SCHEMES
 
 
+def is_remote(source: ImageSource) -> bool:
+    """True for an ``http(s)://``, ``s3://`` or ``gs://`` source: reading it waits on the network."""
+    return url_scheme(source) in REMOTE_SCHEMES
+
+
 def read_image_bytes(source: ImageSource, config: ImageConfig, *, image_root: Path) -> bytes:
     """The encoded bytes of a source, enforcing the image root and ``config.max_image_bytes``.
 

@@ -232,7 +232,15 @@ class ShardRunner:
         roots = [p for p in pending.prompts if p.parent_prompt_id not in waiting]
         chains = [
             self._chain(
-                shard_index, job, p, history_of(p, pending.answers, by_id), kids, url, ref, image, False
+                shard_index,
+                job,
+                p,
+                history_of(p, pending.answers, by_id),
+                kids,
+                url,
+                ref,
+                image,
+                recheck=False,
             )
             for p in roots
         ]
