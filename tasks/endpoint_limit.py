@@ -99,8 +99,7 @@ class SlotLease:
         self.clock = clock
         self.inside = 0
         self.holds = 0  # acquisitions so far
-        self._holder: asyncio.Task[None] | None = None
-        self._release = asyncio.Event()
+        self._holder: tuple[asyncio.Task[None], asyncio.Event] | None = None  # the hold's task, its release
         self._since = 0.0
         self._entry = asyncio.Lock()  # one shard at a time acquires, joins or waits for the turn
         self._released = asyncio.Event()
@@ -120,15 +119,15 @@ class SlotLease:
         finally:
             self.inside -= 1
             if self.inside == 0 and self._holder is not None:
-                holder, self._holder = self._holder, None
-                self._release.set()
+                (holder, release), self._holder = self._holder, None
+                release.set()
                 try:
                     await holder
                 finally:
                     self._released.set()
 
     async def _start_holder(self) -> None:
-        """Acquire in a task of its own, which holds the slots until ``_release`` is set."""
+        """Acquire in a task of its own, which holds the slots until its release event is set."""
         acquired, release = asyncio.Event(), asyncio.Event()
 
         async def holder() -> None:
@@ -147,7 +146,7 @@ class SlotLease:
             signal.cancel()
         if task.done():
             task.result()  # the acquisition failed: raise its error here
-        self._holder, self._release, self._since = task, release, self.clock()
+        self._holder, self._since = (task, release), self.clock()
         self._released.clear()
         self.holds += 1
 
