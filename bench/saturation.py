@@ -11,7 +11,10 @@ same emulator (stats reset in between):
 
 (a) ``vlmbatch run`` end to end as a subprocess with ``--concurrency C`` (manifest read → Parquet written);
 (b) ``bench/plain_client.py``: AsyncOpenAI with default settings, ``Semaphore(C)``, ``gather`` over all
-    items, Parquet written at the end.
+    items, Parquet written at the end;
+(c) the same script with ``--minimal``, a yardstick rather than an alternative: all request bodies built
+    before its clock starts, then only posted on bare aiohttp and the answers parsed; about the least
+    client work per request there can be, so about the most this machine and emulator allow any client.
 
 Achieved rate, measured at the endpoint: N ÷ (last arrival + L − first arrival), from the arrival
 timestamps in the emulator's stats log (the last request completes L after it arrives, no earlier).
@@ -108,6 +111,34 @@ def _row(
     ]
 
 
+PLAIN_CLIENTS = [("plain asyncio + openai", []), ("minimal client (yardstick)", ["--minimal"])]
+
+
+def plain_row(
+    client: str,
+    flags: list[str],
+    emu: Emulator,
+    images: Path,
+    prompts: Path,
+    out: Path,
+    concurrency: int,
+    latency: float,
+    n: int,
+) -> list[object]:
+    """Run bench/plain_client.py (with ``flags``) against ``emu``; its table row."""
+    emulator_before = emu.cpu_s()
+    script = [PYTHON, str(ROOT / "bench" / "plain_client.py"), str(images), str(prompts), str(out)]
+    plain = run_process([*script, "--base-url", emu.base_url, "--concurrency", str(concurrency), *flags])
+    if plain.code != 0:
+        raise RuntimeError(plain.stderr[-3000:])
+    result = json.loads(plain.stdout.strip().splitlines()[-1])
+    emulator_cpu = emu.cpu_s() - emulator_before
+    window, in_flight, steady = endpoint_window(emu, latency, n)
+    elapsed = result["elapsed_s"]
+    log(f"  endpoint window {window:.1f} s, script {elapsed:.1f} s ({result})")
+    return _row(client, concurrency, latency, n, window, steady, elapsed, in_flight, plain, emulator_cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -120,7 +151,7 @@ def main() -> None:
         help="C:L or C:L:N, repeatable (default 64:0.25:4000, 256:0.5:16000 and 256:0.5:4000)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: C=64 L=0.25, N=1,000")
-    parser.add_argument("--no-plain", action="store_true", help="skip the plain asyncio + openai script")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain asyncio scripts")
     args = parser.parse_args()
     default = [(64, 0.25, None)] if args.quick else [(64, 0.25, 4000), (256, 0.5, 16000), (256, 0.5, 4000)]
     n_default = 1000 if args.quick and args.n == 4000 else args.n
@@ -160,35 +191,11 @@ def main() -> None:
                 )
                 if args.no_plain:
                     continue
-                emu.reset()
-                log(f"C={concurrency} L={latency} N={n}: plain asyncio + openai script...")
-                emulator_before = emu.cpu_s()
-                plain = run_process(
-                    [
-                        PYTHON,
-                        str(ROOT / "bench" / "plain_client.py"),
-                        str(images),
-                        str(prompts),
-                        str(tmp / f"plain-{concurrency}-{n}.parquet"),
-                        "--base-url",
-                        emu.base_url,
-                        "--concurrency",
-                        str(concurrency),
-                    ]
-                )
-                if plain.code != 0:
-                    raise RuntimeError(plain.stderr[-3000:])
-                result = json.loads(plain.stdout.strip().splitlines()[-1])
-                emulator_cpu = emu.cpu_s() - emulator_before
-                window, in_flight, steady = endpoint_window(emu, latency, n)
-                elapsed = result["elapsed_s"]
-                rows.append(
-                    _row(
-                        "plain asyncio + openai",
-                        *(concurrency, latency, n, window, steady, elapsed, in_flight, plain, emulator_cpu),
-                    )
-                )
-                log(f"  endpoint window {window:.1f} s, script {elapsed:.1f} s ({result})")
+                for client, flags in PLAIN_CLIENTS:
+                    emu.reset()
+                    log(f"C={concurrency} L={latency} N={n}: {client} script...")
+                    out = tmp / f"plain-{concurrency}-{n}.parquet"
+                    rows.append(plain_row(client, flags, emu, images, prompts, out, concurrency, latency, n))
 
     print(header("Saturation"))
     print(
