@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,12 @@ import tasks.image_loader as image_loader
 from tasks import object_store
 from tasks.config import ImageConfig, RunConfig
 from tasks.images import PreparedImage, prepare_image
+from tasks.item_sender import ItemSender
 from tasks.manifests import DEFAULT_PROMPT
 from tasks.results import ResultRow
 from tasks.shard_runner import ShardRunner
 from tasks.stopping import StopSwitch
-from tasks.work_items import ImageJob, Shard
+from tasks.work_items import ImageJob, ManyImages, Shard
 from tests.builders import COLOURS, image_bytes, write_images
 
 
@@ -170,3 +173,64 @@ def test_a_shard_runs_on_a_few_workers_not_a_coroutine_per_job(
     rows, runner = run_dry(tmp_path, 150)
     assert len(rows) == 150 and {row.image_id for row in rows} == {f"im{i:03d}" for i in range(150)}
     assert most <= runner.workers < 150  # 64 request slots + a few: not one coroutine per job
+
+
+def test_an_images_original_bytes_are_let_go_before_its_request_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the prepared image travels with the request: a phone photo's megabytes, kept for every
+    request in flight, would be hundreds of MB at C=256."""
+    originals: list[bytes] = []
+    real_read = image_loader.read_image_bytes
+
+    def read(source: Any, config: ImageConfig, *, image_root: Path) -> bytes:
+        data = bytes(bytearray(real_read(source, config, image_root=image_root)))  # an object of its own
+        originals.append(data)
+        return data
+
+    in_flight: list[ResultRow] = []
+    all_out = asyncio.Event()
+    held: list[int] = []
+
+    async def fill(self: ItemSender, row: ResultRow, request: Any, json_schema: str | None) -> bool:
+        in_flight.append(row)
+        if len(in_flight) == 7:  # every request is out at once: no image is being read or prepared
+            gc.collect()
+            for data in originals:
+                holders = [r for r in gc.get_referrers(data) if r is not originals]
+                held.append(sum(not isinstance(r, types.FrameType) for r in holders))  # this frame aside
+            all_out.set()
+        await all_out.wait()
+        row.text = "a caption"
+        return True
+
+    monkeypatch.setattr(image_loader, "read_image_bytes", read)
+    monkeypatch.setattr(ItemSender, "fill", fill)
+    values = local_images(tmp_path, 6)
+    jobs = [ImageJob(image_id, value, [DEFAULT_PROMPT]) for image_id, value in values.items()]
+    jobs.append(
+        ImageJob(
+            "pair", ManyImages((("im000", values["im000"]), ("im001", values["im001"]))), [DEFAULT_PROMPT]
+        )
+    )
+    config = RunConfig(out=str(tmp_path / "out"), endpoint={"concurrency": 4})
+    rows: list[ResultRow] = []
+
+    async def main() -> None:
+        runner = ShardRunner(
+            config,
+            image_root=tmp_path,
+            manifest_dir=tmp_path,
+            run_id="test",
+            stop=StopSwitch(),
+            on_row=lambda row: rows.append(row) if row is not None else None,
+        )
+        try:
+            await runner.run(Shard(0, jobs))
+        finally:
+            await runner.aclose()
+
+    asyncio.run(main())
+    assert len(rows) == 7 and all(row.status == "ok" and row.text == "a caption" for row in rows)
+    assert len(originals) == 8  # six images, and the pair's two read again for it
+    assert held == [0] * 8
