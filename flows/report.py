@@ -35,7 +35,7 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
                 "latency p50 / p95", f"{summary.latency_p50_ms:.0f} ms / {summary.latency_p95_ms:.0f} ms"
             )
     if summary.elapsed_s:
-        table.add_row("elapsed", f"{summary.elapsed_s:.1f} s ({summary.rows_per_s:.1f} rows/s)")
+        table.add_row("elapsed", f"{summary.elapsed_s:.2f} s ({summary.rows_per_s:.1f} rows/s)")
     if summary.out:
         table.add_row("output", summary.out)
     console.print(table)
