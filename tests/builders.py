@@ -1,4 +1,4 @@
-"""Test data: images with known sizes and colours, and manifests around them."""
+"""Test data: images with known sizes and colours, manifests around them, and a shard runner on them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from tasks.config import RunConfig
+from tasks.results import ResultRow
+from tasks.shard_runner import ShardRunner
+from tasks.stopping import StopSwitch
 
 TAGS_SCHEMA = {  # a JSON Schema for structured-output tests: a caption, tags and a flag
     "type": "object",
@@ -81,3 +86,16 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def shard_runner(tmp_path: Path, config: RunConfig, rows: list[ResultRow]) -> ShardRunner:
+    """A shard runner on images under ``tmp_path``; every row it emits is appended to ``rows``.
+    Create it inside the event loop that runs it."""
+    return ShardRunner(
+        config,
+        image_root=tmp_path,
+        manifest_dir=tmp_path,
+        run_id="test",
+        stop=StopSwitch(),
+        on_row=lambda row: rows.append(row) if row is not None else None,
+    )

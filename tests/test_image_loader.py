@@ -20,9 +20,8 @@ from tasks.item_sender import ItemSender
 from tasks.manifests import DEFAULT_PROMPT
 from tasks.results import ResultRow
 from tasks.shard_runner import ShardRunner
-from tasks.stopping import StopSwitch
 from tasks.work_items import ImageJob, ManyImages, Shard
-from tests.builders import COLOURS, image_bytes, write_images
+from tests.builders import COLOURS, image_bytes, shard_runner, write_images
 
 
 class Trace:
@@ -80,19 +79,18 @@ def run_dry(tmp_path: Path, images: int | dict[str, str]) -> tuple[list[ResultRo
     """A dry-run shard (everything but the request) through the shard runner: ``images`` local JPEGs,
     or these manifest values by image id."""
     values = local_images(tmp_path, images) if isinstance(images, int) else images
-    config = RunConfig(out=str(tmp_path / "out"), dry_run=True, endpoint={"concurrency": 64})
+    jobs = [ImageJob(image_id, value, [DEFAULT_PROMPT]) for image_id, value in values.items()]
+    return run_jobs(
+        tmp_path, RunConfig(out=str(tmp_path / "out"), dry_run=True, endpoint={"concurrency": 64}), jobs
+    )
+
+
+def run_jobs(tmp_path: Path, config: RunConfig, jobs: list[ImageJob]) -> tuple[list[ResultRow], ShardRunner]:
+    """One shard of ``jobs`` through a shard runner; the rows it emitted, and the runner."""
     rows: list[ResultRow] = []
 
     async def main() -> ShardRunner:
-        runner = ShardRunner(
-            config,
-            image_root=tmp_path,
-            manifest_dir=tmp_path,
-            run_id="test",
-            stop=StopSwitch(),
-            on_row=lambda row: rows.append(row) if row is not None else None,
-        )
-        jobs = [ImageJob(image_id, value, [DEFAULT_PROMPT]) for image_id, value in values.items()]
+        runner = shard_runner(tmp_path, config, rows)
         try:
             await runner.run(Shard(0, jobs))
         finally:
@@ -213,24 +211,7 @@ def test_an_images_original_bytes_are_let_go_before_its_request_is_sent(
             "pair", ManyImages((("im000", values["im000"]), ("im001", values["im001"]))), [DEFAULT_PROMPT]
         )
     )
-    config = RunConfig(out=str(tmp_path / "out"), endpoint={"concurrency": 4})
-    rows: list[ResultRow] = []
-
-    async def main() -> None:
-        runner = ShardRunner(
-            config,
-            image_root=tmp_path,
-            manifest_dir=tmp_path,
-            run_id="test",
-            stop=StopSwitch(),
-            on_row=lambda row: rows.append(row) if row is not None else None,
-        )
-        try:
-            await runner.run(Shard(0, jobs))
-        finally:
-            await runner.aclose()
-
-    asyncio.run(main())
+    rows, _ = run_jobs(tmp_path, RunConfig(out=str(tmp_path / "out"), endpoint={"concurrency": 4}), jobs)
     assert len(rows) == 7 and all(row.status == "ok" and row.text == "a caption" for row in rows)
     assert len(originals) == 8  # six images, and the pair's two read again for it
     assert held == [0] * 8

@@ -11,9 +11,8 @@ from tasks.config import RunConfig
 from tasks.manifests import DEFAULT_PROMPT
 from tasks.results import ResultRow
 from tasks.shard_runner import ShardRunner
-from tasks.stopping import StopSwitch
 from tasks.work_items import ImageJob, Shard
-from tests.builders import write_images
+from tests.builders import shard_runner, write_images
 
 
 @pytest.fixture
@@ -23,13 +22,8 @@ def image(tmp_path: Path) -> str:
 
 def make_runner(tmp_path: Path, rows: list[ResultRow]) -> ShardRunner:
     """A dry-run shard runner (everything but the request), rows collected as they are emitted."""
-    return ShardRunner(
-        RunConfig(out=str(tmp_path / "out"), dry_run=True, endpoint={"concurrency": 4}),
-        image_root=tmp_path,
-        manifest_dir=tmp_path,
-        run_id="test",
-        stop=StopSwitch(),
-        on_row=lambda row: rows.append(row) if row is not None else None,
+    return shard_runner(
+        tmp_path, RunConfig(out=str(tmp_path / "out"), dry_run=True, endpoint={"concurrency": 4}), rows
     )
 
 
