@@ -2,8 +2,9 @@
 
 One session per client, created on first use inside the running event loop, with a keep-alive
 connection pool sized to the run's concurrency (a request slot always finds a pooled connection). The
-body is encoded once, by orjson (C, UTF-8, about ten times faster than ``json`` on bodies holding base64
-images); the answer comes back as bytes for tasks.answers to parse. This module never interprets a
+body is encoded by orjson (tasks/json_body.py: C, UTF-8, about ten times faster than ``json``) and
+written in pieces, a large image's bytes as one of them, never joined into a copy; the answer comes
+back as bytes for tasks.answers to parse. This module never interprets a
 status and never retries: tasks.endpoint classifies, tasks.retry retries.
 
 The API key lives only in the session's default ``Authorization`` header (sent only when a key is set)
@@ -12,8 +13,7 @@ and is never part of a repr, a message or a log line.
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,16 +22,25 @@ import orjson
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from tasks.json_body import encode_body
+
 USER_AGENT = "vlmbatch"
 GET_TIMEOUT = 30.0  # seconds, for preflight's small GETs
 
 
-def encode_json(body: Mapping[str, Any]) -> bytes:
-    """The request body as UTF-8 JSON (orjson; ``json`` for what orjson refuses, e.g. ints over 64 bits)."""
-    try:
-        return orjson.dumps(body)
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return json.dumps(body, ensure_ascii=False).encode()
+def json_payload(body: Mapping[str, Any], headers: dict[str, str]) -> bytes | AsyncIterator[bytes]:
+    """``body`` as the ``data`` of a POST: its bytes, or its pieces (tasks/json_body.py) with their
+    total in ``headers`` as Content-Length, so that aiohttp writes them one after another as they are."""
+    pieces = encode_body(body)
+    if len(pieces) == 1:
+        return pieces[0]
+    headers["Content-Length"] = str(sum(len(piece) for piece in pieces))
+    return _one_by_one(pieces)
+
+
+async def _one_by_one(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
 
 
 def decode_error_body(content: bytes) -> object:
@@ -87,11 +96,10 @@ class HttpTransport:
         self, path: str, body: Mapping[str, Any], request_id: str
     ) -> tuple[int, CIMultiDictProxy[str], bytes]:
         """POST ``body`` as JSON; the status, headers and the whole response body."""
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        data = json_payload(body, headers)
         async with self.session().post(
-            self.url(path),
-            data=encode_json(body),
-            headers={"Content-Type": "application/json", "X-Request-Id": request_id},
-            allow_redirects=False,
+            self.url(path), data=data, headers=headers, allow_redirects=False
         ) as response:
             return response.status, response.headers, await response.read()
 
@@ -105,8 +113,9 @@ class HttpTransport:
             "Accept": "text/event-stream",
             "X-Request-Id": request_id,
         }
+        data = json_payload(body, headers)
         async with self.session().post(
-            self.url(path), data=encode_json(body), headers=headers, allow_redirects=False
+            self.url(path), data=data, headers=headers, allow_redirects=False
         ) as response:
             yield response
 

@@ -13,7 +13,6 @@ one level on average), so the request key does not depend on which one ran.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import struct
@@ -29,6 +28,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from tasks.config import ImageConfig
 from tasks.errors import ImageFailure
 from tasks.image_sources import ImageSource, read_image_bytes
+from tasks.json_body import DataUrl
 
 SENDABLE_MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif"}
 # Ordinary raster formats only (never EPS, which Pillow hands to Ghostscript); TGA last: no magic number.
@@ -86,7 +86,7 @@ _OPEN_LOCK = threading.Lock()
 class PreparedImage:
     """An image ready for a request's ``image_url``, with what the output rows record about it."""
 
-    url: str  # data:image/...;base64,...
+    url: DataUrl  # data:image/...;base64,..., held once as bytes (tasks/json_body.py)
     sha256: str  # hex sha256 of the original bytes
     width: int  # original size, after EXIF orientation
     height: int
@@ -175,7 +175,7 @@ def _prepare(img: Image.Image, data: bytes, sha256: str, config: ImageConfig) ->
     ):
         if not data.endswith(_TRAILERS[fmt]):
             img.load()  # possibly truncated: fail here as bad_image, not at the endpoint
-        return PreparedImage(_data_url(mime, data), sha256, *oriented, *oriented, mime, False)
+        return PreparedImage(DataUrl.encode(mime, data), sha256, *oriented, *oriented, mime, False)
 
     size = target_size(width, height, config.max_pixels)  # in stored orientation (the result is symmetric)
     if over_budget and fmt in ("JPEG", "MPO"):
@@ -190,7 +190,7 @@ def _prepare(img: Image.Image, data: bytes, sha256: str, config: ImageConfig) ->
     buffer = io.BytesIO()
     out.save(buffer, "JPEG", quality=config.jpeg_quality, optimize=False, progressive=False)
     with buffer.getbuffer() as encoded:
-        url = _data_url("image/jpeg", encoded)
+        url = DataUrl.encode("image/jpeg", encoded)
     return PreparedImage(url, sha256, *oriented, *out.size, "image/jpeg", True)
 
 
@@ -202,10 +202,6 @@ def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
         Resizer().resize_pil(img, out, _LANCZOS3)
         return out
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-def _data_url(mime: str, data: bytes | memoryview) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _orientation(img: Image.Image) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 from tasks.chains import Turn
 from tasks.concurrency import estimate_tokens
 from tasks.config import RunConfig
+from tasks.json_body import DataUrl
 from tasks.manifests import Prompt
 
 KEY_VERSION = 2
@@ -52,12 +53,13 @@ def _sampling(config: RunConfig) -> dict[str, Any]:
     }
 
 
-Images = str | Sequence[str] | None  # one image, several (in order), or none
+Image = str | DataUrl  # an http(s) URL, a prepared image's data URL, or (for keys) a reference
+Images = Image | Sequence[Image] | None  # one image, several (in order), or none
 History = Sequence[Turn]  # a chained prompt's earlier turns, oldest first
 
 
-def _images(images: Images) -> list[str]:
-    return [] if images is None else [images] if isinstance(images, str) else list(images)
+def _images(images: Images) -> list[Image]:
+    return [] if images is None else [images] if isinstance(images, str | DataUrl) else list(images)
 
 
 def _system(prompt: Prompt, history: History) -> str | None:

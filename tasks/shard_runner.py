@@ -28,7 +28,7 @@ from tasks.item_sender import ItemSender
 from tasks.manifests import Prompt
 from tasks.output_index import HashCache, OutputIndex, StoredAnswers
 from tasks.outputs import OutputStore
-from tasks.requests import History, Images, RequestKeys, build_request, image_ref
+from tasks.requests import History, Image, Images, RequestKeys, build_request, image_ref
 from tasks.results import ResultRow
 from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
@@ -191,7 +191,7 @@ class ShardRunner:
     async def _many(self, shard_index: int, job: ImageJob, many: ManyImages) -> None:
         """A multi-image prompt: every image read (and prepared) first, then one request with all."""
         prompt = job.prompts[0]
-        urls: list[str] = []
+        urls: list[Image] = []
         refs: list[str] = []
         loaded: list[tuple[ImageSource, Loaded | None]] = []
         current = job.image_id
@@ -232,7 +232,7 @@ class ShardRunner:
         self,
         shard_index: int,
         job: ImageJob,
-        url: str | None,
+        url: Image | None,
         ref: str | None,
         image: PreparedImage | None = None,
         pending: Pending | None = None,

@@ -32,9 +32,9 @@ def encode(img: Image.Image, fmt: str, **params: Any) -> bytes:
 
 
 def sent_bytes(prepared: PreparedImage) -> bytes:
-    prefix = f"data:{prepared.mime};base64,"
-    assert prepared.url.startswith(prefix)
-    return base64.b64decode(prepared.url[len(prefix) :], validate=True)
+    prefix, url = f"data:{prepared.mime};base64,", str(prepared.url)
+    assert url.startswith(prefix)
+    return base64.b64decode(url[len(prefix) :], validate=True)
 
 
 def sent_image(prepared: PreparedImage) -> Image.Image:

@@ -43,7 +43,7 @@ def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
 
 
 def sent_image(prepared: PreparedImage) -> Image.Image:
-    data = base64.b64decode(prepared.url.split(",", 1)[1], validate=True)
+    data = base64.b64decode(str(prepared.url).split(",", 1)[1], validate=True)
     img = Image.open(io.BytesIO(data))
     assert img.size == (prepared.sent_width, prepared.sent_height)
     return img

@@ -19,7 +19,8 @@ from multidict import CIMultiDict
 from tasks.config import EndpointConfig
 from tasks.endpoint import EndpointClient
 from tasks.errors import RequestFailure
-from tasks.http_transport import decode_error_body, encode_json, lines
+from tasks.http_transport import decode_error_body, lines
+from tasks.json_body import SPLICE_MIN, DataUrl, encode_json
 from tasks.requests import Request
 
 KEY = "sk-transport-secret-123"
@@ -155,6 +156,39 @@ def test_the_responses_api_goes_to_responses() -> None:
 
     rec = run_with_server({"/v1/responses": json_handler(200, RESPONSES_OK)}, test)
     assert rec.seen[0]["path"] == "/v1/responses" and rec.seen[0]["body"] == {"model": "m", "input": "hi"}
+
+
+def image_request(stream: bool = False) -> tuple[Request, list[str]]:
+    """A chat request holding a large and a small prepared image, and their data URLs as text."""
+    large = DataUrl.encode("image/jpeg", bytes(range(256)) * (SPLICE_MIN // 256 + 7))
+    small = DataUrl.encode("image/png", b"\x89PNG tiny")
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in (large, small)]
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": [*content, "é"]}]}
+    if stream:
+        body["stream"] = True
+    return Request("chat", body, "key"), [str(large), str(small)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_large_image_is_written_as_it_is_held_with_its_length_declared(stream: bool) -> None:
+    """The body goes out in pieces (a large image's bytes not copied into it): the server still gets one
+    JSON body of the declared length, not chunked, with the images' data URLs in place and in order."""
+    request, urls = image_request(stream)
+
+    async def test(base_url: str, _: Recorder) -> None:
+        answer = await send(base_url, request)
+        assert answer.text == ("Hello ✓" if stream else "a cat")
+        await send(base_url, request)  # a second attempt of the same request sends the same bytes
+
+    handler = sse(*CHUNKS) if stream else json_handler(200, CHAT_OK)
+    rec = run_with_server({"/v1/chat/completions": handler}, test)
+    assert len(rec.seen) == 2
+    for seen in rec.seen:
+        content = seen["body"]["messages"][0]["content"]
+        assert [part["image_url"]["url"] for part in content[:2]] == urls and content[2] == "é"
+        assert int(seen["headers"]["Content-Length"]) == len(encode_json(request.body))
+        assert "Transfer-Encoding" not in seen["headers"]
+        assert seen["headers"]["Content-Type"] == "application/json"
 
 
 def test_one_pooled_connection_per_slot_kept_alive() -> None:
