@@ -45,6 +45,7 @@ from tasks.outputs import (
     prepare_out_dir,
     read_index,
     remove_temporaries,
+    run_tag,
 )
 from tasks.partitions import needs_date, resolve_paths, scheduled_date
 from tasks.preflight import PreflightFailed, preflight
@@ -280,7 +281,7 @@ async def annotate(config: RunConfig) -> RunSummary:
             cleanup.callback(lock.release)
             remove_temporaries(out)
             index, hashes = read_index(out)
-            store = OutputStore(out, plan.output_schema, run_id.replace("-", "")[:12], index)
+            store = OutputStore(out, plan.output_schema, run_tag(run_id), index)
             if healed := store.heal_duplicates():
                 logger.warning("removed %d duplicate rows left by an interrupted run", healed)
                 index = store.index

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -197,6 +198,16 @@ class _ShardFile:
     hashes: dict[str, str] = field(default_factory=dict)  # fingerprint → sha256
     written: int = 0  # rows already on disk
     hashes_written: int = 0
+
+
+def run_tag(run_id: str) -> str:
+    """The tag in the names of a run's files: 12 hex digits of its id, then 8 random ones.
+
+    Not the id alone: a flow run that Prefect retries (flow ``retries``, "Retry" in the UI) keeps its
+    id, and its files must not replace the ones its earlier attempt wrote, which hold the rows the
+    retry skips as done.
+    """
+    return f"{run_id.replace('-', '')[:12]}{secrets.token_hex(4)}"
 
 
 class OutputStore:

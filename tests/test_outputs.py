@@ -6,7 +6,15 @@ import pytest
 
 from tasks.errors import ImageFailure, UsageError
 from tasks.output_index import OutputIndex
-from tasks.outputs import OutLock, OutputStore, check_out_dir, prepare_out_dir, read_index, read_output
+from tasks.outputs import (
+    OutLock,
+    OutputStore,
+    check_out_dir,
+    prepare_out_dir,
+    read_index,
+    read_output,
+    run_tag,
+)
 from tasks.results import OUTPUT_SCHEMA, ResultRow, output_schema
 
 
@@ -69,6 +77,22 @@ def test_replacing_rows_never_duplicates(tmp_path: Path) -> None:
         ("b", "ok", "a"),
         ("c", "ok", "b"),
     ]
+
+
+def test_a_retried_flow_run_keeps_what_its_first_attempt_wrote(tmp_path: Path) -> None:
+    """Prefect retries a flow run under the same id: the retry's files must not replace the first's."""
+    out = tmp_path / "out"
+    run_id = "0192f3a4-b5c6-7d8e-9f00-112233445566"
+    first = store(out, run_tag(run_id))
+    first.add(0, row("a"))
+    first.add(0, row("b", "failed"))
+    first.finish(0)
+    retry = OutputStore(out, OUTPUT_SCHEMA, run_tag(run_id), read_index(out)[0])
+    retry.add(0, row("b"))  # only the failed item is asked again; "a" is skipped as done
+    retry.finish(0)
+    rows = sorted((r["image_id"], r["status"]) for r in read_output(out).to_pylist())
+    assert rows == [("a", "ok"), ("b", "ok")]
+    assert len(list(out.glob("part-000000-0192f3a4b5c6*.parquet"))) == 2
 
 
 def test_old_file_emptied_by_replacements_is_removed(tmp_path: Path) -> None:
