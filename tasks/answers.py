@@ -25,13 +25,61 @@ class Answer:
     latency_ms: float
 
 
+_TOKENS_MAX = 2**31 - 1  # the token columns are int32
+
+
+class _Malformed(TypeError):
+    """A field of the answer has a type no row column can hold."""
+
+
 def _unparseable(content: bytes | str, status: int, exc: Exception) -> RequestFailure:
     text = content if isinstance(content, str) else content[:200].decode("utf-8", "replace")
+    why = str(exc) if isinstance(exc, _Malformed) else type(exc).__name__
     return RequestFailure(
         "invalid_response",
-        f"unparseable answer from the endpoint ({type(exc).__name__}): {text[:200]!r}",
+        f"unparseable answer from the endpoint ({why}): {text[:200]!r}",
         http_status=status,
     )
+
+
+def _text(value: Any, what: str) -> str | None:
+    """A text field: a string, or a list of text parts (joined); anything else is malformed."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise _Malformed(f"{what} is {type(value).__name__}, not text")
+
+
+def _label(value: Any) -> str | None:
+    """finish_reason, model: a string, else nothing (a label of another type is not worth failing on)."""
+    return value if isinstance(value, str) else None
+
+
+def _tokens(value: Any) -> int | None:
+    """A token count, if it is one an int32 column holds; else nothing."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _TOKENS_MAX:
+        return value
+    return None
+
+
+ABORTED = frozenset({"abort", "error"})  # vLLM's finish reasons for a generation it gave up on
+
+
+def _finished(answer: Answer) -> Answer:
+    """The answer, unless the server gave up on the generation: then a transient failure (retried)."""
+    if answer.finish_reason in ABORTED:
+        raise RequestFailure(
+            "server_error",
+            f"the endpoint stopped the generation (finish_reason {answer.finish_reason!r})",
+            http_status=answer.http_status,
+        )
+    return answer
+
+
+def _usage(data: dict[str, Any]) -> dict[str, Any]:
+    usage = data.get("usage")
+    return usage if isinstance(usage, dict) else {}
 
 
 def parse_chat_answer(content: bytes, *, status: int, latency_ms: float) -> Answer:
@@ -40,16 +88,20 @@ def parse_chat_answer(content: bytes, *, status: int, latency_ms: float) -> Answ
         data = json.loads(content)
         choice = data["choices"][0]
         message = choice["message"]
-        usage = data.get("usage") or {}
-        return Answer(
-            text=message.get("content"),
-            reasoning=message.get("reasoning") or message.get("reasoning_content"),
-            finish_reason=choice.get("finish_reason"),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            model=data.get("model"),
-            http_status=status,
-            latency_ms=latency_ms,
+        usage = _usage(data)
+        return _finished(
+            Answer(
+                text=_text(message.get("content"), "the message content"),
+                reasoning=_text(
+                    message.get("reasoning") or message.get("reasoning_content"), "the reasoning"
+                ),
+                finish_reason=_label(choice.get("finish_reason")),
+                prompt_tokens=_tokens(usage.get("prompt_tokens")),
+                completion_tokens=_tokens(usage.get("completion_tokens")),
+                model=_label(data.get("model")),
+                http_status=status,
+                latency_ms=latency_ms,
+            )
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise _unparseable(content, status, exc) from None
@@ -63,27 +115,34 @@ def parse_responses_answer(content: bytes, *, status: int, latency_ms: float) ->
         reasoning: list[str] = []
         for item in data["output"]:
             if item.get("type") == "message":
-                texts += [c["text"] for c in item.get("content") or [] if c.get("type") == "output_text"]
+                parts = item.get("content") or []
+                texts += [
+                    _text(c["text"], "an output_text") or "" for c in parts if c.get("type") == "output_text"
+                ]
             elif item.get("type") == "reasoning":
                 parts = item.get("content") or item.get("summary") or []
-                reasoning += [c["text"] for c in parts if c.get("text") is not None]
+                reasoning += [
+                    _text(c["text"], "a reasoning text") or "" for c in parts if c.get("text") is not None
+                ]
         if data.get("status") == "failed":
             error = data.get("error") or {}
             raise RequestFailure(
                 "server_error", f"the response failed: {error.get('message', error)}", http_status=status
             )
         incomplete = (data.get("incomplete_details") or {}).get("reason")
-        finish = "stop" if data.get("status") == "completed" else incomplete or data.get("status")
-        usage = data.get("usage") or {}
-        return Answer(
-            text="".join(texts) if texts else None,
-            reasoning="".join(reasoning) if reasoning else None,
-            finish_reason="length" if finish == "max_output_tokens" else finish,
-            prompt_tokens=usage.get("input_tokens"),
-            completion_tokens=usage.get("output_tokens"),
-            model=data.get("model"),
-            http_status=status,
-            latency_ms=latency_ms,
+        finish = _label("stop" if data.get("status") == "completed" else incomplete or data.get("status"))
+        usage = _usage(data)
+        return _finished(
+            Answer(
+                text="".join(texts) if texts else None,
+                reasoning="".join(reasoning) if reasoning else None,
+                finish_reason="length" if finish == "max_output_tokens" else finish,
+                prompt_tokens=_tokens(usage.get("input_tokens")),
+                completion_tokens=_tokens(usage.get("output_tokens")),
+                model=_label(data.get("model")),
+                http_status=status,
+                latency_ms=latency_ms,
+            )
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise _unparseable(content, status, exc) from None
@@ -117,29 +176,38 @@ class StreamAggregator:
             raise RequestFailure(
                 "server_error", f"the stream failed after it started: {message}", http_status=200
             )
-        self.model = chunk.get("model") or self.model
-        self.usage = chunk.get("usage") or self.usage
+        try:
+            self._take(chunk)
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise _unparseable(payload, 200, exc) from None
+
+    def _take(self, chunk: dict[str, Any]) -> None:
+        self.model = _label(chunk.get("model")) or self.model
+        self.usage = _usage(chunk) or self.usage
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self.text.append(delta["content"])
-            thought = delta.get("reasoning") or delta.get("reasoning_content")
-            if thought:
+            if content := _text(delta.get("content"), "a content delta"):
+                self.text.append(content)
+            if thought := _text(
+                delta.get("reasoning") or delta.get("reasoning_content"), "a reasoning delta"
+            ):
                 self.reasoning.append(thought)
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            self.finish_reason = _label(choice.get("finish_reason")) or self.finish_reason
 
     def answer(self, *, status: int, latency_ms: float) -> Answer:
         if not self.done and self.finish_reason is None:
             raise RequestFailure(
                 "invalid_response", "the stream ended before it was complete", http_status=status
             )
-        return Answer(
-            text="".join(self.text) if self.text else None,
-            reasoning="".join(self.reasoning) if self.reasoning else None,
-            finish_reason=self.finish_reason,
-            prompt_tokens=self.usage.get("prompt_tokens"),
-            completion_tokens=self.usage.get("completion_tokens"),
-            model=self.model,
-            http_status=status,
-            latency_ms=latency_ms,
+        return _finished(
+            Answer(
+                text="".join(self.text) if self.text else None,
+                reasoning="".join(self.reasoning) if self.reasoning else None,
+                finish_reason=self.finish_reason,
+                prompt_tokens=_tokens(self.usage.get("prompt_tokens")),
+                completion_tokens=_tokens(self.usage.get("completion_tokens")),
+                model=self.model,
+                http_status=status,
+                latency_ms=latency_ms,
+            )
         )

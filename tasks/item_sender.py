@@ -8,6 +8,8 @@ detector, which stops the run when the endpoint stays unusable.
 
 from __future__ import annotations
 
+import logging
+
 from tasks.answers import Answer
 from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, RateLimiter
 from tasks.config import RunConfig
@@ -20,6 +22,8 @@ from tasks.retry import RetryPolicy
 from tasks.stopping import StopSwitch
 from tasks.structured import validate_json
 from tasks.work_items import item_id
+
+log = logging.getLogger(__name__)
 
 
 class _Dropped(Exception):
@@ -63,6 +67,11 @@ class ItemSender:
             row.fail(failure)
             if failure.retryable and attempts > 1:
                 row.error_message = f"{failure.message} (after {attempts} attempts)"
+        except Exception as exc:  # a bug here must cost one row, not the shard's rows and the run
+            log.exception("image %r, prompt %r: failed inside vlmbatch", row.image_id, row.prompt_id)
+            row.fail(
+                ItemFailure("internal_error", f"vlmbatch failed on this item: {type(exc).__name__}: {exc}")
+            )
         return True
 
     async def _send(self, row: ResultRow, request: Request, rid: str) -> Answer:

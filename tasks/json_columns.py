@@ -51,9 +51,12 @@ def json_fields(prompts: Sequence[Prompt], taken: Iterable[str]) -> list[pa.Fiel
 
 def json_value(document: str | None, field: pa.Field) -> Any:
     """The value of ``field``'s property in a row's validated JSON (None when absent)."""
-    if document is None or field.metadata is None:
+    if not document or field.metadata is None:
         return None
-    value = json.loads(document).get(field.metadata[PROPERTY_KEY].decode()) if document else None
+    parsed = json.loads(document)
+    if not isinstance(parsed, dict):  # an array or scalar schema's answer: no properties to spread
+        return None
+    value = parsed.get(field.metadata[PROPERTY_KEY].decode())
     if value is not None and pa.types.is_string(field.type) and not isinstance(value, str):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return value

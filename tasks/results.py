@@ -105,5 +105,22 @@ def rows_to_table(rows: list[ResultRow], schema: pa.Schema) -> pa.Table:
                 columns[extra.name].append(json_value(row.json, extra))
             else:
                 columns[extra.name].append(row.carry.get(extra.name))
-    arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names]
+    arrays = [_array(columns[name], schema.field(name).type) for name in schema.names]
     return pa.Table.from_arrays(arrays, schema=schema)  # the schema's field metadata kept
+
+
+def _array(values: list[Any], kind: pa.DataType) -> pa.Array:
+    """The column; a value its type cannot hold (a typed JSON property answered as 2**70, "3" or
+    [1, "a"]) is left null there, never failing the write: the row's ``json`` keeps it whole."""
+    try:
+        return pa.array(values, type=kind)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return pa.array([value if _fits(value, kind) else None for value in values], type=kind)
+
+
+def _fits(value: Any, kind: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=kind)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return False
+    return True

@@ -24,6 +24,8 @@ def validate_json(text: str | None, schema_text: str) -> str:
         value = json.loads(text or "")
     except ValueError as exc:
         raise RequestFailure("invalid_json", f"the answer is not JSON: {exc}") from None
+    except RecursionError:
+        raise RequestFailure("invalid_json", "the answer is JSON nested too deeply to read") from None
     try:
         _validator(schema_text).validate(value)
     except ValidationError as exc:
@@ -31,4 +33,6 @@ def validate_json(text: str | None, schema_text: str) -> str:
         raise RequestFailure(
             "invalid_json", f"the answer does not match the schema at {where}: {exc.message}"
         ) from None
+    except RecursionError:
+        raise RequestFailure("invalid_json", "the answer is nested too deeply to check") from None
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

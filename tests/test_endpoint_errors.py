@@ -11,6 +11,7 @@ from aiohttp.client_reqrep import ConnectionKey
 from tasks.answers import StreamAggregator, parse_chat_answer, parse_responses_answer
 from tasks.endpoint import classify, classify_status, error_message, parse_retry_after
 from tasks.errors import RequestFailure
+from tasks.structured import validate_json
 
 
 @pytest.mark.parametrize(
@@ -114,6 +115,60 @@ def test_malformed_answers_are_transient(content: bytes) -> None:
     assert err.value.error_type == "invalid_response" and err.value.retryable
 
 
+def chat_body(content: object = "hi", finish: object = "stop", **top: object) -> bytes:
+    message = {"role": "assistant", "content": content}
+    return json.dumps(
+        {"model": "m", "choices": [{"message": message, "finish_reason": finish}], **top}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ({"text": "hi"}, "the message content is dict, not text"),
+        (42, "the message content is int, not text"),
+        ([{"type": "image"}], "the message content is list, not text"),
+    ],
+)
+def test_an_answer_a_row_cannot_hold_is_a_transient_failure_that_says_why(content: object, why: str) -> None:
+    with pytest.raises(RequestFailure) as err:
+        parse_chat_answer(chat_body(content), status=200, latency_ms=1)
+    assert err.value.error_type == "invalid_response" and err.value.retryable
+    assert why in err.value.message
+    agg = StreamAggregator()
+    with pytest.raises(RequestFailure, match="a content delta is"):
+        agg.feed("data: " + json.dumps({"choices": [{"delta": {"content": content}}]}))
+    with pytest.raises(RequestFailure, match="unparseable answer"):
+        StreamAggregator().feed('data: ["not", "a", "chunk"]')
+
+
+def test_labels_and_token_counts_of_the_wrong_type_are_left_empty_not_failed() -> None:
+    usage = {"prompt_tokens": "12", "completion_tokens": 2**40}
+    a = parse_chat_answer(chat_body(finish=7, model=["m"], usage=usage), status=200, latency_ms=1)
+    assert (a.text, a.finish_reason, a.model, a.prompt_tokens, a.completion_tokens) == (
+        "hi",
+        None,
+        None,
+        None,
+        None,
+    )
+    parts = [{"type": "text", "text": "a "}, {"type": "text", "text": "cat"}]
+    assert parse_chat_answer(chat_body(parts), status=200, latency_ms=1).text == "a cat"  # text parts joined
+
+
+@pytest.mark.parametrize("finish", ["abort", "error"])
+def test_a_generation_the_server_gave_up_on_is_retried_not_stored(finish: str) -> None:
+    with pytest.raises(RequestFailure) as err:
+        parse_chat_answer(chat_body("half an ans", finish), status=200, latency_ms=1)
+    assert (
+        err.value.error_type == "server_error" and err.value.retryable and repr(finish) in err.value.message
+    )
+    agg = StreamAggregator()
+    agg.feed("data: " + json.dumps({"choices": [{"delta": {"content": "half"}, "finish_reason": finish}]}))
+    with pytest.raises(RequestFailure, match="stopped the generation"):
+        agg.answer(status=200, latency_ms=1)
+
+
 def test_retry_policy_retries_only_transient_and_honours_retry_after() -> None:
     from tasks.retry import RetryPolicy
 
@@ -213,3 +268,10 @@ def test_responses_answers_and_streams_parse() -> None:
     assert err.value.error_type == "server_error" and err.value.retryable
     with pytest.raises(RequestFailure, match="ended before it was complete"):
         broken.answer(status=200, latency_ms=1)
+
+
+def test_json_nested_beyond_reading_is_an_invalid_json_failure() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(RequestFailure) as err:
+        validate_json(deep, '{"type": "array"}')
+    assert err.value.error_type == "invalid_json" and "nested too deeply" in err.value.message

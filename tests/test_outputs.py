@@ -5,6 +5,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from tasks.errors import ImageFailure, UsageError
+from tasks.json_columns import json_fields
+from tasks.manifests import Prompt
 from tasks.output_index import OutputIndex
 from tasks.outputs import (
     OutLock,
@@ -151,3 +153,21 @@ def test_out_dir_problems(tmp_path: Path) -> None:
         check_out_dir(blocker / "sub")  # a file in the way of the parent
     assert check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_json_values_a_typed_column_cannot_hold_are_null_there_and_whole_in_json(tmp_path: Path) -> None:
+    schemas = [
+        '{"type": "object", "properties": {"count": {"type": "integer"}, "tags": {"type": "array", '
+        '"items": {"type": "string"}}}}',
+        '{"type": "array", "items": {"type": "string"}}',
+    ]
+    prompts = [Prompt(f"p{i}", "Describe.", "caption", json_schema=s) for i, s in enumerate(schemas)]
+    schema = output_schema(None, json_fields(prompts, OUTPUT_SCHEMA.names))
+    answers = ['{"count":3,"tags":["a"]}', '{"count":1180591620717411303424,"tags":["b",2]}', '["x","y"]']
+    s = store(tmp_path / "out", "r", schema)
+    for n, answer in enumerate(answers):
+        s.add(0, ResultRow(f"img{n}", "p0", "caption", "ok", json=answer))
+    s.finish(0)
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert [(r["count"], r["tags"]) for r in rows] == [(3, ["a"]), (None, None), (None, None)]
+    assert [r["json"] for r in rows] == answers  # nothing lost: the whole answer stays in json

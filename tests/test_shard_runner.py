@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from emulator import EmulatorServer
+from tasks import item_sender
+from tasks.answers import Answer
 from tasks.config import RunConfig
 from tasks.manifests import DEFAULT_PROMPT
 from tasks.results import ResultRow
@@ -80,3 +83,41 @@ def test_a_cancelled_shard_does_not_hold_up_the_next(tmp_path: Path, image: str)
     assert sorted(str(row.image_id) for row in rows if str(row.image_id).startswith("s1")) == [
         f"s1-{i:03d}" for i in range(5)
     ]
+
+
+def test_a_failure_inside_vlmbatch_costs_its_row_not_the_shard(
+    tmp_path: Path,
+    image: str,
+    emulator: EmulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real_fill = item_sender._fill
+
+    def fill(row: ResultRow, answer: Answer) -> None:
+        if row.image_id == "s0-001":
+            raise RuntimeError("a bug")
+        real_fill(row, answer)
+
+    monkeypatch.setattr(item_sender, "_fill", fill)
+    rows: list[ResultRow] = []
+    config = RunConfig(
+        out=str(tmp_path / "out"), endpoint={"base_url": emulator.base_url, "preflight": False}
+    )
+
+    async def main() -> None:
+        runner = shard_runner(tmp_path, config, rows)
+        try:
+            await runner.run(shard(0, image, 3))
+        finally:
+            await runner.aclose()
+
+    asyncio.run(main())
+    by_id = {row.image_id: row for row in rows}
+    assert sorted(by_id) == ["s0-000", "s0-001", "s0-002"]
+    assert by_id["s0-000"].status == by_id["s0-002"].status == "ok"
+    failed = by_id["s0-001"]
+    assert (failed.status, failed.error_type) == ("failed", "internal_error")
+    assert failed.error_message == "vlmbatch failed on this item: RuntimeError: a bug"
+    assert "image 's0-001', prompt 'caption': failed inside vlmbatch" in caplog.text
+    assert emulator.stats()["requests_total"] == 3
