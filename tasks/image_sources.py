@@ -77,6 +77,8 @@ def _from_struct(value: dict[object, object], manifest_dir: Path) -> ImageSource
 def _from_string(value: str, manifest_dir: Path) -> ImageSource:
     if not value.strip():
         raise ImageFailure("missing_image", "no image (the image value is an empty string)")
+    if "\x00" in value:  # no path, URL or base64 holds one (and the OS would refuse it)
+        raise ImageFailure("bad_image", f"the image value contains a NUL character: {_shorten(value)!r}")
     if value[:5].lower() == "data:":
         return _from_data_url(value)
     if value[:5].lower() == "file:":  # file:///abs, file://localhost/abs and RFC 8089's file:/abs
@@ -113,7 +115,10 @@ def _folder(folder: Path) -> str:
 
 
 def _from_file_url(url: str) -> ImageSource:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for file://[x/a.png
+        raise ImageFailure("bad_image", f"malformed file:// URL ({exc}): {url}") from None
     if parts.netloc not in ("", "localhost"):
         raise ImageFailure("bad_image", f"file:// URL with a host ({parts.netloc!r}) is not supported: {url}")
     if parts.query or parts.fragment:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from tasks.manifests import Prompt
+if TYPE_CHECKING:
+    from tasks.manifests import Prompt
 
 PROPERTY_KEY = b"vlmbatch.json_property"
 SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}

@@ -21,6 +21,7 @@ from jsonschema.validators import validator_for
 from tasks.chains import order_chains
 from tasks.errors import MAX_LISTED, ManifestError
 from tasks.errors import rows_phrase as _rows
+from tasks.results import OUTPUT_SCHEMA
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,11 @@ def read_images_manifest(
     for name in carry:
         if name in (id_column, image_column):
             raise ManifestError(f"--carry {name}: the {name!r} column is already in the output")
+        if name in OUTPUT_SCHEMA.names:
+            raise ManifestError(
+                f"--carry {name}: the output has a {name!r} column of its own; rename the manifest's "
+                "column to carry it"
+            )
     carry_fields: dict[str, pa.Field] = {}
     chunks: list[pa.Array] = []
     for file in files:

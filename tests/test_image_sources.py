@@ -61,13 +61,21 @@ def test_file_url_is_percent_decoded(root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["file://server/share/a.png", "file:///a.png?x=1", "file:///a.png#frag", "file:a.png"]
+    "url",
+    ["file://server/share/a.png", "file:///a.png?x=1", "file:///a.png#frag", "file:a.png", "file://[x/a.png"],
 )
 def test_unusable_file_urls(url: str, root: Path) -> None:
     with pytest.raises(ImageFailure) as excinfo:
         parse_image_value(url, manifest_dir=root)
     assert excinfo.value.error_type == "bad_image"
     assert "file:// URL" in excinfo.value.message
+
+
+@pytest.mark.parametrize("value", ["a\x00.png", "file:///a\x00.png", "https://x.test/a\x00.png"])
+def test_a_nul_character_is_bad_image(value: str, root: Path) -> None:
+    with pytest.raises(ImageFailure) as excinfo:
+        parse_image_value(value, manifest_dir=root)
+    assert excinfo.value.error_type == "bad_image" and "NUL character" in excinfo.value.message
 
 
 @pytest.mark.parametrize("value", [PAYLOAD, bytearray(PAYLOAD), memoryview(PAYLOAD)])

@@ -41,6 +41,15 @@ def test_remapped_columns_and_carry(tmp_path: Path) -> None:
         read_images_manifest(m, id_column="key", image_column="img", carry=["nope"])
 
 
+@pytest.mark.parametrize("name", ["text", "status", "model", "run_id"])
+def test_carrying_a_column_the_output_has_is_refused_before_anything_is_sent(
+    tmp_path: Path, name: str
+) -> None:
+    m = write_parquet(tmp_path / "m.parquet", {"image_id": ["a"], "image": ["a.jpg"], name: ["x"]})
+    with pytest.raises(ManifestError, match=f"--carry {name}: the output has a '{name}' column of its own"):
+        read_images_manifest(m, carry=[name])
+
+
 @pytest.mark.parametrize(
     ("columns", "message"),
     [
