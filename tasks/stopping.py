@@ -38,33 +38,57 @@ class StopSwitch:
             await asyncio.wait_for(self._event.wait(), timeout=seconds)
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+Watcher = tuple[StopSwitch, Callable[[int], None]]
+_watching: dict[asyncio.AbstractEventLoop, list[Watcher]] = {}  # the runs inside signals_stop, by loop
+
+
 @contextlib.contextmanager
 def signals_stop(switch: StopSwitch, on_second: Callable[[int], None]) -> Iterator[None]:
     """While inside, the first SIGINT/SIGTERM sets ``switch``; a second calls ``on_second(exit_code)``.
 
+    Runs sharing an event loop (a backfill's partitions) share the handlers: a signal sets every
+    run's switch, and the handlers stay until the last run is out, then the previous ones are back.
     Only possible in the main thread; elsewhere (e.g. a worker thread) signals keep their handlers.
     """
     loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-
-    def handler(sig: signal.Signals) -> None:
-        if switch.reason in EXIT_CODES:
-            on_second(EXIT_CODES[switch.reason])
-        switch.set(
-            sig.name, f"stopped by {sig.name}: finishing requests in flight, then writing what is done"
-        )
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, handler, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
+    watchers = _watching.get(loop)
+    if watchers is None and _install(loop):
+        watchers = _watching[loop] = []
+    if watchers is not None:
+        watchers.append((switch, on_second))
     try:
         yield
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        if watchers is not None:
+            watchers.remove((switch, on_second))
+            if not watchers:
+                del _watching[loop]
+                for sig in _SIGNALS:
+                    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                        loop.remove_signal_handler(sig)
+
+
+def _install(loop: asyncio.AbstractEventLoop) -> bool:
+    installed = False
+    for sig in _SIGNALS:
+        try:
+            loop.add_signal_handler(sig, _handle, loop, sig)
+            installed = True
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    return installed
+
+
+def _handle(loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> None:
+    watchers = list(_watching.get(loop, ()))
+    for switch, on_second in watchers:
+        if switch.reason in EXIT_CODES:
+            on_second(EXIT_CODES[switch.reason])
+    for switch, _ in watchers:
+        switch.set(
+            sig.name, f"stopped by {sig.name}: finishing requests in flight, then writing what is done"
+        )
 
 
 def child_pids() -> list[int]:
