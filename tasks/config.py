@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,8 @@ from tasks.errors import ConfigError
 
 PIXELS_PER_SOFT_TOKEN = 48 * 48  # Gemma 4: one visual token covers 48×48 px
 ENV_PREFIX = "VLMBATCH_"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NOT_SHOWN = {"api_key_env"}  # options whose wrong value may be a key given by mistake: never echoed
 
 
 class _Section(BaseModel):
@@ -92,6 +95,15 @@ class EndpointConfig(_Section):
     def in_flight_cap(self) -> int:
         """The most requests this run may have in flight."""
         return self.max_concurrency if self.concurrency == "auto" else self.concurrency
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        if not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "must be the name of an environment variable (letters, digits and _), not the key itself"
+            )
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -275,6 +287,6 @@ def _describe(exc: ValidationError, merged: Mapping[str, tuple[Any, str]]) -> st
         if error["type"] == "missing":
             lines.append(f"{flag_name(option)} is required")
         else:
-            shown = error.get("input")
-            lines.append(f"{source}: {error['msg']} (got {shown!r})")
+            shown = "" if option in _NOT_SHOWN else f" (got {error.get('input')!r})"  # it may be a key
+            lines.append(f"{source}: {error['msg']}{shown}")
     return "; ".join(lines)

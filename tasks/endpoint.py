@@ -77,7 +77,10 @@ class EndpointClient:
         if not 200 <= status < 300:
             raise self._redact(classify_status(status, headers, decode_error_body(content)))
         parse = parse_responses_answer if request.api == "responses" else parse_chat_answer
-        return parse(content, status=status, latency_ms=(time.perf_counter() - started) * 1000)
+        try:
+            return parse(content, status=status, latency_ms=(time.perf_counter() - started) * 1000)
+        except RequestFailure as failure:  # it quotes the body, which may echo the key
+            raise self._redact(failure) from None
 
     async def _stream(self, route: str, body: dict[str, Any], request_id: str, started: float) -> Answer:
         async with self._http.stream(route, body, request_id) as response:
@@ -105,9 +108,23 @@ class EndpointClient:
         return self._redact(classify(exc))
 
     def _redact(self, failure: RequestFailure) -> RequestFailure:
-        if self._secret and self._secret in failure.message:
-            failure.message = failure.message.replace(self._secret, "***")
+        failure.message = redact(failure.message, self._secret)
         return failure
+
+
+PARTIAL_MIN = 4  # a message ending in this many of the key's first characters may be a key cut short
+
+
+def redact(message: str, secret: str | None) -> str:
+    """``message`` without ``secret``: every whole occurrence, and a start of it left at the end by a
+    message cut to length."""
+    if not secret:
+        return message
+    message = message.replace(secret, "***")
+    for size in range(min(len(secret) - 1, len(message)), PARTIAL_MIN - 1, -1):
+        if message.endswith(secret[:size]):
+            return message[:-size] + "***"
+    return message
 
 
 def classify(exc: BaseException) -> RequestFailure:
@@ -155,6 +172,12 @@ def classify_status(status: int, headers: Any, body: object) -> RequestFailure:
         error_type = "auth"
     elif effective == 404:
         error_type = "not_found"
+    elif effective < 400:  # a redirect (never followed: it would resend the body and the key elsewhere)
+        error_type = "bad_request"
+        where = headers.get("Location") if hasattr(headers, "get") else None
+        message = (
+            f"HTTP {status} redirect{f' to {where}' if where else ''}: set --base-url to where it points"
+        )
     elif effective == 408:
         error_type = "timeout"
     elif effective == 429:

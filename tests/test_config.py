@@ -74,6 +74,16 @@ def test_config_rejects_unknown_fields_and_holds_no_secret() -> None:
     assert "sk-secret" not in dumped
 
 
+def test_a_key_given_as_api_key_env_is_refused_and_never_echoed() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({**BASE, "api_key_env": "sk-live-0123456789"}, environ={})
+    assert "not the key itself" in str(err.value) and "0123456789" not in str(err.value)
+    assert (
+        build_config({**BASE, "api_key_env": "AZURE_ML_TOKEN"}, environ={}).endpoint.api_key_env
+        == "AZURE_ML_TOKEN"
+    )
+
+
 def test_concurrency_auto() -> None:
     cfg = build_config({**BASE, "concurrency": "auto", "max_concurrency": 40}, environ={})
     assert cfg.endpoint.concurrency == "auto" and cfg.endpoint.in_flight_cap == 40

@@ -38,6 +38,15 @@ def test_status_classes(status: int, error_type: str, retryable: bool) -> None:
     assert failure.message == "boom"
 
 
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_redirect_is_not_retried_and_says_where_it_points(status: int) -> None:
+    failure = classify_status(status, {"Location": "https://gw.test/v1/chat/completions"}, None)
+    assert (failure.error_type, failure.retryable, failure.http_status) == ("bad_request", False, status)
+    assert failure.message == (
+        f"HTTP {status} redirect to https://gw.test/v1/chat/completions: set --base-url to where it points"
+    )
+
+
 def test_azure_424_is_classified_by_the_original_status() -> None:
     wrapped_400 = classify_status(424, {"ms-azureml-model-error-statuscode": "400"}, {"message": "bad image"})
     assert wrapped_400.error_type == "bad_request" and not wrapped_400.retryable

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from tasks.config import EndpointConfig
-from tasks.endpoint import EndpointClient
+from tasks.endpoint import MAX_MESSAGE, EndpointClient, redact
 from tasks.errors import RequestFailure
 from tasks.http_transport import decode_error_body, lines
 from tasks.json_body import SPLICE_MIN, DataUrl, encode_json
@@ -318,6 +318,39 @@ def test_an_unreachable_endpoint_is_a_connection_failure() -> None:
         assert got.message.startswith("could not reach the endpoint: ")
 
     asyncio.run(main())
+
+
+def test_the_key_is_redacted_from_an_unparseable_answer_and_when_cut_short() -> None:
+    async def echo_ok(request: web.Request) -> web.StreamResponse:  # a 200 that is no answer, quoting the key
+        return web.Response(text=f"<html>hello {request.headers.get('Authorization')}</html>")
+
+    async def echo_long(request: web.Request) -> web.StreamResponse:  # the key where the message is cut
+        pad = "x" * (MAX_MESSAGE - len("Bearer ") - 10)
+        return web.json_response({"error": {"message": pad + request.headers["Authorization"]}}, status=400)
+
+    async def test(base_url: str, _: Recorder) -> None:
+        got = await failure(base_url, key=KEY, max_retries=0)
+        assert got.error_type == "invalid_response" and "***" in got.message
+        assert KEY not in got.message and KEY[:8] not in got.message
+        cut = await failure(base_url.replace("/v1", "/long"), key=KEY)
+        assert cut.error_type == "bad_request" and cut.message.endswith("Bearer ***")
+        assert KEY[:4] not in cut.message
+
+    run_with_server({"/v1/chat/completions": echo_ok, "/long/chat/completions": echo_long}, test)
+
+
+@pytest.mark.parametrize(
+    ("message", "redacted"),
+    [
+        ("token sk-abc123 rejected", "token *** rejected"),
+        ("cut at sk-ab", "cut at ***"),
+        ("ends in sk-", "ends in sk-"),  # 3 characters: too short to be taken for the key
+        ("nothing here", "nothing here"),
+    ],
+)
+def test_redact(message: str, redacted: str) -> None:
+    assert redact(message, "sk-abc123") == redacted
+    assert redact(message, None) == message
 
 
 def test_the_key_never_appears_in_a_message_or_repr() -> None:
