@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tasks.outputs import OutputStore
 
 FLUSH_INTERVAL = 1.0  # seconds: what a crash can lose of answered rows
+
+log = logging.getLogger(__name__)
 
 
 class AsyncWriter:
@@ -37,9 +40,17 @@ class AsyncWriter:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)  # type: ignore[arg-type]
 
     async def _tick(self) -> None:
+        """Flush every ``interval``; a failed flush (a full disk, a network mount away) is logged and
+        tried again at the next tick, with the rows kept in memory: the shard's final write, which
+        the run waits for, is the one that must succeed."""
         while True:
             await asyncio.sleep(self.interval)
-            await self._run(self.store.flush)
+            try:
+                await self._run(self.store.flush)
+            except Exception as exc:
+                log.warning(
+                    "writing to %s failed, trying again in %g s: %s", self.store.out, self.interval, exc
+                )
 
     async def finish(self, shard_index: int) -> Path | None:
         path = await self._run(self.store.finish, shard_index)

@@ -1,3 +1,4 @@
+import asyncio
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from tasks.outputs import (
     run_tag,
 )
 from tasks.results import OUTPUT_SCHEMA, ResultRow, output_schema
+from tasks.writer import AsyncWriter
 
 
 def row(image_id: str, status: str = "ok", key: str = "a" * 64, prompt_id: str = "cap") -> ResultRow:
@@ -171,3 +173,30 @@ def test_json_values_a_typed_column_cannot_hold_are_null_there_and_whole_in_json
     rows = read_output(tmp_path / "out").to_pylist()
     assert [(r["count"], r["tags"]) for r in rows] == [(3, ["a"]), (None, None), (None, None)]
     assert [r["json"] for r in rows] == answers  # nothing lost: the whole answer stays in json
+
+
+def test_a_failed_periodic_write_is_logged_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    s = store(out, "r")
+    real_flush, calls = s.flush, []
+
+    def flush(shard_index: int | None = None) -> None:
+        calls.append(shard_index)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real_flush(shard_index)
+
+    monkeypatch.setattr(s, "flush", flush)
+
+    async def main() -> None:
+        async with AsyncWriter(s, interval=0.02):
+            s.add(0, row("a"))
+            while read_output(out).num_rows == 0:  # the second tick writes it
+                await asyncio.sleep(0.01)
+            s.add(0, row("b"))
+
+    asyncio.run(asyncio.wait_for(main(), timeout=10))
+    assert sorted(r["image_id"] for r in read_output(out).to_pylist()) == ["a", "b"]  # b: the final flush
+    assert "trying again in 0.02 s: [Errno 28] No space left on device" in caplog.text
