@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ for _usage_error in {
 }:
     _usage_error.exit_code = EXIT_USAGE
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+EXIT_CRASHED = 70  # EX_SOFTWARE: vlmbatch itself failed; what was written is kept
 
 app = typer.Typer(
     add_completion=False,
@@ -196,6 +198,14 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
             print_summary(stopped.summary)  # type: ignore[arg-type]
         typer.echo(f"error: {stopped}", err=True)
         return stopped.exit_code
+    except Exception as exc:  # a bug: not exit 1, which promises that nothing was sent or written
+        traceback.print_exc()
+        typer.echo(
+            f"error: vlmbatch crashed ({type(exc).__name__}: {exc}); the rows written so far are kept, "
+            "and a rerun continues from them",
+            err=True,
+        )
+        return EXIT_CRASHED
     print_summary(summary)
     return summary.exit_code
 

@@ -7,7 +7,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.cli import vlmbatch
+import pytest
+
+from emulator import EmulatorServer
+from tests.builders import images_manifest
+from tests.cli import rows, vlmbatch
 
 VLMBATCH = Path(sys.executable).with_name("vlmbatch")
 
@@ -33,3 +37,18 @@ def test_emulate_runs_the_emulator_under_its_own_name() -> None:
 def test_unknown_flag_is_a_usage_error_exit_1() -> None:
     res = vlmbatch("run", "x.parquet", "--out", "o", "--no-such-flag")
     assert res.code == 1 and "No such option" in res.err
+
+
+def test_a_crash_inside_vlmbatch_exits_70_and_keeps_what_was_written(
+    tmp_path: Path, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("flows.annotate.publish_summary", broken)  # after every row is written
+    images = images_manifest(tmp_path, {"a": ((40, 30), "red"), "b": ((30, 40), "blue")})
+    out = tmp_path / "out"
+    res = vlmbatch("run", images, "--out", out, "--base-url", emulator.base_url)
+    assert res.code == 70
+    assert "error: vlmbatch crashed (RuntimeError: boom); the rows written so far are kept" in res.err
+    assert [(r["image_id"], r["status"]) for r in rows(out)] == [("a", "ok"), ("b", "ok")]
