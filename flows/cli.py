@@ -45,6 +45,9 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.prefect_server import own_process_group
+
+    own_process_group()  # a terminal's Ctrl-C must reach vlmbatch alone, not Prefect's server
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -188,6 +191,10 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     images = f" over {plan.num_images} images" if plan.images is not None else " (text only)"
     typer.echo(f"{what}{plan.work_items} work items{images}; starting the annotate flow", err=True)
 
+    if not verbose:
+        from flows.quiet_stops import hide_expected_stops
+
+        hide_expected_stops()  # an expected stop gets its one error line below, not a traceback
     try:
         with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
             summary = asyncio.run(annotate(cfg))

@@ -120,6 +120,10 @@ def execute_backfill(
             return asyncio.run(submit(deployment, cfg, start, end, max_parallel, watch))
         from flows.backfill import BackfillIncomplete, backfill, exit_code
 
+        if not verbose:
+            from flows.quiet_stops import hide_expected_stops
+
+            hide_expected_stops(BackfillIncomplete)  # the table of partitions below says what happened
         try:
             outcomes = asyncio.run(
                 backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), max_parallel)

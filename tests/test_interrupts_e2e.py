@@ -34,13 +34,15 @@ def start(sub_env: dict[str, str]) -> Iterator[Callable[[list[object]], subproce
     """Start ``vlmbatch`` in a subprocess; whatever is still running at the end is killed."""
     procs: list[subprocess.Popen[str]] = []
 
-    def launch(args: list[object]) -> subprocess.Popen[str]:
+    def launch(args: list[object], group: bool = False) -> subprocess.Popen[str]:
+        """``group``: in a process group of its own, as a terminal's foreground job is."""
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", *map(str, args)],
             env=sub_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            process_group=0 if group else None,
         )
         procs.append(proc)
         return proc
@@ -154,6 +156,41 @@ def test_sigterm_stops_sending_writes_what_is_done_and_exits_143(
     assert len(kept) == stats["by_status"]["200"]  # every answer written, none failed
     assert all(r["status"] == "ok" for r in kept) and len(kept) < N
     finish_and_check(tmp_path, emulator, args, kept)
+
+
+def test_a_terminal_ctrl_c_to_the_whole_process_group_stops_gracefully_with_130(
+    tmp_path: Path, emulator: EmulatorServer, start: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """A terminal sends Ctrl-C to every process of the foreground job: Prefect's temporary server must
+    not be among them, or the run loses its API under it (it used to retry for minutes, then exit 1)."""
+    emulator.configure(latency=LATENCY)
+    args = run_args(tmp_path, emulator)
+    proc = start(args, group=True)
+    wait_for(lambda: emulator.stats()["requests_total"] >= 10, proc)
+    children = [pid for pid in _all_pids() if _parent(pid) == proc.pid]
+    assert children  # the temporary API server
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while any(_parent(pid) is not None for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_parent(pid) is not None for pid in children)  # the server stopped with the run
+    kept = rows(tmp_path / "out")
+    assert all(r["status"] == "ok" for r in kept) and len(kept) < N
+    finish_and_check(tmp_path, emulator, args, kept)
+
+
+def test_an_expected_stop_prints_one_error_line_not_a_traceback(
+    tmp_path: Path, start: Callable[..., subprocess.Popen[str]]
+) -> None:
+    images = images_manifest(tmp_path, {"a": ((20, 20), "red")})
+    proc = start(["run", images, "--out", tmp_path / "out", "--base-url", "http://127.0.0.1:9/v1"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "error: preflight: cannot reach the endpoint at http://127.0.0.1:9/v1/models" in err
+    assert "Traceback" not in err and "Encountered exception" not in err and "Finished in state" not in err
 
 
 def test_a_second_ctrl_c_stops_at_once_without_corrupt_files(

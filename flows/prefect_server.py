@@ -1,0 +1,47 @@
+"""Prefect's temporary API server, kept out of the way of the terminal's Ctrl-C.
+
+Without ``PREFECT_API_URL`` Prefect runs a flow against a temporary API server that it starts as a
+child process. Started as it is, the child shares the CLI's process group, so a Ctrl-C at the
+terminal, which goes to the whole foreground group, kills the server at the moment it asks vlmbatch
+to stop: the run can no longer record its end, retries the API for minutes, floods the terminal with
+tracebacks and exits 1. In a process group of its own the server hears only vlmbatch, which stops it
+once the run has written what it did (and a second Ctrl-C's hard stop terminates it:
+``tasks.stopping.hard_exit``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+
+class _OwnProcessGroup:
+    """The ``subprocess`` module as Prefect's server module sees it: ``Popen`` starts a new group."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        kwargs.setdefault("process_group", 0)
+        return subprocess.Popen(*args, **kwargs)
+
+
+def own_process_group() -> bool:
+    """Start Prefect's temporary server (if this process starts one) in a process group of its own;
+    whether that is arranged. Call before the first flow runs; nothing is done with a Prefect server
+    configured (``PREFECT_API_URL``), or with a Prefect whose server module looks different."""
+    from tasks.endpoint_limit import server_url
+
+    if server_url() is not None:
+        return False
+    try:
+        from prefect.server.api import server
+    except ImportError:
+        return False
+    if isinstance(server.subprocess, _OwnProcessGroup):
+        return True
+    if server.subprocess is not subprocess or not hasattr(server, "SubprocessASGIServer"):
+        return False
+    server.subprocess = _OwnProcessGroup()  # type: ignore[assignment]
+    return True
