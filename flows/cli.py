@@ -30,6 +30,7 @@ for _usage_error in {
 }:
     _usage_error.exit_code = EXIT_USAGE
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+DEMO_MARKER = "demo-output"  # in OUT's state directory: this OUT is the demo's to replace
 EXIT_CRASHED = 70  # EX_SOFTWARE: vlmbatch itself failed; what was written is kept
 
 app = typer.Typer(
@@ -224,10 +225,15 @@ def demo(
 ) -> None:
     """Run the whole pipeline on data/demo against the built-in endpoint emulator."""
     from emulator import EmulatorServer, EmulatorSettings
+    from tasks.outputs import STATE_DIR
 
+    marker = out / STATE_DIR / DEMO_MARKER  # left by a demo: its output may be replaced, nothing else
     if out.exists():
-        if any(p.suffix != ".parquet" for p in out.iterdir() if p.is_file()):
-            raise _fail(f"{out} exists and holds files that are not demo output; choose another --out")
+        if not out.is_dir() or (any(out.iterdir()) and not marker.is_file()):
+            raise _fail(
+                f"{out} exists and is not the output of an earlier demo, which is all the demo replaces; "
+                "choose another --out"
+            )
         shutil.rmtree(out)
     with EmulatorServer(EmulatorSettings(latency=latency, jitter=latency / 2)) as server:
         typer.echo(f"endpoint emulator (a stand-in for the model) on {server.base_url}")
@@ -239,6 +245,8 @@ def demo(
             "carry": ["title"],
         }
         code = execute(flags)
+    if (out / STATE_DIR).is_dir():
+        marker.write_text("written by `vlmbatch demo`, which replaces it on its next run\n")
     typer.echo(f"output: {out.resolve()}  (read it with pyarrow.dataset.dataset({str(out)!r}))")
     raise typer.Exit(code)
 

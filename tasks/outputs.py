@@ -17,6 +17,7 @@ rerun redoes it.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
 import secrets
@@ -48,6 +49,12 @@ def check_out_dir(out: str | Path) -> Path:
             raise UsageError(f"--out {path} exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UsageError(f"--out {path} is not writable")
+        if foreign := foreign_entries(path):
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UsageError(
+                f"--out {path} holds what is not vlmbatch output ({shown}): a Parquet reader of the "
+                "directory would take it for part of the output; choose a new or empty directory"
+            )
         return path
     parent = path.absolute().parent
     while not parent.exists():
@@ -57,6 +64,14 @@ def check_out_dir(out: str | Path) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--out {path} cannot be created: {parent} is not writable")
     return path
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Names in OUT that are not ours: anything but part files, the state directory and the hidden
+    files Parquet readers skip (names starting with "." or "_"), in name order."""
+    with os.scandir(out) as entries:
+        names = sorted(e.name for e in entries)
+    return [n for n in names if not n.startswith((".", "_")) and not fnmatch.fnmatchcase(n, PART_GLOB)]
 
 
 def prepare_out_dir(out: str | Path) -> Path:

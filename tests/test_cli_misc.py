@@ -52,3 +52,21 @@ def test_a_crash_inside_vlmbatch_exits_70_and_keeps_what_was_written(
     assert res.code == 70
     assert "error: vlmbatch crashed (RuntimeError: boom); the rows written so far are kept" in res.err
     assert [(r["image_id"], r["status"]) for r in rows(out)] == [("a", "ok"), ("b", "ok")]
+
+
+def test_demo_replaces_its_own_earlier_output_and_nothing_else(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "photos" / "a.jpg").write_bytes(b"jpeg")
+    (mine / "annotations.parquet").write_bytes(b"PAR1")
+    res = vlmbatch("demo", "--out", mine, "--latency", "0.01")
+    assert res.code == 1 and "is not the output of an earlier demo" in res.err
+    assert sorted(p.name for p in mine.rglob("*")) == ["a.jpg", "annotations.parquet", "photos"]
+
+    demo = tmp_path / "demo"
+    for _ in range(2):  # the second run replaces the first's output
+        assert vlmbatch("demo", "--out", demo, "--latency", "0.01").code == 0
+        assert len(rows(demo)) == 7
+    (demo / "_vlmbatch" / "demo-output").unlink()  # now an output like any other: kept
+    assert vlmbatch("demo", "--out", demo, "--latency", "0.01").code == 1
+    assert len(rows(demo)) == 7

@@ -200,3 +200,20 @@ def test_a_failed_periodic_write_is_logged_and_tried_again(
     asyncio.run(asyncio.wait_for(main(), timeout=10))
     assert sorted(r["image_id"] for r in read_output(out).to_pylist()) == ["a", "b"]  # b: the final flush
     assert "trying again in 0.02 s: [Errno 28] No space left on device" in caplog.text
+
+
+def test_an_out_holding_what_is_not_vlmbatch_output_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = store(out, "r")
+    s.add(0, row("a"))
+    s.finish(0)
+    (out / ".DS_Store").write_bytes(b"")  # hidden: Parquet readers skip it
+    check_out_dir(out)
+    for name in ("notes.txt", "other.parquet"):
+        (out / name).write_text("x")
+    (out / "images").mkdir()
+    with pytest.raises(UsageError) as err:
+        check_out_dir(out)
+    assert str(err.value).startswith(
+        f"--out {out} holds what is not vlmbatch output (images, notes.txt, other.parquet)"
+    )
