@@ -38,13 +38,29 @@ async def _models(client: EndpointClient, config: EndpointConfig) -> list[str]:
     try:
         content = await client.get_json("/models")
     except RequestFailure as failure:
-        if failure.error_type == "not_found":
-            return []  # a gateway without a model list: the first requests will tell
-        raise PreflightFailed(_describe(config, "/models", failure)) from None
+        if failure.error_type != "not_found":
+            raise PreflightFailed(_describe(config, "/models", failure)) from None
+        if await _answers_under_v1(client, config):
+            raise PreflightFailed(
+                f"{config.base_url}/models answered 404, and {config.base_url}/v1/models answers: "
+                f"the base URL lacks its /v1; use --base-url {config.base_url}/v1"
+            ) from None
+        return []  # a gateway without a model list: the first requests will tell
     data: Any = content.get("data") if isinstance(content, dict) else None
     if not isinstance(data, list):
         return []
     return [str(m.get("id")) for m in data if isinstance(m, dict) and m.get("id")]
+
+
+async def _answers_under_v1(client: EndpointClient, config: EndpointConfig) -> bool:
+    """Whether the model list is one ``/v1`` further down (the commonest base URL mistake)."""
+    if config.base_url.rstrip("/").endswith("/v1"):
+        return False
+    try:
+        await client.get_json("/v1/models")
+    except RequestFailure:
+        return False
+    return True
 
 
 async def _ready(client: EndpointClient, config: EndpointConfig) -> None:

@@ -249,6 +249,11 @@ def test_preflight_wrong_model_or_unreachable_endpoint_exit_3_before_sending(
     res = vlmbatch("run", images, "--out", tmp_path / "o2", "--base-url", "http://127.0.0.1:9/v1")
     assert res.code == 3
     assert "cannot reach the endpoint at http://127.0.0.1:9/v1/models" in res.err
+    root = emulator.base_url.removesuffix("/v1")  # the commonest mistake: the base URL without /v1
+    res = vlmbatch("run", images, "--out", tmp_path / "o3", "--base-url", root)
+    assert res.code == 3
+    assert f"the base URL lacks its /v1; use --base-url {root}/v1" in res.err
+    assert emulator.stats()["requests_total"] == 0 and not (tmp_path / "o3").exists()
 
 
 def test_without_preflight_the_requests_tell_the_same(tmp_path: Path, emulator: EmulatorServer) -> None:
