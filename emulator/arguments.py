@@ -19,7 +19,7 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def build_parser(prog: str = "python -m emulator") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m emulator", port: int = DEFAULTS.port) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="OpenAI-compatible stand-in for a vLLM / NIM server: deterministic answers, faults.",
@@ -27,7 +27,7 @@ def build_parser(prog: str = "python -m emulator") -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--host", default=DEFAULTS.host)
-    add("--port", type=int, default=DEFAULTS.port, help="0: any free port")
+    add("--port", type=int, default=port, help="0: any free port")
     add("--model", dest="models", action="append", help=f"served model, repeatable ({DEFAULTS.models[0]})")
     add("--max-model-len", type=int, default=DEFAULTS.max_model_len)
     add("--api-key", default=DEFAULTS.api_key, help="require 'Authorization: Bearer KEY' on /v1")
@@ -77,10 +77,11 @@ def build_parser(prog: str = "python -m emulator") -> argparse.ArgumentParser:
 
 
 def settings_from_args(
-    argv: Sequence[str] | None = None, prog: str = "python -m emulator"
+    argv: Sequence[str] | None = None, prog: str = "python -m emulator", port: int = DEFAULTS.port
 ) -> EmulatorSettings:
-    """Parse ``argv`` into settings; exits with a usage error when a value is invalid."""
-    parser = build_parser(prog)
+    """Parse ``argv`` into settings (``port``: the default port); exits with a usage error when a value
+    is invalid."""
+    parser = build_parser(prog, port)
     values: dict[str, Any] = vars(parser.parse_args(argv))
     if not values["models"]:
         values["models"] = DEFAULTS.models

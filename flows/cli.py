@@ -87,10 +87,14 @@ def run(
         bool | None, Opt("--stream", help="Stream Chat Completions answers (gateways with timeouts).")
     ] = None,
     reasoning_effort: Annotated[
-        str | None, Opt(help="low|medium|high: reasoning.effort with --api responses.")
+        str | None, Opt(help="low|medium|high: reasoning.effort with --api responses.  [default: medium]")
     ] = None,
     structured_output: Annotated[
-        str | None, Opt(help="openai (response_format) or vllm (structured_outputs) for json_schema prompts.")
+        str | None,
+        Opt(
+            help="openai (response_format) or vllm (structured_outputs) for json_schema prompts."
+            "  [default: openai]"
+        ),
     ] = None,
     concurrency: Annotated[
         str | None, Opt(help="Requests in flight, or auto: find the endpoint's limit (AIMD).  [default: 32]")
@@ -148,15 +152,21 @@ def run(
     image_root: Annotated[
         str | None, Opt(help="Local image paths must resolve inside it.  [default: the manifest's folder]")
     ] = None,
-    image_urls: Annotated[str | None, Opt(help="fetch|pass: how http(s) images reach the server.")] = None,
+    image_urls: Annotated[
+        str | None, Opt(help="fetch|pass: how http(s) images reach the server.  [default: fetch]")
+    ] = None,
     allow_private_urls: Annotated[
         bool | None, Opt("--allow-private-urls", help="Let fetched URLs reach loopback/private addresses.")
     ] = None,
     id_column: Annotated[str | None, Opt(help="Images-manifest id column.  [default: image_id]")] = None,
     image_column: Annotated[str | None, Opt(help="Images-manifest image column.  [default: image]")] = None,
     jpeg_quality: Annotated[int | None, Opt(help="Quality of re-encoded JPEGs.  [default: 90]")] = None,
-    max_image_bytes: Annotated[int | None, Opt(help="Larger image files fail as bad_image.")] = None,
-    max_image_pixels: Annotated[int | None, Opt(help="Larger decoded images fail as bad_image.")] = None,
+    max_image_bytes: Annotated[
+        int | None, Opt(help="Larger image files fail as bad_image.  [default: 67108864 (64 MiB)]")
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None, Opt(help="Larger decoded images fail as bad_image.  [default: 150000000]")
+    ] = None,
     verbose: Annotated[
         bool, Opt("--verbose", "-v", help="Show Prefect's logs (one line per shard).")
     ] = False,

@@ -16,7 +16,5 @@ def register(app: typer.Typer) -> None:
     def emulate(ctx: typer.Context) -> None:
         from emulator import serve, settings_from_args
 
-        args = list(ctx.args)
-        if not any(a == "--port" or a.startswith("--port=") for a in args):
-            args += ["--port", str(DEFAULT_PORT)]  # where `vlmbatch run` looks by default
-        serve(settings_from_args(args, prog="vlmbatch emulate"))
+        # by default on the port `vlmbatch run` looks at
+        serve(settings_from_args(list(ctx.args), prog="vlmbatch emulate", port=DEFAULT_PORT))

@@ -20,6 +20,7 @@ def test_emulate_runs_the_emulator_under_its_own_name() -> None:
     res = subprocess.run([VLMBATCH, "emulate", "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.startswith("usage: vlmbatch emulate")
     assert "--fault-rate" in res.stdout and "--reject-over-capacity" in res.stdout
+    assert "0: any free port (default: 8000)" in res.stdout  # where `vlmbatch run` looks by default
     proc = subprocess.Popen(
         [VLMBATCH, "emulate", "--port", "0", "--latency", "0"], stdout=subprocess.PIPE, text=True
     )
@@ -70,3 +71,28 @@ def test_demo_replaces_its_own_earlier_output_and_nothing_else(tmp_path: Path) -
     (demo / "_vlmbatch" / "demo-output").unlink()  # now an output like any other: kept
     assert vlmbatch("demo", "--out", demo, "--latency", "0.01").code == 1
     assert len(rows(demo)) == 7
+
+
+def test_run_help_shows_every_default_as_the_config_has_it() -> None:
+    """Defaults written in the help by hand: each option with one shows it, and it is the real one."""
+    import re
+
+    from tasks.config import SECTIONS, flag_name
+
+    res = vlmbatch("run", "--help", env={"COLUMNS": "1000"})
+    text = re.sub(r"\s+", " ", res.out)
+    checked = 0
+    for model in SECTIONS.values():
+        for name, field in model.model_fields.items():
+            if field.default is None or isinstance(field.default, bool):
+                continue
+            flag = flag_name(name)
+            found = re.search(re.escape(flag) + r" <[^>]+> [^\[]*?\[default: ([^\]\s]+)", text)
+            assert found, f"{flag}: no [default: ...] in run --help"
+            shown, default = found.group(1), field.default
+            expected = (
+                str(int(default)) if isinstance(default, float) and default.is_integer() else str(default)
+            )
+            assert shown == expected, f"{flag}: help says {shown}, the config {default!r}"
+            checked += 1
+    assert checked >= 20
