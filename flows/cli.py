@@ -294,6 +294,9 @@ def export(
     prompts: Annotated[
         Path | None, typer.Option(help="The prompts manifest the output was made with (for --json-columns).")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace FILE even when it is not an earlier export.")
+    ] = False,
 ) -> None:
     """OUT as one Parquet file, optionally with typed JSON columns (for an OUT written without them)."""
     from tasks.errors import UsageError
@@ -302,7 +305,7 @@ def export(
 
     try:
         schemas = read_prompts_manifest(prompts) if prompts is not None else None
-        written = export_output(out, dest, json_columns=json_columns, prompts=schemas)
+        written = export_output(out, dest, json_columns=json_columns, prompts=schemas, force=force)
     except UsageError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"wrote {written} rows to {dest}")

@@ -28,10 +28,16 @@ from tasks.outputs import part_files
 
 
 def export_output(
-    out: Path, dest: Path, *, json_columns: bool = False, prompts: Sequence[Prompt] | None = None
+    out: Path,
+    dest: Path,
+    *,
+    json_columns: bool = False,
+    prompts: Sequence[Prompt] | None = None,
+    force: bool = False,
 ) -> int:
-    """Write OUT's rows to ``dest`` (one Parquet file); returns the number of rows written."""
-    files = _check(out, dest)
+    """Write OUT's rows to ``dest`` (one Parquet file); returns the number of rows written. An existing
+    ``dest`` is replaced only when it is an earlier export, or with ``force``."""
+    files = _check(out, dest, force)
     schema = ds.dataset(files, format="parquet").schema
     fields: list[pa.Field] = []
     if json_columns:
@@ -136,7 +142,7 @@ def _value_type(value: Any) -> pa.DataType | None:
     return pa.string()  # objects and mixed arrays: their JSON text
 
 
-def _check(out: Path, dest: Path) -> list[Path]:
+def _check(out: Path, dest: Path, force: bool) -> list[Path]:
     if not out.is_dir():
         raise UsageError(f"{out} is not a directory")
     files = part_files(out)
@@ -150,4 +156,18 @@ def _check(out: Path, dest: Path) -> list[Path]:
         raise UsageError(f"{dest} is a directory; give a file name such as {dest / 'annotations.parquet'}")
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent} does not exist")
+    if dest.exists() and not force and not _is_export(dest):
+        raise UsageError(
+            f"{dest} exists and is not an earlier export (which is all export replaces); "
+            "choose another file, or --force to replace it"
+        )
     return files
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file with the output's columns (an earlier export)."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
+        return False
+    return {"image_id", "prompt_id", "status", "request_key"} <= set(names)

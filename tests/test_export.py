@@ -115,3 +115,21 @@ def test_export_refuses_bad_destinations(tmp_path: Path, plain_and_typed: tuple[
     assert res.code == 1 and "is not a directory" in res.err
     res = vlmbatch("export", plain, tmp_path / "missing" / "x.parquet")
     assert res.code == 1 and "does not exist" in res.err
+
+
+def test_export_replaces_an_earlier_export_but_not_another_file(
+    tmp_path: Path, plain_and_typed: tuple[Path, Path, Path]
+) -> None:
+    plain, _, _ = plain_and_typed
+    dest = tmp_path / "annotations.parquet"
+    assert vlmbatch("export", plain, dest).code == 0
+    assert vlmbatch("export", plain, dest).code == 0  # re-exported: an earlier export is replaced
+    manifest = write_parquet(tmp_path / "images.parquet", {"image_id": ["a"], "image": ["a.jpg"]})
+    res = vlmbatch("export", plain, manifest)
+    assert res.code == 1 and "exists and is not an earlier export" in res.err
+    assert pq.read_table(manifest).column_names == ["image_id", "image"]  # untouched
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert vlmbatch("export", plain, notes).code == 1 and notes.read_text() == "mine"
+    assert vlmbatch("export", plain, manifest, "--force").code == 0
+    assert "status" in pq.read_table(manifest).column_names
