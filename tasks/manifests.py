@@ -47,22 +47,28 @@ DEFAULT_PROMPT = Prompt(
 )
 
 
-def parquet_files(path: Path, what: str) -> list[Path]:
-    """The Parquet files of a manifest: the file itself, or every file below a directory.
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
-    Like pyarrow.dataset, names starting with ``.`` or ``_`` are skipped.
+
+def parquet_files(path: Path, what: str) -> list[Path]:
+    """The Parquet files of a manifest: the file itself, or every ``*.parquet`` file below a directory.
+
+    Like pyarrow.dataset, names starting with ``.`` or ``_`` are skipped; other files (the images
+    themselves, a README) are not part of the manifest.
     """
     if not path.exists():
         raise ManifestError(f"{what} manifest {path} does not exist")
     if path.is_file():
         return [path]
-    files = sorted(
+    below = sorted(
         p
         for p in path.rglob("*")
         if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
     )
+    files = [p for p in below if p.suffix.lower() in PARQUET_SUFFIXES]
     if not files:
-        raise ManifestError(f"{what} manifest directory {path} holds no Parquet files")
+        others = f" (only {len(below)} other files, such as {below[0].relative_to(path)})" if below else ""
+        raise ManifestError(f"{what} manifest directory {path} holds no Parquet files (*.parquet){others}")
     return files
 
 

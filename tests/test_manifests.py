@@ -89,6 +89,23 @@ def test_duplicates_across_files_and_not_parquet(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ManifestError, match="holds no Parquet files"):
         read_images_manifest(tmp_path / "empty")
+    (tmp_path / "empty" / "a.jpg").write_bytes(b"jpeg")
+    with pytest.raises(
+        ManifestError, match=r"holds no Parquet files \(\*.parquet\) \(only 1 other files, such as a.jpg\)"
+    ):
+        read_images_manifest(tmp_path / "empty")
+
+
+def test_a_directory_manifest_is_its_parquet_files_the_images_beside_them_ignored(tmp_path: Path) -> None:
+    d = tmp_path / "manifests"
+    write_parquet(d / "part-0.parquet", {"image_id": ["a"], "image": ["images/a.jpg"]})
+    write_parquet(d / "more" / "part-1.PQ", {"image_id": ["b"], "image": ["images/b.jpg"]})
+    (d / "images").mkdir()
+    (d / "images" / "a.jpg").write_bytes(b"jpeg")
+    (d / "README.md").write_text("what these are")
+    manifest = read_images_manifest(d)
+    assert sorted(p.name for p in manifest.files) == ["part-0.parquet", "part-1.PQ"]
+    assert manifest.num_rows == 2
 
 
 def test_hugging_face_struct_column_is_accepted(tmp_path: Path) -> None:
