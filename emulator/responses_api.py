@@ -1,8 +1,9 @@
 """The Responses API (``POST /v1/responses``, vLLM's): its request turned into a chat request, its body.
 
 Request: ``model``; ``input``, a string or a list of items: messages (``{"role", "content"}``, with or
-without ``"type": "message"``; content a string or ``input_text``/``input_image``/``output_text``
-parts, ``input_image`` carrying ``image_url`` as a URL or data URL string), ``reasoning`` items from
+without ``"type": "message"``; content a string or ``input_text``/``input_image`` parts, ``input_image``
+carrying ``image_url`` as a URL or data URL string and a required ``detail``; ``output_text`` parts only
+in an output message item given back, with its ``id`` and ``status``), ``reasoning`` items from
 earlier turns (skipped); ``instructions`` (a system message first); ``max_output_tokens``;
 ``reasoning: {"effort": "low"|"medium"|"high"}`` (turns thinking on; the effort sets how long the
 reasoning is); ``text: {"format": {"type": "json_schema", "name", "schema", "strict"}}`` or
@@ -32,6 +33,8 @@ from emulator.validation import ChatRequest, validate_chat
 
 EFFORTS = ("low", "medium", "high")
 TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+OUTPUT_PARTS = frozenset({"output_text", "refusal"})  # only inside an output message item, as vLLM checks
+DETAILS = ("low", "high", "auto")  # input_image.detail is required by the types vLLM validates with
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
@@ -122,13 +125,21 @@ def _input_messages(value: Any) -> list[dict[str, Any]]:
         role = ROLES.get(role, role) if isinstance(role, str) else role
         content = item.get("content")
         if isinstance(content, list):
-            content = [_part(part) for part in content]
+            output_item = "id" in item and "status" in item  # a ResponseOutputMessage given back
+            content = [_part(part, output_item) for part in content]
         messages.append({"role": role, "content": content})
     return messages
 
 
-def _part(part: Any) -> dict[str, Any]:
+def _part(part: Any, output_item: bool) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
+    if kind in OUTPUT_PARTS and not output_item:
+        raise ApiError(
+            400,
+            f"1 validation error for ResponsesRequest: input: a {kind} part belongs to an output message "
+            "item (with `id`, `status` and `type`); give an earlier assistant turn as string content",
+            param="input",
+        )
     if kind in TEXT_PARTS and isinstance(part, dict):
         text = part.get("text", part.get("refusal"))
         if not isinstance(text, str):
@@ -138,6 +149,13 @@ def _part(part: Any) -> dict[str, Any]:
         url = part.get("image_url")
         if not isinstance(url, str) or not url:
             raise ApiError(400, "An input_image part needs `image_url` (a URL or data URL).", param="input")
+        if part.get("detail") not in DETAILS:
+            raise ApiError(
+                400,
+                "1 validation error for ResponsesRequest: input: input_image.detail: Field required "
+                "(one of low, high, auto)",
+                param="input",
+            )
         return {"type": "image_url", "image_url": {"url": url}}
     raise ApiError(400, f"Unknown content part type: {kind}", param="input")
 

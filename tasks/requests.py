@@ -122,11 +122,14 @@ def _responses_body(
     prompt: Prompt, image_url: Images, config: RunConfig, history: History = ()
 ) -> dict[str, Any]:
     gen = config.generation
-    content: list[dict[str, Any]] = [{"type": "input_image", "image_url": u} for u in _images(image_url)]
+    # detail: required by the types vLLM validates Responses input with (openai's ResponseInputImageParam)
+    content: list[dict[str, Any]] = [
+        {"type": "input_image", "image_url": u, "detail": "auto"} for u in _images(image_url)
+    ]
     content.append({"type": "input_text", "text": _first_prompt(prompt, history).prompt})
     items: list[dict[str, Any]] = [{"role": "user", "content": content}]
     for answer, text in _later_turns(prompt, history):
-        items.append({"role": "assistant", "content": [{"type": "output_text", "text": answer}]})
+        items.append({"role": "assistant", "content": answer})  # output_text parts need an output item's id
         items.append({"role": "user", "content": [{"type": "input_text", "text": text}]})
     body: dict[str, Any] = {
         "model": config.endpoint.model,
@@ -238,7 +241,7 @@ def repair_request(request: Request, answer: str | None, error: str) -> Request:
     if request.api == "responses":
         body["input"] = [
             *body["input"],
-            {"role": "assistant", "content": [{"type": "output_text", "text": answer or ""}]},
+            {"role": "assistant", "content": answer or ""},
             {"role": "user", "content": [{"type": "input_text", "text": feedback}]},
         ]
     else:

@@ -434,7 +434,7 @@ def test_responses_images_instructions_and_reasoning_effort(server: EmulatorServ
                     "role": "user",
                     "content": [
                         {"type": "input_text", "text": "What is it?"},
-                        {"type": "input_image", "image_url": ORANGE},
+                        {"type": "input_image", "image_url": ORANGE, "detail": "auto"},
                     ],
                 }
             ],
@@ -462,7 +462,7 @@ def test_responses_json_format_and_incomplete(server: EmulatorServer) -> None:
             {
                 "role": "user",
                 "content": [
-                    {"type": "input_image", "image_url": ORANGE},
+                    {"type": "input_image", "image_url": ORANGE, "detail": "auto"},
                     {"type": "input_text", "text": "Describe."},
                 ],
             }
@@ -487,12 +487,14 @@ def test_responses_multi_turn_and_sdk(server: EmulatorServer) -> None:
                 "role": "user",
                 "content": [
                     {"type": "input_text", "text": "Look."},
-                    {"type": "input_image", "image_url": ORANGE},
+                    {"type": "input_image", "image_url": ORANGE, "detail": "auto"},
                 ],
             },
             {"type": "reasoning", "id": "rs_1", "summary": []},
             {
                 "type": "message",
+                "id": "msg_1",
+                "status": "completed",
                 "role": "assistant",
                 "content": [{"type": "output_text", "text": "An orange thing."}],
             },
@@ -520,6 +522,24 @@ RESPONSES_ERRORS: list[tuple[str, dict[str, Any], int, str]] = [
         400,
         "image_url",
     ),
+    (
+        "image without detail",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": ORANGE}]}]},
+        400,
+        "input_image.detail: Field required",
+    ),
+    (
+        "output_text in an input message",
+        {
+            "input": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "b"}]},
+                {"role": "user", "content": "c"},
+            ]
+        },
+        400,
+        "belongs to an output message item",
+    ),
     ("effort", {"input": "x", "reasoning": {"effort": "max"}}, 400, "effort"),
     ("budget", {"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
     ("previous response", {"input": "x", "previous_response_id": "resp_1"}, 404, "not found"),
@@ -542,7 +562,11 @@ RESPONSES_ERRORS: list[tuple[str, dict[str, Any], int, str]] = [
                 {
                     "role": "user",
                     "content": [
-                        {"type": "input_image", "image_url": data_url(encode((8 + i, 8), (i, 0, 0)))}
+                        {
+                            "type": "input_image",
+                            "image_url": data_url(encode((8 + i, 8), (i, 0, 0))),
+                            "detail": "low",
+                        }
                         for i in range(5)
                     ],
                 }

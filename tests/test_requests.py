@@ -72,7 +72,7 @@ def test_responses_body_stream_and_repair() -> None:
         {
             "role": "user",
             "content": [
-                {"type": "input_image", "image_url": "data:x"},
+                {"type": "input_image", "image_url": "data:x", "detail": "auto"},
                 {"type": "input_text", "text": "Count."},
             ],
         }
