@@ -42,6 +42,7 @@ ERROR_TYPES: dict[str, str] = {
     "invalid_response": "the endpoint's answer could not be parsed until retries ran out",
     "invalid_json": "structured output did not parse or validate against the prompt's schema",
     "parent_failed": "the prompt's parent prompt failed for this image, so it was not sent",
+    "no_answer": "the model answered with no text, e.g. its output budget went to reasoning",
     "internal_error": "vlmbatch itself failed on this item (a bug; the log has the traceback)",
 }
 

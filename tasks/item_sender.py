@@ -56,6 +56,8 @@ class ItemSender:
         try:
             answer = await self._send(row, request, row_id(row))
             _fill(row, answer)
+            if answer.text is None:  # an ok row always has its answer (CONTRACT: text null only when failed)
+                raise ItemFailure("no_answer", _no_answer(answer), http_status=answer.http_status)
             if json_schema is not None:
                 row.json = await self._valid_json(row, request, answer, json_schema)
         except _Dropped:
@@ -119,6 +121,17 @@ class ItemSender:
 
 def row_id(row: ResultRow) -> str:
     return item_id(row.image_id, row.prompt_id)
+
+
+def _no_answer(answer: Answer) -> str:
+    if answer.finish_reason == "length":
+        spent = f"{answer.completion_tokens} tokens" if answer.completion_tokens is not None else "all of it"
+        on = ", on reasoning" if answer.reasoning else ""
+        return (
+            f"the model gave no answer text: the output budget ran out ({spent}{on}); "
+            "raise --max-tokens or the prompt's max_tokens"
+        )
+    return f"the model gave no answer text (finish_reason {answer.finish_reason!r})"
 
 
 def _fill(row: ResultRow, answer: Answer) -> None:

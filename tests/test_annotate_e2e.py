@@ -414,6 +414,22 @@ def test_a_length_cut_answer_is_an_ok_row_and_counted(tmp_path: Path, emulator: 
     assert "length: 2" in res.out
 
 
+def test_no_answer_text_is_a_failed_row_not_an_ok_one(tmp_path: Path, emulator: EmulatorServer) -> None:
+    """With reasoning on, a small budget can go entirely to the reasoning: no text, so not ok."""
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    base = ["run", images, "--base-url", emulator.base_url, "--reasoning", "--max-tokens", 3]
+    res = vlmbatch(*base, "--out", tmp_path / "out")
+    assert res.code == 2, res.err
+    (row,) = rows(tmp_path / "out")
+    assert (row["status"], row["error_type"], row["text"]) == ("failed", "no_answer", None)
+    assert row["error_message"] == (
+        "the model gave no answer text: the output budget ran out (3 tokens, on reasoning); "
+        "raise --max-tokens or the prompt's max_tokens"
+    )
+    assert (row["finish_reason"], row["completion_tokens"], row["attempts"]) == ("length", 3, 1)
+    assert emulator.stats()["requests_total"] == 1  # not retried: the same budget gives the same answer
+
+
 def test_api_key_from_a_prefect_secret_block_stays_out_of_parameters(tmp_path: Path) -> None:
     import asyncio
 
