@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,13 +59,25 @@ class _Outcome:
             )
 
 
+_ATTEMPT_ID = re.compile(r"(\w+)-[0-9a-f]{8}-\d+")  # vlmbatch's X-Request-Id: item-run-attempt
+
+
+def work_item(request_id: str | None) -> str | None:
+    """The work item an X-Request-Id names: vlmbatch's ``<item>-<run>-<attempt>`` counts as its item,
+    so attempts are numbered per item (faults are drawn per item and attempt); any other id as is."""
+    if request_id is None:
+        return None
+    found = _ATTEMPT_ID.fullmatch(request_id)
+    return found.group(1) if found else request_id
+
+
 async def handle(request: web.Request, api: Api) -> web.StreamResponse:
     state = request.app[STATE]
     settings = state.settings
     timeout = settings.gateway_timeout
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     raw = await request.read()
-    item = request.headers.get("X-Request-Id") or hashlib.sha256(raw).hexdigest()
+    item = work_item(request.headers.get("X-Request-Id")) or hashlib.sha256(raw).hexdigest()
     outcome = _Outcome(state, item, api.route, state.stats.now())
     attempt = state.stats.arrive(item, api.route)
     try:

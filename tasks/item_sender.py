@@ -9,6 +9,7 @@ detector, which stops the run when the endpoint stays unusable.
 from __future__ import annotations
 
 import logging
+import secrets
 
 from tasks.answers import Answer
 from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, RateLimiter
@@ -43,6 +44,7 @@ class ItemSender:
             endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
         )
         self.rate = RateLimiter(endpoint.rpm, endpoint.tpm)
+        self.nonce = secrets.token_hex(4)  # this run's part of every X-Request-Id
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -90,7 +92,10 @@ class ItemSender:
                     row.attempts -= 1
                     raise _Dropped
                 try:
-                    answer = await client.send(request, request_id=rid)
+                    # unique per attempt and run: vLLM takes X-Request-Id as its engine request id,
+                    # and refuses one that is still running (a timed-out attempt may still be)
+                    request_id = f"{rid}-{self.nonce}-{row.attempts}"
+                    answer = await client.send(request, request_id=request_id)
                 except RequestFailure as failure:
                     row.http_status = failure.http_status
                     slot.overloaded = failure.http_status in OVERLOAD_STATUS

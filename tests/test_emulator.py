@@ -515,16 +515,16 @@ def test_concurrency_cap_queues_requests(make_server: Callable[..., EmulatorServ
 
 def test_stats_count_per_item(server: EmulatorServer) -> None:
     body = chat_body("no id")
-    for item in ("a", "a", "b"):
+    for item in ("a", "a", "b", "c0ffee-0a1b2c3d-1", "c0ffee-9f8e7d6c-2"):  # the last two: vlmbatch's form
         chat(server, body, headers={"X-Request-Id": item})
     chat(server, body)
     chat(server, body)  # no header: the body's hash is the work item
     stats = control(server, "stats").json()
     body_id = hashlib.sha256(json.dumps(body).encode()).hexdigest()
-    assert stats["per_item"] == {"a": 2, "b": 1, body_id: 2}
-    assert stats["requests_total"] == 5 and stats["by_status"] == {"200": 5}
+    assert stats["per_item"] == {"a": 2, "b": 1, "c0ffee": 2, body_id: 2}
+    assert stats["requests_total"] == 7 and stats["by_status"] == {"200": 7}
     assert stats["in_flight"] == 0 and stats["max_in_flight"] >= 1
-    assert [entry["item"] for entry in stats["log"]] == ["a", "a", "b", body_id, body_id]
+    assert [entry["item"] for entry in stats["log"]] == ["a", "a", "b", "c0ffee", "c0ffee", body_id, body_id]
     assert all(entry["fault"] is None and entry["t"] >= 0 for entry in stats["log"])
 
 

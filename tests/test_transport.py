@@ -16,12 +16,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from tasks.config import EndpointConfig
+from tasks.config import EndpointConfig, RunConfig
 from tasks.endpoint import MAX_MESSAGE, EndpointClient, redact
 from tasks.errors import RequestFailure
 from tasks.http_transport import decode_error_body, lines
+from tasks.item_sender import ItemSender
 from tasks.json_body import SPLICE_MIN, DataUrl, encode_json
 from tasks.requests import Request
+from tasks.results import ResultRow
+from tasks.retry import RetryPolicy
+from tasks.stopping import StopSwitch
+from tasks.work_items import item_id
 
 KEY = "sk-transport-secret-123"
 CHAT_OK = {
@@ -494,3 +499,35 @@ def test_codecs() -> None:
     assert decode_error_body(b'{"error": "x"}') == {"error": "x"}
     assert decode_error_body(b"plain") == "plain"
     assert decode_error_body(b"  ") is None
+
+
+def test_each_attempt_has_its_own_request_id_naming_its_item() -> None:
+    """vLLM takes X-Request-Id as the engine's request id and refuses one still running: a retry (or
+    another run) must not reuse it. The item stays readable in front, for the server's logs."""
+    calls = []
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        calls.append(request.headers["X-Request-Id"])
+        if len(calls) == 1:
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        return web.json_response(CHAT_OK)
+
+    async def test(base_url: str, _: Recorder) -> None:
+        run = RunConfig(out="o", endpoint={"base_url": base_url, "model": "m"})
+        senders = [
+            ItemSender(run, StopSwitch(), RetryPolicy(max_retries=2, sleep=no_sleep), None) for _ in "ab"
+        ]
+        for sender in senders:
+            row = ResultRow("img1", "cap", "caption", "ok")
+            assert await sender.fill(row, chat_request(), None) and row.status == "ok"
+            await sender.aclose()
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    run_with_server({"/v1/chat/completions": flaky}, test)
+    first, second, other_run = calls
+    item = item_id("img1", "cap")
+    assert [c.rsplit("-", 2)[0] for c in calls] == [item] * 3
+    assert (first[-2:], second[-2:], other_run[-2:]) == ("-1", "-2", "-1")
+    assert len(set(calls)) == 3  # attempts differ, and so do two runs' first attempts
