@@ -20,7 +20,7 @@ READ_BATCH_ROWS = 256  # manifest rows per read: small, since the image column m
 
 
 def item_id(image_id: str | None, prompt_id: str) -> str:
-    """A short stable id of a work item, sent as X-Request-Id (the same on every retry)."""
+    """A short stable id of a work item: the front of its X-Request-Id (tasks/item_sender.py)."""
     return hashlib.sha256(f"{image_id or ''}\x1f{prompt_id}".encode()).hexdigest()[:24]
 
 
