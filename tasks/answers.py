@@ -157,15 +157,13 @@ class StreamAggregator:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] = {}
         self.model: str | None = None
-        self.done = False
 
     def feed(self, line: str) -> None:
         if not line.startswith("data:"):
             return  # blank separators, comments, "event:" lines
         payload = line[5:].strip()
         if payload == "[DONE]":
-            self.done = True
-            return
+            return  # the end; complete only if a chunk had a finish_reason
         try:
             chunk = json.loads(payload)
         except ValueError as exc:
@@ -195,7 +193,7 @@ class StreamAggregator:
             self.finish_reason = _label(choice.get("finish_reason")) or self.finish_reason
 
     def answer(self, *, status: int, latency_ms: float) -> Answer:
-        if not self.done and self.finish_reason is None:
+        if self.finish_reason is None:  # [DONE] or not: without a finish_reason the answer may be cut
             raise RequestFailure(
                 "invalid_response", "the stream ended before it was complete", http_status=status
             )

@@ -277,6 +277,12 @@ def test_responses_answers_and_streams_parse() -> None:
     assert err.value.error_type == "server_error" and err.value.retryable
     with pytest.raises(RequestFailure, match="ended before it was complete"):
         broken.answer(status=200, latency_ms=1)
+    done_early = StreamAggregator()  # [DONE] after part of the answer, no finish_reason: cut, not ok
+    for line in ['data: {"choices": [{"delta": {"content": "Hel"}}]}', "data: [DONE]"]:
+        done_early.feed(line)
+    with pytest.raises(RequestFailure) as err:
+        done_early.answer(status=200, latency_ms=1)
+    assert err.value.error_type == "invalid_response" and err.value.retryable
 
 
 def test_json_nested_beyond_reading_is_an_invalid_json_failure() -> None:
