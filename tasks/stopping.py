@@ -53,7 +53,8 @@ def signals_stop(switch: StopSwitch, on_second: Callable[[int], None]) -> Iterat
     """
     loop = asyncio.get_running_loop()
     watchers = _watching.get(loop)
-    if watchers is None and _install(loop):
+    # installed on every entry: a flow run's start puts Prefect's own SIGTERM handler in place
+    if _install(loop) and watchers is None:
         watchers = _watching[loop] = []
     if watchers is not None:
         watchers.append((switch, on_second))

@@ -193,6 +193,27 @@ def test_an_expected_stop_prints_one_error_line_not_a_traceback(
     assert "Traceback" not in err and "Encountered exception" not in err and "Finished in state" not in err
 
 
+def test_sigterm_stops_a_backfill_with_partitions_running_side_by_side(
+    tmp_path: Path, emulator: EmulatorServer, start: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """Each partition's flow run puts Prefect's own SIGTERM handler in place as it starts: vlmbatch's
+    must be back in place for every running partition, or SIGTERM crashes the backfill (exit 1)."""
+    emulator.configure(latency=LATENCY)
+    for day in ("2024-05-01", "2024-05-02"):
+        images_manifest(
+            tmp_path / f"date={day}", {f"{day}-{k:03d}": ((10 + k, 10), "red") for k in range(60)}
+        )
+    args: list[object] = ["backfill", tmp_path / "date={date}" / "images.parquet"]
+    args += ["--out", tmp_path / "out" / "date={date}", "--start", "2024-05-01", "--end", "2024-05-02"]
+    args += ["--max-parallel", 2, "--base-url", emulator.base_url, "--concurrency", CONCURRENCY]
+    proc = start(args)
+    wait_for(lambda: emulator.stats()["max_in_flight"] > CONCURRENCY, proc)  # both partitions sending
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert out.count("interrupted") >= 2 and "Traceback" not in err
+
+
 def test_a_second_ctrl_c_stops_at_once_without_corrupt_files(
     tmp_path: Path, emulator: EmulatorServer, start: Callable[..., subprocess.Popen[str]]
 ) -> None:

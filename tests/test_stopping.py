@@ -54,3 +54,21 @@ def test_a_second_signal_reaches_on_second_with_its_exit_code() -> None:
 
     assert asyncio.run(main()).reason == "SIGINT"
     assert seconds == [130]
+
+
+def test_a_handler_put_in_place_by_someone_else_is_replaced_when_the_next_run_starts() -> None:
+    """Prefect's engine installs its own SIGTERM handler when a flow run starts: a backfill's second
+    partition starting must not leave the first (or itself) deaf to SIGTERM."""
+    prefects: list[int] = []
+
+    async def main() -> tuple[StopSwitch, StopSwitch]:
+        a, b = StopSwitch(), StopSwitch()
+        with signals_stop(a, lambda code: None):
+            signal.signal(signal.SIGTERM, lambda sig, frame: prefects.append(sig))  # a child flow starts
+            with signals_stop(b, lambda code: None):
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.wait_for(asyncio.gather(a._event.wait(), b._event.wait()), timeout=5)
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert (a.reason, b.reason, prefects) == ("SIGTERM", "SIGTERM", [])
