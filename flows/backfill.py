@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
@@ -26,7 +26,9 @@ from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, UsageErr
 from tasks.partitions import Partition, select_partitions
 from tasks.summary import RunSummary
 
-Outcome = Literal["ok", "failed rows", "skipped", "missing input", "error", "interrupted", "not started"]
+Outcome = Literal[
+    "ok", "failed rows", "skipped", "dry run", "missing input", "error", "interrupted", "not started"
+]
 
 
 class PartitionOutcome(BaseModel):
@@ -49,14 +51,29 @@ class BackfillIncomplete(Exception):
         self.outcomes = outcomes
 
 
-def outcome_of(partition: Partition, summary: RunSummary) -> PartitionOutcome:
-    counts = {
+def counts_of(partition: Partition, summary: object) -> dict[str, Any]:
+    """The row counts of a partition's summary (a run stopped early has one too), for its outcome."""
+    if not isinstance(summary, RunSummary):
+        return {"out": partition.config.out}
+    return {
         "work_items": summary.work_items,
         "ok": summary.ok,
         "failed": summary.failed,
         "skipped": summary.skipped,
         "out": partition.config.out,
     }
+
+
+def outcome_of(partition: Partition, summary: RunSummary) -> PartitionOutcome:
+    counts = counts_of(partition, summary)
+    if summary.dry_run:
+        detail = f"nothing sent; {summary.ok} ready to send" + (
+            f", {summary.failed} would fail" if summary.failed else ""
+        )
+        code = 2 if summary.failed else 0
+        return PartitionOutcome(
+            partition=partition.name, outcome="dry run", detail=detail, exit_code=code, **counts
+        )
     if summary.failed:
         errors = ", ".join(f"{kind}: {n}" for kind, n in summary.errors.items())
         return PartitionOutcome(
@@ -106,12 +123,16 @@ async def backfill(
             except RunInterrupted as exc:
                 stopping.append(f"backfill interrupted during {name}")
                 code = exc.exit_code
+                counts = counts_of(partition, exc.summary)  # what it did before it stopped
                 return PartitionOutcome(
-                    partition=name, outcome="interrupted", detail=str(exc), exit_code=code
+                    partition=name, outcome="interrupted", detail=str(exc), exit_code=code, **counts
                 )
             except EndpointUnusable as exc:
                 stopping.append(f"the endpoint was unusable during {name}")
-                return PartitionOutcome(partition=name, outcome="error", detail=str(exc), exit_code=3)
+                counts = counts_of(partition, exc.summary)
+                return PartitionOutcome(
+                    partition=name, outcome="error", detail=str(exc), exit_code=3, **counts
+                )
             except UsageError as exc:
                 return PartitionOutcome(partition=name, outcome="error", detail=str(exc), exit_code=1)
             except Exception as exc:  # a crash in one partition must not lose the others' outcomes

@@ -142,12 +142,19 @@ def _missing_input(config: RunConfig) -> str | None:
 
 
 def check_template(template: RunConfig) -> None:
-    """A backfill writes each partition to its own OUT: ``--out`` must contain ``{date}``."""
+    """A backfill writes each partition to its own OUT: ``--out`` must contain ``{date}``. A manifest
+    path without ``{date}`` is the same for every partition: it must exist (a typo is a usage error,
+    not a "missing input" on every date)."""
     if not has_placeholder(template.out):
         raise ConfigError(
             "a backfill needs {date} in --out (e.g. out/date={date}), or every partition "
             "would write into the same directory"
         )
+    for what, path in (("IMAGES", template.images), ("--prompts", template.prompts)):
+        if path is not None and not has_placeholder(path) and "://" not in path and not Path(path).exists():
+            raise ConfigError(
+                f"{what} {path} does not exist (and has no {{date}}: it is the same for every date)"
+            )
 
 
 def select_partitions(template: RunConfig, start: str | date, end: str | date) -> list[Partition]:

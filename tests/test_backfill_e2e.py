@@ -6,10 +6,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from emulator import EmulatorServer
 from flows.cli import app
 from flows.commands import register
 from tasks.artifacts import read_artifacts
+from tasks.config import RunConfig
+from tasks.errors import EndpointUnusable
+from tasks.summary import RunSummary
 from tests.builders import images_manifest
 from tests.cli import rows, vlmbatch
 
@@ -80,3 +85,34 @@ def test_backfill_failed_rows_and_usage_errors(tmp_path: Path, emulator: Emulato
     assert res.code == 1 and "{date} in --out" in res.err
     res = vlmbatch(*base[:-4], "--start", D1, "--end", "2024-04-30", "--out", tmp_path / "o" / "{date}")
     assert res.code == 1 and "before --start" in res.err
+
+
+def test_a_stopped_partition_reports_what_it_did_and_a_dry_run_says_so(
+    tmp_path: Path, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifests = tmp_path / "manifests"
+    _partition(manifests, D1, 6)
+    images = manifests / "date={date}" / "images.parquet"
+    base = ["backfill", images, "--base-url", emulator.base_url, "--start", D1, "--end", D1]
+    base += ["--out", tmp_path / "out" / "date={date}", "--concurrency", 1]
+
+    res = vlmbatch(*base, "--dry-run", env={"COLUMNS": "200"})
+    assert res.code == 0, res.err
+    (line,) = [line for line in res.out.splitlines() if f"│ {D1}" in line]
+    assert "dry run" in line and "nothing sent; 6 ready to send" in line
+    assert emulator.stats()["requests_total"] == 0
+
+    class Stopped:  # annotate for this partition: the endpoint became unusable after 2 answers
+        def with_options(self, **_: object) -> object:
+            async def child(config: RunConfig) -> RunSummary:
+                summary = RunSummary(out=config.out, work_items=6, ok=2, failed=0)
+                raise EndpointUnusable("aborted: the endpoint rejected the credentials", summary)
+
+            return child
+
+    monkeypatch.setattr("flows.backfill.annotate", Stopped())
+    res = vlmbatch(*base, env={"COLUMNS": "200"})
+    assert res.code == 3, res.err
+    (line,) = [line for line in res.out.splitlines() if f"│ {D1}" in line]
+    cells = [cell.strip() for cell in line.split("│")]
+    assert cells[2:6] == ["error", "6", "2", "0"]  # what it did before it stopped, not zeros

@@ -107,6 +107,20 @@ def test_a_backfill_needs_the_placeholder_in_out() -> None:
         select_partitions(RunConfig(images="m/{date}.parquet", out="out"), "2024-05-01", "2024-05-02")
 
 
+def test_a_manifest_path_without_the_placeholder_must_exist(tmp_path: Path) -> None:
+    """The same file for every date: a typo in it is a usage error, not a missing input everywhere."""
+    write_parquet(tmp_path / "m/date=2024-05-01/images.parquet", {"image_id": ["a"], "image": ["a.jpg"]})
+    template = RunConfig(
+        images=f"{tmp_path}/m/date={{date}}/images.parquet",
+        prompts=f"{tmp_path}/prompts-typo.parquet",
+        out=f"{tmp_path}/out/date={{date}}",
+    )
+    with pytest.raises(
+        ConfigError, match=r"--prompts .*prompts-typo.parquet does not exist \(and has no \{date\}"
+    ):
+        select_partitions(template, "2024-05-01", "2024-05-02")
+
+
 def test_run_with_a_templated_path_and_no_date_exits_1(tmp_path: Path) -> None:
     res = vlmbatch("run", tmp_path / "m/date={date}/images.parquet", "--out", tmp_path / "o/{date}")
     assert res.code == 1
