@@ -33,6 +33,7 @@ from tasks.config import RunConfig
 log = logging.getLogger(__name__)
 
 MAX_HOLD_S = 60.0  # a run's hold admits new shards for this long, then lets waiting runs in
+WAIT_WARNING_S = 10.0  # a wait for the slots longer than this is logged
 
 
 def server_url() -> str | None:
@@ -70,11 +71,28 @@ class EndpointLimit:
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
-        """Hold ``share`` slots (waiting for them as long as it takes) while inside."""
+        """Hold ``share`` slots (waiting for them as long as it takes) while inside; a wait longer than
+        ``WAIT_WARNING_S`` is logged, so a run queued behind others (or behind a killed run's slots)
+        does not look hung."""
         from prefect.concurrency.asyncio import concurrency
 
-        async with concurrency(self.name, occupy=self.share):
-            yield
+        warning = asyncio.get_running_loop().call_later(WAIT_WARNING_S, self._warn_waiting)
+        try:
+            async with concurrency(self.name, occupy=self.share):
+                warning.cancel()
+                yield
+        finally:
+            warning.cancel()
+
+    def _warn_waiting(self) -> None:
+        log.warning(
+            "waiting for %d slots of the global concurrency limit %r: other runs hold them. A run that "
+            "was killed (not stopped) keeps its slots until their lease expires, 5 minutes by default; "
+            "`prefect gcl inspect %s` shows them",
+            self.share,
+            self.name,
+            self.name,
+        )
 
 
 class SlotLease:

@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import pytest
+
+from tasks import endpoint_limit
 from tasks.endpoint_limit import SlotLease
 from tests.builders import Clock
 
@@ -147,3 +150,30 @@ def test_a_shard_cancelled_while_waiting_for_slots_stops_asking_for_them() -> No
 
     lease = asyncio.run(main())
     assert asked == ["asking", "stopped asking"] and lease.holds == 0 and lease.inside == 0
+
+
+def test_a_long_wait_for_the_slots_is_logged_and_a_quick_one_is_not(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import prefect.concurrency.asyncio
+
+    waits = iter([0.0, 0.2])
+
+    @contextlib.asynccontextmanager
+    async def concurrency(name: str, occupy: int) -> AsyncIterator[None]:  # slots freed after a while
+        await asyncio.sleep(next(waits))
+        yield
+
+    monkeypatch.setattr(prefect.concurrency.asyncio, "concurrency", concurrency)
+    monkeypatch.setattr(endpoint_limit, "WAIT_WARNING_S", 0.05)
+    limit = endpoint_limit.EndpointLimit("vlmbatch-endpoint", 64, 32)
+
+    async def hold() -> None:
+        async with limit.hold():
+            pass
+
+    asyncio.run(hold())
+    assert "waiting for" not in caplog.text
+    asyncio.run(hold())
+    assert "waiting for 32 slots of the global concurrency limit 'vlmbatch-endpoint'" in caplog.text
+    assert "keeps its slots until their lease expires" in caplog.text
