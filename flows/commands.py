@@ -133,6 +133,8 @@ def execute_backfill(
     except UsageError as exc:
         raise _fail(str(exc)) from None
     print_outcomes(outcomes)
+    if outcomes and all(o.outcome == "missing input" for o in outcomes):
+        typer.echo("warning: no date had its input: check the manifest path's {date} template", err=True)
     return exit_code(outcomes)
 
 

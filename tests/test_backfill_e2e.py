@@ -83,6 +83,10 @@ def test_backfill_failed_rows_and_usage_errors(tmp_path: Path, emulator: Emulato
     assert "failed rows" in res.out and "bad_image: 1" in res.out
     res = vlmbatch(*base, "--out", tmp_path / "flat")
     assert res.code == 1 and "{date} in --out" in res.err
+    typo = ["backfill", tmp_path / "manifest" / "date={date}" / "images.parquet", *base[2:]]
+    res = vlmbatch(*typo, "--out", tmp_path / "out2" / "date={date}")
+    assert res.code == 0 and "missing input" in res.out  # as documented, but said out loud:
+    assert "warning: no date had its input" in res.err
     res = vlmbatch(*base[:-4], "--start", D1, "--end", "2024-04-30", "--out", tmp_path / "o" / "{date}")
     assert res.code == 1 and "before --start" in res.err
 
