@@ -80,7 +80,12 @@ def _open(path: Path) -> pq.ParquetFile:
 
 
 def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or _is_string_view(t)
+
+
+def _is_string_view(t: pa.DataType) -> bool:
+    is_view = getattr(pa.types, "is_string_view", None)  # pyarrow 16+
+    return bool(is_view and is_view(t))
 
 
 def _is_id(t: pa.DataType) -> bool:
@@ -105,7 +110,8 @@ def _check_column(schema: pa.Schema, name: str, ok: object, expected: str, path:
 
 
 def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    return column if _is_text(column.type) else pc.cast(column, pa.string())
+    """As ``string``: integers, and large_string (pandas 3's strings) or string_view too."""
+    return column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
 
 
 @dataclass(frozen=True)

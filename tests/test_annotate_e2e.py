@@ -455,3 +455,17 @@ def test_api_key_from_a_prefect_secret_block_stays_out_of_parameters(tmp_path: P
 
     dumped = repr(asyncio.run(parameters()))
     assert "vlmbatch-test-key" in dumped and "sk-from-block-42" not in dumped
+
+
+def test_a_manifest_of_large_strings_as_pandas_3_writes_runs(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    import pyarrow.parquet as pq
+
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red"), "b": ((12, 10), "blue")})
+    table = pq.read_table(images)
+    large = pa.schema([pa.field(f.name, pa.large_string()) for f in table.schema])
+    pq.write_table(table.cast(large), images)  # pandas 3 stores str columns as large_string
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url)
+    assert res.code == 0, res.err
+    assert [(r["image_id"], r["status"]) for r in rows(tmp_path / "out")] == [("a", "ok"), ("b", "ok")]
