@@ -208,6 +208,8 @@ def _orientation(img: Image.Image) -> int:
     """EXIF orientation 1-8 (1 when absent or invalid)."""
     if img.format == "PNG" and "exif" not in img.info:
         return 1  # an eXIf chunk after the image data would cost a full decode to find; rare
+    if img.format == "TIFF":
+        img.load()  # recent Pillow turns a TIFF upright itself as it loads, dropping the tag: not twice
     value = img.getexif().get(ExifTags.Base.Orientation, 1)
     return value if isinstance(value, int) and 2 <= value <= 8 else 1
 
