@@ -243,10 +243,14 @@ def _flatten(img: Image.Image) -> Image.Image:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """Scale high-bit-depth pixels to L: 16-bit by 1/257, others by the range their values use."""
+    """Scale high-bit-depth pixels to L: 16-bit by 1/257, others by the range their values use.
+
+    16-bit: the I;16 modes, and PGM/PPM's I (Pillow stretches their maxval to 65535), so that the
+    same data comes out as bright whatever the container. Other I (32-bit) and F: from their values.
+    """
     scale, offset = 1 / 257, 0.0
-    if img.mode.startswith("I;16"):
-        if img.mode != "I;16":
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM"):
+        if img.mode not in ("I;16", "I"):
             img = img.convert("I")
     else:  # I (32-bit) or F: guess the range from the values
         low, high = img.getextrema()
@@ -257,6 +261,6 @@ def _to_8bit(img: Image.Image) -> Image.Image:
             scale = 1.0
         elif not (low >= 0 and high <= 65535):
             scale = 255 / (high - low) if high > low else 0.0
-            offset = -low * scale
+            offset = -low * scale if high > low else (255.0 if low > 0 else 0.0)  # flat: white or black
     scaled = img.point(lambda value: value * scale + offset, None if img.mode == "F" else "L")
     return scaled.convert("L") if scaled.mode != "L" else scaled

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import random
+import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -335,6 +336,22 @@ def test_16_bit_grayscale_png_is_scaled_to_8_bits(value: int, grey: int) -> None
     data = encode(Image.new("I;16", (64, 64), value), "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
     assert close(sent_image(prepare_image(data, CONFIG)).getpixel((32, 32)), (grey,) * 3, 10)
+
+
+@pytest.mark.parametrize(
+    ("maxval", "value", "grey"), [(65535, 200, 1), (65535, 32768, 128), (4095, 4095, 255)]
+)
+def test_a_16_bit_pgm_is_as_bright_as_the_same_png(maxval: int, value: int, grey: int) -> None:
+    """Pillow opens it as I with its maxval stretched to 65535: 16-bit, not a range to guess."""
+    pixels = struct.pack(">" + "H" * 64 * 64, *[value] * 64 * 64)
+    data = f"P5 64 64 {maxval}\n".encode() + pixels
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    assert close(sent_image(prepare_image(data, CONFIG)).getpixel((32, 32)), (grey,) * 3, 3)
+
+
+def test_a_flat_32_bit_image_out_of_16_bit_range_is_white_not_black() -> None:
+    sent = sent_image(prepare_image(encode(Image.new("I", (16, 16), 100_000), "TIFF"), CONFIG))
+    assert close(sent.getpixel((8, 8)), WHITE, 3)
 
 
 @pytest.mark.parametrize(
