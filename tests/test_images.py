@@ -492,3 +492,10 @@ def test_heic_without_its_plugin_names_the_plugin() -> None:
     heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
     with pytest.raises(ImageFailure, match="HEIC image, which needs pillow-heif installed"):
         prepare_image(heic, ImageConfig())
+
+
+def test_a_lab_image_is_converted_to_srgb_not_read_as_rgb() -> None:
+    # Pillow's 8-bit LAB: L scaled to 0-255, a and b offset by 128. L=53 a=80 b=67 is sRGB red.
+    data = encode(Image.new("LAB", (32, 32), (136, 208, 195)), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "LAB"
+    assert close(sent_image(prepare_image(data, CONFIG)).convert("RGB").getpixel((16, 16)), RED, 25)
