@@ -126,7 +126,7 @@ def prepare_image(data: bytes, config: ImageConfig, sha256: str | None = None) -
     sha256 = sha256 or hashlib.sha256(data).hexdigest()
     fmt = ""
     try:
-        with _open(data) as img:
+        with _open(data, config.max_image_pixels) as img:
             fmt = img.format or fmt
             return _prepare(img, data, sha256, config)
     except UnidentifiedImageError:
@@ -145,11 +145,19 @@ def prepare_image(data: bytes, config: ImageConfig, sha256: str | None = None) -
         raise ImageFailure("bad_image", f"cannot decode {fmt or 'the'} image: {exc}") from None
 
 
-def _open(data: bytes) -> Image.Image:
-    """Parse the header only; config.max_image_pixels replaces Pillow's bomb warning."""
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only. ``max_pixels`` (--max-image-pixels, checked next, before decoding)
+    replaces Pillow's own bomb check, which would otherwise refuse anything over 2 × its
+    MAX_IMAGE_PIXELS (179 MP) whatever the option says."""
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+        pillows = Image.MAX_IMAGE_PIXELS
+        if pillows is not None:  # Pillow refuses over twice this: ours (just after) must come first
+            Image.MAX_IMAGE_PIXELS = max(pillows, max_pixels)
+        try:
+            return Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillows
 
 
 def _prepare(img: Image.Image, data: bytes, sha256: str, config: ImageConfig) -> PreparedImage:

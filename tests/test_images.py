@@ -7,6 +7,7 @@ import hashlib
 import io
 import random
 import struct
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -440,8 +441,24 @@ def test_pillow_bomb_warning_is_suppressed_and_its_error_is_bad_image(
     data = encode(Image.new("RGB", (100, 100), RED), "JPEG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10,000 px: a warning (an error under pytest)
     assert prepare_image(data, CONFIG).width == 100
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # over twice the limit: Pillow raises
-    assert "decompression bomb" in bad(data)
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 4000
+    )  # over twice Pillow's limit: --max-image-pixels rules
+    assert prepare_image(data, CONFIG).width == 100 and Image.MAX_IMAGE_PIXELS == 4000  # restored
+    assert "over the cap of 5,000" in bad(data, ImageConfig(max_image_pixels=5000))
+
+
+def test_max_image_pixels_can_be_raised_past_pillows_own_limit() -> None:
+    """Pillow refuses over 2 × its MAX_IMAGE_PIXELS (179 MP) on its own; the option is the cap."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 15000, 14000, 8, 2, 0, 0, 0)  # 210 MP, and almost no pixel data
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    assert "over the cap of 150,000,000" in bad(data)  # the default cap: refused, by ours
+    message = bad(data, ImageConfig(max_image_pixels=300_000_000))  # raised: read, then found truncated
+    assert "Pillow's limit" not in message and "cannot decode" in message
 
 
 # --- sha256, sources, threads ---------------------------------------------------------------------------
