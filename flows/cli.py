@@ -189,7 +189,7 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     _quiet_prefect()
     try:
         cfg = build_config(flags, config_file=config_file)
-        from flows.annotate import annotate, plan_run  # Prefect is imported only when needed
+        from flows.annotate import add_row_listener, annotate, plan_run  # Prefect only when needed
 
         plan = plan_run(cfg)  # fail fast (exit 1) before a flow run even starts
     except UsageError as exc:
@@ -206,6 +206,13 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
         from flows.quiet_stops import hide_expected_stops
 
         hide_expected_stops()  # an expected stop gets its one error line below, not a traceback
+    would_fail: list[Any] = []  # a dry run writes no rows: its first failures are listed instead
+
+    def keep_failure(row: Any) -> None:
+        if cfg.dry_run and row is not None and row.status == "failed" and len(would_fail) < DRY_RUN_SHOWN:
+            would_fail.append(row)
+
+    stop_listening = add_row_listener(keep_failure)
     try:
         with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
             summary = asyncio.run(annotate(cfg))
@@ -224,8 +231,18 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
             err=True,
         )
         return EXIT_CRASHED
+    finally:
+        stop_listening()
     print_summary(summary)
+    for row in would_fail:
+        where = f"image {row.image_id!r}, prompt {row.prompt_id!r}"
+        typer.echo(f"would fail: {where}: {row.error_type}: {row.error_message}")
+    if summary.failed > len(would_fail):
+        typer.echo(f"... and {summary.failed - len(would_fail)} more")
     return summary.exit_code
+
+
+DRY_RUN_SHOWN = 20  # failures a dry run lists
 
 
 @app.command()

@@ -301,6 +301,7 @@ def test_limit_dry_run_and_config_file(tmp_path: Path, emulator: EmulatorServer)
     assert emulator.stats()["requests_total"] == 0
     assert not (tmp_path / "dry").exists()
     assert "dry run" in res.out and "bad_image" in res.out
+    assert "would fail: image 'i4', prompt 'caption': bad_image: " in res.out  # which one, and why
 
 
 def test_api_key_is_sent_and_never_shown(tmp_path: Path) -> None:
