@@ -22,9 +22,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
-from tasks.json_columns import PROPERTY_KEY, json_fields, json_value
+from tasks.json_columns import PROPERTY_KEY, json_fields, json_object, json_value
 from tasks.manifests import Prompt
 from tasks.outputs import part_files
+from tasks.results import OUTPUT_SCHEMA, column_array
 
 
 def export_output(
@@ -56,10 +57,10 @@ def export_output(
             for path in files:
                 table = pq.read_table(path).select(schema.names).cast(schema)
                 if fields:
-                    documents = table["json"].to_pylist()
+                    documents = [json_object(doc) for doc in table["json"].to_pylist()]
                     for field in fields:
                         values = [json_value(doc, field) for doc in documents]
-                        table = table.append_column(field, pa.array(values, type=field.type))
+                        table = table.append_column(field, column_array(values, field.type))
                 writer.write_table(table)
                 rows += table.num_rows
         os.replace(temporary, dest)
@@ -170,4 +171,4 @@ def _is_export(path: Path) -> bool:
         names = pq.read_schema(path).names
     except (OSError, pa.ArrowException):
         return False
-    return {"image_id", "prompt_id", "status", "request_key"} <= set(names)
+    return set(OUTPUT_SCHEMA.names) <= set(names)

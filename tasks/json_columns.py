@@ -50,14 +50,20 @@ def json_fields(prompts: Sequence[Prompt], taken: Iterable[str]) -> list[pa.Fiel
     ]
 
 
-def json_value(document: str | None, field: pa.Field) -> Any:
-    """The value of ``field``'s property in a row's validated JSON (None when absent)."""
-    if not document or field.metadata is None:
+def json_object(document: str | None) -> dict[str, Any] | None:
+    """A row's validated JSON, parsed once for all its property columns; None when there is none, or
+    when it is not an object (an array or scalar schema's answer has no properties to spread)."""
+    if not document:
         return None
     parsed = json.loads(document)
-    if not isinstance(parsed, dict):  # an array or scalar schema's answer: no properties to spread
+    return parsed if isinstance(parsed, dict) else None
+
+
+def json_value(document: dict[str, Any] | None, field: pa.Field) -> Any:
+    """The value of ``field``'s property in a row's JSON object (``json_object``); None when absent."""
+    if document is None or field.metadata is None:
         return None
-    value = parsed.get(field.metadata[PROPERTY_KEY].decode())
+    value = document.get(field.metadata[PROPERTY_KEY].decode())
     if value is not None and pa.types.is_string(field.type) and not isinstance(value, str):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return value

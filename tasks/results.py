@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.errors import ItemFailure
-from tasks.json_columns import PROPERTY_KEY, json_value
+from tasks.json_columns import PROPERTY_KEY, json_object, json_value
 
 
 @dataclass(slots=True)
@@ -97,19 +97,22 @@ def output_schema(carry_schema: pa.Schema | None = None, extra: Sequence[pa.Fiel
 
 def rows_to_table(rows: list[ResultRow], schema: pa.Schema) -> pa.Table:
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    extras = list(schema)[len(_FIELDS) :]
+    typed = any(extra.metadata and PROPERTY_KEY in extra.metadata for extra in extras)
     for row in rows:
         for name in _FIELDS:
             columns[name].append(getattr(row, name))
-        for extra in list(schema)[len(_FIELDS) :]:
+        document = json_object(row.json) if typed else None
+        for extra in extras:
             if extra.metadata and PROPERTY_KEY in extra.metadata:
-                columns[extra.name].append(json_value(row.json, extra))
+                columns[extra.name].append(json_value(document, extra))
             else:
                 columns[extra.name].append(row.carry.get(extra.name))
-    arrays = [_array(columns[name], schema.field(name).type) for name in schema.names]
+    arrays = [column_array(columns[name], schema.field(name).type) for name in schema.names]
     return pa.Table.from_arrays(arrays, schema=schema)  # the schema's field metadata kept
 
 
-def _array(values: list[Any], kind: pa.DataType) -> pa.Array:
+def column_array(values: list[Any], kind: pa.DataType) -> pa.Array:
     """The column; a value its type cannot hold (a typed JSON property answered as 2**70, "3" or
     [1, "a"]) is left null there, never failing the write: the row's ``json`` keeps it whole."""
     try:

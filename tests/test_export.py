@@ -133,3 +133,24 @@ def test_export_replaces_an_earlier_export_but_not_another_file(
     assert vlmbatch("export", plain, notes).code == 1 and notes.read_text() == "mine"
     assert vlmbatch("export", plain, manifest, "--force").code == 0
     assert "status" in pq.read_table(manifest).column_names
+
+
+def test_export_leaves_null_a_json_value_its_typed_column_cannot_hold(tmp_path: Path) -> None:
+    """The same rule as the run's own --json-columns: null in the typed column, whole in json."""
+    from tasks.export import export_output
+    from tasks.manifests import Prompt
+    from tasks.output_index import OutputIndex
+    from tasks.outputs import OutputStore, prepare_out_dir
+    from tasks.results import OUTPUT_SCHEMA, ResultRow
+
+    out = prepare_out_dir(tmp_path / "out")
+    store = OutputStore(out, OUTPUT_SCHEMA, "r", OutputIndex.empty())
+    answers = ['{"count":3}', '{"count":1180591620717411303424}', '["x"]']
+    for n, answer in enumerate(answers):
+        store.add(0, ResultRow(f"i{n}", "p", "qa", "ok", json=answer, request_key="k" * 64))
+    store.finish(0)
+    schema = '{"type": "object", "properties": {"count": {"type": "integer"}}}'
+    dest = tmp_path / "annotations.parquet"
+    export_output(out, dest, json_columns=True, prompts=[Prompt("p", "Count.", "qa", json_schema=schema)])
+    table = pq.read_table(dest)
+    assert table["count"].to_pylist() == [3, None, None] and table["json"].to_pylist() == answers
