@@ -32,6 +32,7 @@ for _usage_error in {
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 DEMO_MARKER = "demo-output"  # in OUT's state directory: this OUT is the demo's to replace
 EXIT_CRASHED = 70  # EX_SOFTWARE: vlmbatch itself failed; what was written is kept
+DRY_RUN_SHOWN = 20  # failures a dry run lists
 
 app = typer.Typer(
     add_completion=False,
@@ -209,10 +210,10 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     would_fail: list[Any] = []  # a dry run writes no rows: its first failures are listed instead
 
     def keep_failure(row: Any) -> None:
-        if cfg.dry_run and row is not None and row.status == "failed" and len(would_fail) < DRY_RUN_SHOWN:
+        if row is not None and row.status == "failed" and len(would_fail) < DRY_RUN_SHOWN:
             would_fail.append(row)
 
-    stop_listening = add_row_listener(keep_failure)
+    stop_listening = add_row_listener(keep_failure) if cfg.dry_run else lambda: None
     try:
         with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
             summary = asyncio.run(annotate(cfg))
@@ -240,9 +241,6 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     if summary.failed > len(would_fail):
         typer.echo(f"... and {summary.failed - len(would_fail)} more")
     return summary.exit_code
-
-
-DRY_RUN_SHOWN = 20  # failures a dry run lists
 
 
 @app.command()

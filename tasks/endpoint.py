@@ -174,7 +174,7 @@ def classify_status(status: int, headers: Any, body: object) -> RequestFailure:
         error_type = "not_found"
     elif effective < 400:  # a redirect (never followed: it would resend the body and the key elsewhere)
         error_type = "bad_request"
-        where = headers.get("Location") if hasattr(headers, "get") else None
+        where = headers.get("Location")
         message = (
             f"HTTP {status} redirect{f' to {where}' if where else ''}: set --base-url to where it points"
         )

@@ -136,9 +136,14 @@ class Partition:
 
 def _missing_input(config: RunConfig) -> str | None:
     for what, path in (("images", config.images), ("prompts", config.prompts)):
-        if path is not None and "://" not in path and not Path(path).exists():
+        if _absent(path):
             return f"{what} manifest {path} does not exist"
     return None
+
+
+def _absent(path: str | None) -> bool:
+    """A local manifest path that does not exist (a remote one is left to the run to find)."""
+    return path is not None and "://" not in path and not Path(path).exists()
 
 
 def check_template(template: RunConfig) -> None:
@@ -151,7 +156,7 @@ def check_template(template: RunConfig) -> None:
             "would write into the same directory"
         )
     for what, path in (("IMAGES", template.images), ("--prompts", template.prompts)):
-        if path is not None and not has_placeholder(path) and "://" not in path and not Path(path).exists():
+        if not has_placeholder(path) and _absent(path):
             raise ConfigError(
                 f"{what} {path} does not exist (and has no {{date}}: it is the same for every date)"
             )
