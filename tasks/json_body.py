@@ -88,11 +88,6 @@ def encode_body(body: Mapping[str, Any]) -> list[bytes]:
     return pieces
 
 
-def encode_json(body: Mapping[str, Any]) -> bytes:
-    """The body as one bytes object (for tests and small bodies)."""
-    return b"".join(encode_body(body))
-
-
 def _plain(obj: object) -> str:
     if isinstance(obj, DataUrl):
         return str(obj)
