@@ -6,25 +6,34 @@ terminal, which goes to the whole foreground group, kills the server at the mome
 to stop: the run can no longer record its end, retries the API for minutes, floods the terminal with
 tracebacks and exits 1. In a process group of its own the server hears only vlmbatch, which stops it
 once the run has written what it did (and a second Ctrl-C's hard stop terminates it:
-``tasks.stopping.hard_exit``).
+``tasks.stopping.hard_exit``). It also runs under ``flows.server_guard``, which stops it when the run
+is killed outright (``kill -9``, the OOM killer), instead of leaving it running with no parent.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+
+GUARD = Path(__file__).with_name("server_guard.py")
 
 
 class _OwnProcessGroup:
-    """The ``subprocess`` module as Prefect's server module sees it: ``Popen`` starts a new group."""
+    """The ``subprocess`` module as Prefect's server module sees it: ``Popen`` starts the command under
+    the guard, in a new process group."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
 
     @staticmethod
     def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        command, rest = (kwargs.pop("args"), args) if "args" in kwargs else (args[0], args[1:])
+        kwargs["args"] = [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *command]
         kwargs.setdefault("process_group", 0)
-        return subprocess.Popen(*args, **kwargs)
+        return subprocess.Popen(*rest, **kwargs)
 
 
 def own_process_group() -> bool:

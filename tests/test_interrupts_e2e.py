@@ -92,6 +92,16 @@ def kill_9(proc: subprocess.Popen[str]) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+def _descendants(pid: int) -> list[int]:
+    found, parents = [], {pid}
+    while True:
+        more = [p for p in _all_pids() if _parent(p) in parents and p not in found]
+        if not more:
+            return found
+        found += more
+        parents.update(more)
+
+
 def _all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
@@ -136,6 +146,27 @@ def test_kill_9_then_rerun_loses_at_most_a_second_and_duplicates_nothing(
     lost = answered_before_kill - len(kept)
     assert 0 <= lost <= CONCURRENCY + 1.5 * RATE  # in flight, plus about a second of answers
     finish_and_check(tmp_path, emulator, args, kept)
+
+
+def test_kill_9_of_the_run_stops_prefects_temporary_server_too(
+    tmp_path: Path, emulator: EmulatorServer, start: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """A run killed outright cannot stop the API server it started: the server's guard does, instead of
+    leaving it running with no parent after every OOM kill of a nightly job."""
+    emulator.configure(latency=LATENCY)
+    proc = start(run_args(tmp_path, emulator))
+    wait_for(lambda: emulator.stats()["requests_total"] >= 10, proc)
+    descendants = _descendants(proc.pid)  # the server, and the guard it runs under
+    assert descendants
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while (alive := [pid for pid in descendants if _parent(pid) is not None]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:  # not to leave them behind when the test fails
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not alive
 
 
 def test_sigterm_stops_sending_writes_what_is_done_and_exits_143(
