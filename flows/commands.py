@@ -23,7 +23,13 @@ _REGISTERED = "_vlmbatch_schedule_commands"
 BACKFILL_OPTIONS: dict[str, tuple[Any, Any]] = {  # name: (annotation, default); ... = required
     "start": (Annotated[str, Opt(help="First date partition, YYYY-MM-DD.")], ...),
     "end": (Annotated[str, Opt(help="Last date partition, YYYY-MM-DD (included).")], ...),
-    "max_parallel": (Annotated[int, Opt(help="Partitions running at once.")], 2),
+    "max_parallel": (
+        Annotated[
+            int | None,
+            Opt(help="Partitions running at once [default: 2; with --deployment, the deployment's]."),
+        ],
+        None,
+    ),
     "deployment": (
         Annotated[
             str | None,
@@ -97,7 +103,7 @@ def execute_backfill(
     *,
     start: str,
     end: str,
-    max_parallel: int = 2,
+    max_parallel: int | None = None,
     deployment: str | None = None,
     watch: bool = False,
     config_file: Path | None = None,
@@ -113,7 +119,7 @@ def execute_backfill(
     _quiet_prefect()
     try:
         cfg = build_config(flags, config_file=config_file)
-        if max_parallel < 1:
+        if max_parallel is not None and max_parallel < 1:
             raise UsageError(f"--max-parallel must be at least 1 (got {max_parallel})")
         select_partitions(cfg, start, end)  # fail fast on dates and paths (exit 1)
         if deployment is not None:
@@ -126,7 +132,7 @@ def execute_backfill(
             hide_expected_stops(BackfillIncomplete)  # the table of partitions below says what happened
         try:
             outcomes = asyncio.run(
-                backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), max_parallel)
+                backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), max_parallel or 2)
             )
         except BackfillIncomplete as exc:
             outcomes = exc.outcomes
@@ -138,24 +144,54 @@ def execute_backfill(
     return exit_code(outcomes)
 
 
-def absolute_paths(config: RunConfig) -> RunConfig:
-    """Local paths made absolute (``{date}`` kept), for a flow run that starts in another directory."""
+def deployment_config(deployed: Any, cfg: RunConfig) -> dict[str, Any]:
+    """The ``config`` of a backfill submitted to a deployment: the deployment's own (``deployed``, from
+    prefect.yaml's ``definitions.config``) with the settings this command was given (flags, environment,
+    ``--config`` file) on top, their local paths made absolute (``{date}`` kept) for a worker that
+    starts in another directory. Settings left at their defaults do not replace the deployment's, and
+    the deployment's own relative paths stay relative to the worker's directory."""
+    from pydantic import ValidationError
 
-    def fix(path: str | None) -> str | None:
-        return path if path is None or "://" in path else os.path.abspath(path)
+    from tasks.config import SECTIONS, RunConfig
+    from tasks.errors import ConfigError
 
-    image = config.image.model_copy(update={"image_root": fix(config.image.image_root)})
-    return config.model_copy(
-        update={
-            "images": fix(config.images),
-            "prompts": fix(config.prompts),
-            "out": fix(config.out),
-            "image": image,
-        }
-    )
+    given = cfg.model_dump(mode="json", exclude_unset=True)
+    for key in ("images", "prompts", "out"):
+        if key in given:
+            given[key] = _absolute(given[key])
+    if "image_root" in given.get("image", {}):
+        given["image"]["image_root"] = _absolute(given["image"]["image_root"])
+    merged = {
+        key: dict(value) if isinstance(value, dict) else value
+        for key, value in (deployed.items() if isinstance(deployed, dict) else ())
+    }
+    for key, value in given.items():
+        if key in SECTIONS and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    try:
+        RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"the deployment's config with this command's settings: {problems}") from None
+    return merged
 
 
-async def submit(name: str, cfg: RunConfig, start: str, end: str, max_parallel: int, watch: bool) -> int:
+def _absolute(path: Any) -> Any:
+    return path if not isinstance(path, str) or "://" in path else os.path.abspath(path)
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    return text if text and text != "None" else type(exc).__name__
+
+
+async def submit(
+    name: str, cfg: RunConfig, start: str, end: str, max_parallel: int | None, watch: bool
+) -> int:
     """Create a flow run of the backfill deployment ``name`` on the server; with ``watch``, wait for it."""
     from prefect.deployments import arun_deployment
 
@@ -167,18 +203,31 @@ async def submit(name: str, cfg: RunConfig, start: str, end: str, max_parallel: 
         raise UsageError(
             "--deployment needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
         )
-    parameters = {
-        "config": absolute_paths(cfg).model_dump(mode="json"),
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        async with get_client() as client:
+            deployed = await client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise UsageError(
+            f"no deployment {name!r} on the server at {server_url()} (`prefect deployment ls` lists them)"
+        ) from None
+    except Exception as exc:  # server unreachable, malformed name
+        raise UsageError(f"could not read deployment {name!r}: {_describe(exc)}") from None
+    parameters: dict[str, Any] = {
+        "config": deployment_config(deployed.parameters.get("config"), cfg),
         "start": start,
         "end": end,
-        "max_parallel": max_parallel,
     }
+    if max_parallel is not None:
+        parameters["max_parallel"] = max_parallel
     try:
         run = await arun_deployment(
             name, parameters=parameters, timeout=None if watch else 0, as_subflow=False
         )
-    except Exception as exc:  # unknown deployment, server unreachable, rejected parameters
-        raise UsageError(f"could not submit to deployment {name!r}: {exc}") from None
+    except Exception as exc:  # server unreachable, rejected parameters
+        raise UsageError(f"could not submit to deployment {name!r}: {_describe(exc)}") from None
     typer.echo(f"submitted flow run {run.name} ({run.id}) of {name}")
     if not watch:
         return 0

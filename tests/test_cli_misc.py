@@ -96,3 +96,36 @@ def test_run_help_shows_every_default_as_the_config_has_it() -> None:
             assert shown == expected, f"{flag}: help says {shown}, the config {default!r}"
             checked += 1
     assert checked >= 20
+
+
+def test_a_backfill_submitted_to_a_deployment_keeps_the_deployments_settings_it_was_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only what the command was given (flags, environment, --config file) replaces the deployment's
+    config; the rest (endpoint, model, global limit) stays as prefect.yaml has it."""
+    import yaml
+
+    from flows.commands import deployment_config
+    from flows.serve import PREFECT_YAML
+    from tasks.config import build_config
+    from tasks.errors import ConfigError
+
+    deployed = yaml.safe_load(PREFECT_YAML.read_text())["definitions"]["config"]
+    deployed["endpoint"]["base_url"] = "http://gpu-box:8000/v1"
+    monkeypatch.chdir(tmp_path)
+    flags = {"images": "m/date={date}/images.parquet", "out": "o/date={date}", "concurrency": "8"}
+    cfg = build_config(flags, environ={"VLMBATCH_MAX_TOKENS": "99"})
+    merged = deployment_config(deployed, cfg)
+    assert merged["endpoint"]["base_url"] == "http://gpu-box:8000/v1"  # not the CLI's default
+    assert merged["endpoint"]["concurrency_limit"] == "vlmbatch-endpoint"
+    assert merged["endpoint"]["concurrency"] == 8 and merged["generation"] == {"max_tokens": 99}
+    assert merged["images"] == str(tmp_path / "m" / "date={date}" / "images.parquet")
+    assert merged["out"] == str(tmp_path / "o" / "date={date}") and merged["prompts"] is None
+    assert deployed["endpoint"]["concurrency"] == 32  # the deployment's own dict is left as it was
+
+    with pytest.raises(ConfigError, match=r"config\.endpoint\.concurrency_limit_slots"):
+        deployment_config({**deployed, "endpoint": {"concurrency_limit_slots": "many"}}, cfg)
+    merged = deployment_config({**deployed, "image": {"image_root": "imgs"}}, cfg)
+    assert merged["image"] == {"image_root": "imgs"}  # the worker's, relative to its directory
+    cfg = build_config({**flags, "image_root": "mine"}, environ={})
+    assert deployment_config(deployed, cfg)["image"] == {"image_root": str(tmp_path / "mine")}

@@ -269,6 +269,11 @@ def test_deploy_worker_nightly_and_backfill_deployment(
     args = ["flows.cli", "backfill", images, "--out", out, *run_options, "--start", D1, "--end", D2]
     cli = procs.run(*args, "--deployment", "backfill/backfill", "--watch", timeout=180)
     assert "submitted flow run" in cli and "Completed" in cli, cli
+    unknown = subprocess.run(
+        [sys.executable, "-m", *map(str, args), "--deployment", "backfill/nope"],
+        cwd=REPO, env=procs.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert unknown.returncode == 1 and "no deployment 'backfill/nope' on the server" in unknown.stderr
 
     found = asyncio.run(_wait_and_read(url, nightly_run.id))
     assert found["nightly_run"].state.is_completed(), found["nightly_run"].state
