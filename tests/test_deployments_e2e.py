@@ -252,7 +252,8 @@ def test_deploy_worker_nightly_and_backfill_deployment(
 
     pool = PROJECT["definitions"]["work_pool"]["name"]
     procs.run("prefect", "work-pool", "create", pool, "--type", "process")
-    deployed = procs.run("prefect", "deploy", "--all")
+    # as in a terminal, where prefect deploy asks about whatever prefect.yaml leaves open: nothing here
+    deployed = procs.run("prefect", "deploy", "--all", env={**procs.env, "PREFECT_CLI_PROMPT": "true"})
     assert "annotate/annotate-nightly" in deployed and "backfill/backfill" in deployed
     procs.start("worker", "prefect", "worker", "start", "--pool", pool, cwd=tmp_path)
 
