@@ -113,17 +113,30 @@ class EndpointClient:
 
 
 PARTIAL_MIN = 4  # a message ending in this many of the key's first characters may be a key cut short
+PARTIAL_ANYWHERE = 8  # this many of them anywhere is taken for the key, cut where the quote was cut
+CLOSERS = "'\"`)]}>.… \n"  # what may follow a cut: a closing quote (``!r``), bracket or ellipsis
 
 
 def redact(message: str, secret: str | None) -> str:
-    """``message`` without ``secret``: every whole occurrence, and a start of it left at the end by a
-    message cut to length."""
+    """``message`` without ``secret``: every whole occurrence, every start of it of 8 characters or
+    more (a quote of the key cut short inside the message), and a shorter start of it left at the end
+    by a message cut to length (closing quotes and brackets after the cut allowed)."""
     if not secret:
         return message
     message = message.replace(secret, "***")
-    for size in range(min(len(secret) - 1, len(message)), PARTIAL_MIN - 1, -1):
-        if message.endswith(secret[:size]):
-            return message[:-size] + "***"
+    head = secret[:PARTIAL_ANYWHERE]
+    if len(secret) > PARTIAL_ANYWHERE:
+        start = message.find(head)
+        while start >= 0:
+            end = start + len(head)
+            while end - start < len(secret) and end < len(message) and message[end] == secret[end - start]:
+                end += 1
+            message = message[:start] + "***" + message[end:]
+            start = message.find(head, start + 3)
+    body = message.rstrip(CLOSERS)
+    for size in range(min(len(secret) - 1, len(body)), PARTIAL_MIN - 1, -1):
+        if body.endswith(secret[:size]):
+            return body[:-size] + "***" + message[len(body) :]
     return message
 
 

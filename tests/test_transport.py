@@ -339,15 +339,22 @@ def test_the_key_is_redacted_from_an_unparseable_answer_and_when_cut_short() -> 
         pad = "x" * (MAX_MESSAGE - len("Bearer ") - 10)
         return web.json_response({"error": {"message": pad + request.headers["Authorization"]}}, status=400)
 
+    async def echo_cut(request: web.Request) -> web.StreamResponse:  # the quote of the body cuts the key
+        return web.Response(text="x" * 170 + " " + request.headers["Authorization"])
+
     async def test(base_url: str, _: Recorder) -> None:
         got = await failure(base_url, key=KEY, max_retries=0)
         assert got.error_type == "invalid_response" and "***" in got.message
         assert KEY not in got.message and KEY[:8] not in got.message
+        quoted = await failure(base_url.replace("/v1", "/quoted"), key=KEY, max_retries=0)
+        assert quoted.error_type == "invalid_response" and quoted.message.endswith("Bearer ***'")
+        assert KEY[:4] not in quoted.message
         cut = await failure(base_url.replace("/v1", "/long"), key=KEY)
         assert cut.error_type == "bad_request" and cut.message.endswith("Bearer ***")
         assert KEY[:4] not in cut.message
 
-    run_with_server({"/v1/chat/completions": echo_ok, "/long/chat/completions": echo_long}, test)
+    routes = {"/v1/chat/completions": echo_ok, "/long/chat/completions": echo_long}
+    run_with_server({**routes, "/quoted/chat/completions": echo_cut}, test)
 
 
 @pytest.mark.parametrize(
@@ -357,11 +364,26 @@ def test_the_key_is_redacted_from_an_unparseable_answer_and_when_cut_short() -> 
         ("cut at sk-ab", "cut at ***"),
         ("ends in sk-", "ends in sk-"),  # 3 characters: too short to be taken for the key
         ("nothing here", "nothing here"),
+        ("quoted and cut: 'Bearer sk-abc12'", "quoted and cut: 'Bearer ***'"),  # a body cut, then !r
+        ("cut (sk-abc…)", "cut (***…)"),
+        ("a key of another: sk-abd999", "a key of another: sk-abd999"),
     ],
 )
 def test_redact(message: str, redacted: str) -> None:
     assert redact(message, "sk-abc123") == redacted
     assert redact(message, None) == message
+
+
+@pytest.mark.parametrize(
+    ("message", "redacted"),
+    [
+        ("'xx Bearer sk-SECRETKEY-012345678' (HTTP 200)", "'xx Bearer ***' (HTTP 200)"),  # cut inside
+        ("twice sk-SECRETKEY-01 and sk-SECRETKEY-0123456789abcdef!", "twice *** and ***!"),
+        ("prefix only sk-SECR then text", "prefix only sk-SECR then text"),  # 7 characters, not at the end
+    ],
+)
+def test_redact_a_key_quoted_and_cut_inside_a_message(message: str, redacted: str) -> None:
+    assert redact(message, "sk-SECRETKEY-0123456789abcdef") == redacted
 
 
 def test_the_key_never_appears_in_a_message_or_repr() -> None:
