@@ -57,8 +57,10 @@ class ItemSender:
         """
         try:
             answer = await self._send(row, request, row_id(row))
-            _fill(row, answer)
-            if answer.text is None:  # an ok row always has its answer (CONTRACT: text null only when failed)
+            _fill(row, answer, request.keep_reasoning)
+            if not (
+                answer.text or ""
+            ).strip():  # an ok row has its answer (CONTRACT: text null only when failed)
                 raise ItemFailure("no_answer", _no_answer(answer), http_status=answer.http_status)
             if json_schema is not None:
                 row.json = await self._valid_json(row, request, answer, json_schema)
@@ -115,7 +117,7 @@ class ItemSender:
             repaired = await self._send(
                 row, repair_request(request, answer.text, failure.message), row_id(row)
             )
-        _fill(row, repaired)
+        _fill(row, repaired, request.keep_reasoning)
         return validate_json(repaired.text, schema)
 
     def _observe(self, failure: RequestFailure) -> None:
@@ -136,12 +138,14 @@ def _no_answer(answer: Answer) -> str:
             f"the model gave no answer text: the output budget ran out ({spent}{on}); "
             "raise --max-tokens or the prompt's max_tokens"
         )
-    return f"the model gave no answer text (finish_reason {answer.finish_reason!r})"
+    what = "no answer text" if answer.text is None else f"an empty answer ({answer.text!r})"
+    return f"the model gave {what} (finish_reason {answer.finish_reason!r})"
 
 
-def _fill(row: ResultRow, answer: Answer) -> None:
+def _fill(row: ResultRow, answer: Answer, keep_reasoning: bool) -> None:
+    """``keep_reasoning``: CONTRACT stores reasoning when it was on, else null (a server may think anyway)."""
     row.text = answer.text
-    row.reasoning = answer.reasoning
+    row.reasoning = answer.reasoning if keep_reasoning else None
     row.finish_reason = answer.finish_reason
     row.prompt_tokens = answer.prompt_tokens
     row.completion_tokens = answer.completion_tokens

@@ -34,6 +34,7 @@ class Request:
     body: dict[str, Any]  # the JSON body sent
     key: str
     cost: int = 0  # estimated tokens, for --tpm
+    keep_reasoning: bool = False  # reasoning asked for and not hidden: its text is stored (CONTRACT)
 
 
 def image_ref(sha256: str) -> str:
@@ -231,7 +232,8 @@ def build_request(
     text += "".join(turn.prompt.prompt + turn.answer for turn in history)
     cost = estimate_tokens(text, len(_images(image_url)), config.image.max_soft_tokens, budget)
     key = request_key(prompt, image, config, history) if keys is None else keys.key(prompt, image, history)
-    return Request(config.endpoint.api, body, key, cost)
+    keep = _thinking(prompt, config) and not config.generation.hide_reasoning
+    return Request(config.endpoint.api, body, key, cost, keep)
 
 
 def repair_request(request: Request, answer: str | None, error: str) -> Request:
@@ -250,4 +252,5 @@ def repair_request(request: Request, answer: str | None, error: str) -> Request:
             {"role": "assistant", "content": answer or ""},
             {"role": "user", "content": [{"type": "text", "text": feedback}]},
         ]
-    return Request(request.api, body, request.key, request.cost + len(answer or "") // 4 + len(feedback) // 4)
+    cost = request.cost + len(answer or "") // 4 + len(feedback) // 4
+    return Request(request.api, body, request.key, cost, request.keep_reasoning)

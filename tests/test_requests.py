@@ -114,3 +114,19 @@ def test_request_keys_from_templates_equal_the_plain_keys() -> None:
         assert keys.key(prompt, refs[1], history) == request_key(prompt, refs[1], config, history)
         several = [refs[1], "sha256:" + "cd" * 32]
         assert keys.key(prompt, several) == request_key(prompt, several, config)
+
+
+def test_reasoning_text_is_kept_only_where_reasoning_is_on_and_not_hidden() -> None:
+    """The prompt's own ``reasoning`` column wins over --reasoning; --hide-reasoning asks for no text."""
+    import dataclasses
+
+    thinking = dataclasses.replace(P, reasoning=True)
+    quiet = dataclasses.replace(P, reasoning=False)
+    assert build_request(P, "data:x", "sha256:h", cfg(reasoning=True)).keep_reasoning
+    assert not build_request(P, "data:x", "sha256:h", CFG).keep_reasoning
+    assert build_request(thinking, "data:x", "sha256:h", CFG).keep_reasoning
+    assert not build_request(quiet, "data:x", "sha256:h", cfg(reasoning=True)).keep_reasoning
+    hidden = build_request(P, "data:x", "sha256:h", cfg(reasoning=True, hide_reasoning=True))
+    assert not hidden.keep_reasoning and hidden.body["include_reasoning"] is False
+    kept = build_request(P, "data:x", "sha256:h", cfg(api="responses", reasoning=True))
+    assert kept.keep_reasoning and repair_request(kept, "{", "not JSON").keep_reasoning

@@ -7,6 +7,7 @@ scripts and record what they received; nothing else (no emulator, no Prefect).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -559,3 +560,44 @@ def test_each_attempt_has_its_own_request_id_naming_its_item() -> None:
     assert [c.rsplit("-", 2)[0] for c in calls] == [item] * 3
     assert (first[-2:], second[-2:], other_run[-2:]) == ("-1", "-2", "-1")
     assert len(set(calls)) == 3  # attempts differ, and so do two runs' first attempts
+
+
+def _answer(content: str | None, reasoning: str | None, finish: str = "stop") -> dict[str, Any]:
+    message = {"role": "assistant", "content": content, "reasoning": reasoning}
+    return {**CHAT_OK, "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+
+
+@pytest.mark.parametrize("content", ["", "  \n"])
+def test_an_empty_answer_is_no_answer_not_an_ok_row(content: str) -> None:
+    """Gateways send "" where vLLM sends null when the budget went to reasoning: not an ok row either."""
+
+    async def test(base_url: str, rec: Recorder) -> None:
+        run = RunConfig(
+            out="o", endpoint={"base_url": base_url, "model": "m"}, generation={"reasoning": True}
+        )
+        sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=2), None)
+        row = ResultRow("img1", "cap", "caption", "ok")
+        assert await sender.fill(row, chat_request(), None)
+        await sender.aclose()
+        assert (row.status, row.error_type, row.text) == ("failed", "no_answer", None)
+        assert row.error_message is not None and "output budget ran out" in row.error_message
+        assert len(rec.seen) == 1  # the same budget gives the same answer: not retried
+
+    run_with_server({"/v1/chat/completions": json_handler(200, _answer(content, "hmm", "length"))}, test)
+
+
+@pytest.mark.parametrize(("keep", "stored"), [(True, "thoughts"), (False, None)])
+def test_reasoning_is_stored_only_when_it_was_asked_for(keep: bool, stored: str | None) -> None:
+    """CONTRACT: the reasoning text when reasoning was on (and not hidden), else null, whatever the
+    server sends (tasks/requests.py decides ``keep_reasoning`` per prompt)."""
+
+    async def test(base_url: str, _: Recorder) -> None:
+        run = RunConfig(out="o", endpoint={"base_url": base_url, "model": "m"})
+        sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=0), None)
+        row = ResultRow("img1", "cap", "caption", "ok")
+        request = dataclasses.replace(chat_request(), keep_reasoning=keep)
+        assert await sender.fill(row, request, None)
+        await sender.aclose()
+        assert (row.status, row.text, row.reasoning) == ("ok", "a cat", stored)
+
+    run_with_server({"/v1/chat/completions": json_handler(200, _answer("a cat", "thoughts"))}, test)
