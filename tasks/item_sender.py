@@ -39,7 +39,9 @@ class ItemSender:
         self.stop = stop
         self.client = EndpointClient(endpoint, api_key)
         self.policy = retry_policy or RetryPolicy(max_retries=endpoint.max_retries, sleep=stop.sleep)
-        self.detector = OutageDetector(window=endpoint.outage_window, describe=endpoint.base_url)
+        self.detector = OutageDetector(
+            window=endpoint.outage_window, describe=endpoint.base_url, max_wait=self.policy.max_retry_after
+        )
         self.requests = InFlightLimiter(
             endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
         )

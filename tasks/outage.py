@@ -3,7 +3,10 @@
 The endpoint is unusable when, with no success in between:
 - every attempt failed to connect, timed out or got 502/503/504 for longer than ``window`` seconds;
 - ``threshold`` attempts in a row were refused with 401/403 (credentials rejected);
-- ``threshold`` attempts in a row got 404 (the model or route does not exist).
+- ``threshold`` attempts in a row got 404 (the model or route does not exist);
+- an answer asked to wait longer than a run waits (``Retry-After`` over ``max_wait``, 300 s): a
+  gateway whose quota is spent for the day would otherwise make every item wait out the cap on every
+  retry, for hours, and fail anyway.
 Then the run aborts (exit 3): answered rows are kept, unattempted items get no row.
 """
 
@@ -36,9 +39,11 @@ class OutageDetector:
         window: float,
         threshold: int = 3,
         describe: str = "the endpoint",
+        max_wait: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window = window
+        self.max_wait = max_wait
         self.threshold = threshold
         self.describe = describe
         self.clock = clock
@@ -58,6 +63,13 @@ class OutageDetector:
         """Record a failed attempt; returns the verdict when this failure makes the endpoint unusable."""
         if self.verdict is not None:
             return None
+        if failure.retry_after is not None and failure.retry_after > self.max_wait:
+            self.verdict = (
+                f"{self.describe} asks to wait {failure.retry_after:.0f} s before trying again (Retry-After, "
+                f"HTTP {failure.http_status}), longer than a run waits ({self.max_wait:.0f} s): "
+                f"{failure.message}"
+            )
+            return self.verdict
         if failure.error_type in self.streak:
             self.last_refusal = failure
             self.streak[failure.error_type] += 1

@@ -38,8 +38,9 @@ class RetryPolicy:
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = exc.retry_after if isinstance(exc, ItemFailure) else None
-        if retry_after is not None:
+        if retry_after is not None and retry_after > 0:
             # the server said when: wait that long, plus a little jitter so clients do not stampede
+            # (0, negative or a date gone by: no real answer, so the backoff, not a retry at once)
             return min(retry_after, self.max_retry_after) + random.uniform(
                 0, min(1.0, 0.1 * retry_after + 0.05)
             )

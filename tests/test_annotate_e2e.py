@@ -268,6 +268,23 @@ def test_without_preflight_the_requests_tell_the_same(tmp_path: Path, emulator: 
     assert "could not be reached" in res.err and "http://127.0.0.1:9/v1" in res.err
 
 
+def test_a_gateway_asking_to_wait_for_hours_stops_the_run_with_exit_3(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    """Retry-After beyond what a run waits (300 s): the endpoint is unusable for this run. Without the
+    verdict each item waited out the cap on every retry, for hours, and failed anyway."""
+    images = images_manifest(tmp_path, {f"i{k}": ((10 + k, 10), "red") for k in range(6)})
+    emulator.configure(fault_rate=1.0, fault_kinds=["429"], retry_after=86400)
+    res = vlmbatch(
+        "run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url, "--concurrency", 2
+    )
+    assert res.code == 3, res.err
+    assert "asks to wait 86400 s before trying again (Retry-After, HTTP 429)" in res.err
+    assert emulator.stats()["requests_total"] <= 2  # those in flight when the first answer came
+    kept = rows(tmp_path / "out") if any((tmp_path / "out").glob("part-*.parquet")) else []
+    assert kept == []  # nothing failed for it: the rerun asks every item
+
+
 def test_reasoning_shown_hidden_and_per_prompt(tmp_path: Path, emulator: EmulatorServer) -> None:
     images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
     prompts = write_parquet(

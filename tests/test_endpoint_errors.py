@@ -290,3 +290,21 @@ def test_json_nested_beyond_reading_is_an_invalid_json_failure() -> None:
     with pytest.raises(RequestFailure) as err:
         validate_json(deep, '{"type": "array"}')
     assert err.value.error_type == "invalid_json" and "nested too deeply" in err.value.message
+
+
+@pytest.mark.parametrize("retry_after", [0.0, -5.0])
+def test_a_retry_after_of_zero_or_less_gets_the_backoff_not_a_retry_at_once(retry_after: float) -> None:
+    """A negative value or a date gone by (parsed as 0) says nothing: hammering the server is no answer."""
+    from tasks.retry import RetryPolicy
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def busy() -> str:
+        raise RequestFailure("server_error", "503", http_status=503, retry_after=retry_after)
+
+    with pytest.raises(RequestFailure):
+        asyncio.run(RetryPolicy(max_retries=3, sleep=fake_sleep).call(busy))
+    assert len(slept) == 3 and slept[0] >= 0.5 and slept[1] >= 1.0 and slept[2] >= 2.0

@@ -83,3 +83,14 @@ def test_sorted_table_and_empty_index() -> None:
     assert len(empty) == 0 and empty.lookup("a", "b") is None
     assert HashCache.load([]).get("file:/x") is None
     assert identity_hash("a", "bc") != identity_hash("ab", "c")
+
+
+def test_an_answer_asking_to_wait_longer_than_a_run_waits_is_an_outage_at_once() -> None:
+    """A gateway whose quota is spent for the day: items would each wait out the cap, for hours."""
+    d = OutageDetector(window=60, max_wait=300, describe="http://gw/v1")
+    assert d.failure(RequestFailure("rate_limited", "slow", http_status=429, retry_after=300)) is None
+    verdict = d.failure(RequestFailure("rate_limited", "quota spent", http_status=429, retry_after=86400))
+    assert verdict == (
+        "http://gw/v1 asks to wait 86400 s before trying again (Retry-After, HTTP 429), longer than a run "
+        "waits (300 s): quota spent"
+    )
