@@ -1,30 +1,42 @@
 """Before a run sends any work: is the endpoint there, ready, and serving the model?
 
 ``GET {base}/models`` (is the model listed? name the ones that are) and ``GET {base}/health/ready``
-where the server has it (NIM does; a 404 means it doesn't, which is fine). An endpoint that cannot be
-reached, rejects the credentials or lacks the model stops the run with exit 3 before anything is sent.
+where the server has it (NIM does; a 404 means it doesn't, which is fine). An endpoint that rejects
+the credentials or lacks the model stops the run with exit 3 before anything is sent; so does one that
+stays unreachable or busy (refused, timed out, 408, 429, 5xx: NIM answers 503 while its model loads)
+for ``--outage-window`` seconds, retried meanwhile as the run itself would: a nightly run that starts
+during a restart or a gateway's blip goes on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
+
+from tenacity import RetryCallState
 
 from tasks.config import EndpointConfig
 from tasks.endpoint import EndpointClient
 from tasks.errors import RequestFailure
+from tasks.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
 
 
 class PreflightFailed(Exception):
     """The endpoint is unusable; nothing was sent."""
 
 
-async def preflight(config: EndpointConfig, key: str | None = None) -> list[str]:
+async def preflight(
+    config: EndpointConfig, key: str | None = None, policy: RetryPolicy | None = None
+) -> list[str]:
     """Check the endpoint; returns the models it serves (empty if it has no model list)."""
-    client = EndpointClient(config, key)
+    client, policy = EndpointClient(config, key), policy or RetryPolicy()
     try:
-        models = await _models(client, config)
-        await _ready(client, config)
+        models = await _models(client, config, policy)
+        await _ready(client, config, policy)
     finally:
         await client.aclose()
     if models and config.model not in models:
@@ -34,9 +46,33 @@ async def preflight(config: EndpointConfig, key: str | None = None) -> list[str]
     return models
 
 
-async def _models(client: EndpointClient, config: EndpointConfig) -> list[str]:
+async def _get(client: EndpointClient, path: str, policy: RetryPolicy) -> object:
+    """``client.get_json(path)``, transient failures retried for up to ``--outage-window`` seconds."""
+    window, started, told = client.config.outage_window, time.monotonic(), False
+
+    def waiting(state: RetryCallState) -> None:
+        nonlocal told
+        if not told and state.outcome is not None:
+            told = True
+            log.warning(
+                "preflight: %s%s: %s; trying again for up to %g s (--outage-window)",
+                client.config.base_url,
+                path,
+                state.outcome.exception(),
+                window,
+            )
+
     try:
-        content = await client.get_json("/models")
+        return await policy.call_within(window, lambda: client.get_json(path), waiting)
+    except RequestFailure as failure:
+        if told:
+            failure.message += f" (after {time.monotonic() - started:.0f} s of trying)"
+        raise
+
+
+async def _models(client: EndpointClient, config: EndpointConfig, policy: RetryPolicy) -> list[str]:
+    try:
+        content = await _get(client, "/models", policy)
     except RequestFailure as failure:
         if failure.error_type != "not_found":
             raise PreflightFailed(_describe(config, "/models", failure)) from None
@@ -63,9 +99,9 @@ async def _answers_under_v1(client: EndpointClient, config: EndpointConfig) -> b
     return True
 
 
-async def _ready(client: EndpointClient, config: EndpointConfig) -> None:
+async def _ready(client: EndpointClient, config: EndpointConfig, policy: RetryPolicy) -> None:
     try:
-        await client.get_json("/health/ready")
+        await _get(client, "/health/ready", policy)
     except RequestFailure as failure:
         if failure.error_type == "not_found":
             return  # the server has no readiness route (vLLM); /models answered, good enough

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 from tenacity.wait import wait_exponential_jitter
 
 from tasks.errors import ItemFailure
@@ -56,6 +56,26 @@ class RetryPolicy:
             reraise=True,
             sleep=self.sleep,
         )
+
+    async def call_within(
+        self,
+        seconds: float,
+        attempt: Callable[[], Awaitable[T]],
+        before_sleep: Callable[[RetryCallState], None] | None = None,
+    ) -> T:
+        """Run ``attempt``, retrying transient failures for up to ``seconds`` in all rather than a number
+        of times (no retry that would start later; a longer Retry-After re-raises at once)."""
+        async for trial in AsyncRetrying(
+            stop=stop_before_delay(seconds),
+            wait=self.wait,
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+        ):
+            with trial:
+                return await attempt()
+        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
     async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt`` until it succeeds, fails terminally, or retries run out (re-raising)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -246,9 +247,11 @@ def test_preflight_wrong_model_or_unreachable_endpoint_exit_3_before_sending(
     assert res.code == 3
     assert "does not serve the model 'nope'; it serves: google/gemma-4-31b-it" in res.err
     assert emulator.stats()["requests_total"] == 0 and not (tmp_path / "o1").exists()
-    res = vlmbatch("run", images, "--out", tmp_path / "o2", "--base-url", "http://127.0.0.1:9/v1")
+    unreachable = ["--base-url", "http://127.0.0.1:9/v1", "--outage-window", 1.5]
+    res = vlmbatch("run", images, "--out", tmp_path / "o2", *unreachable)
     assert res.code == 3
     assert "cannot reach the endpoint at http://127.0.0.1:9/v1/models" in res.err
+    assert re.search(r"\(after \d+ s of trying\)", res.err)  # retried first, as the run would be
     root = emulator.base_url.removesuffix("/v1")  # the commonest mistake: the base URL without /v1
     res = vlmbatch("run", images, "--out", tmp_path / "o3", "--base-url", root)
     assert res.code == 3

@@ -217,7 +217,17 @@ def test_an_expected_stop_prints_one_error_line_not_a_traceback(
     tmp_path: Path, start: Callable[..., subprocess.Popen[str]]
 ) -> None:
     images = images_manifest(tmp_path, {"a": ((20, 20), "red")})
-    proc = start(["run", images, "--out", tmp_path / "out", "--base-url", "http://127.0.0.1:9/v1"])
+    args = [
+        "run",
+        images,
+        "--out",
+        tmp_path / "out",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--outage-window",
+        1,
+    ]
+    proc = start(args)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     assert "error: preflight: cannot reach the endpoint at http://127.0.0.1:9/v1/models" in err

@@ -522,6 +522,42 @@ def test_get_json() -> None:
     assert rec.seen[0]["headers"]["Authorization"] == f"Bearer {KEY}"
 
 
+def test_preflight_waits_out_a_busy_or_loading_endpoint_within_the_outage_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A gateway's 429 (Retry-After honoured), a proxy's 502 and NIM's 503 while its model loads are
+    retried; an endpoint still busy after --outage-window fails the preflight, saying for how long."""
+    from tasks.preflight import PreflightFailed, preflight
+
+    answers = {"/v1/models": [429, 502, 200], "/v1/health/ready": [503, 200], "/busy/models": [503] * 99}
+    slept: list[float] = []
+
+    def scripted(path: str) -> Handler:
+        async def handle(_: web.Request) -> web.StreamResponse:
+            status = answers[path].pop(0)
+            if status == 200:
+                return web.json_response({"data": [{"id": "m"}]})
+            return web.json_response(
+                {"error": {"message": "busy"}}, status=status, headers={"Retry-After": "1"}
+            )
+
+        return handle
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def test(base_url: str, rec: Recorder) -> None:
+        policy = RetryPolicy(sleep=fake_sleep)
+        assert await preflight(config(base_url), None, policy) == ["m"]
+        assert len(rec.seen) == 5 and len(slept) == 3 and 1.0 <= slept[0] <= 1.2  # Retry-After: 1
+        assert caplog.text.count("trying again for up to 60 s (--outage-window)") == 2  # once a route
+        busy = config(base_url.replace("/v1", "/busy")).model_copy(update={"outage_window": 0.5})
+        with pytest.raises(PreflightFailed, match=r"/busy/models is not ready \(HTTP 503\)"):
+            await preflight(busy, None, policy)  # the 1 s Retry-After would end past the window: no wait
+
+    run_with_server({path: scripted(path) for path in answers}, test)
+
+
 def test_codecs() -> None:
     assert json.loads(encode({"a": "é", "n": 1})) == {"a": "é", "n": 1}
     assert json.loads(encode({"big": 2**70})) == {"big": 2**70}  # beyond orjson: json takes it
