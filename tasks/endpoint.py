@@ -9,12 +9,15 @@ transport and never stored in config, rows, logs, messages or reprs.
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tasks.answers import Answer, StreamAggregator, parse_chat_answer, parse_responses_answer
 from tasks.config import EndpointConfig
@@ -155,6 +158,10 @@ def classify(exc: BaseException) -> RequestFailure:
         # refused, reset, disconnected, a body cut short, a garbled response: the innermost cause
         # (the OSError under aiohttp's wrapper) says what happened
         root = _root_cause(exc)
+        if isinstance(root, HttpProcessingError):  # its str reads "400, message: ..." (aiohttp's own code)
+            return RequestFailure(
+                "connection", f"the answer was cut short or garbled: {root.message}"[:MAX_MESSAGE]
+            )
         return RequestFailure("connection", f"could not reach the endpoint: {root}"[:MAX_MESSAGE])
     return RequestFailure("invalid_response", f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE])
 
@@ -168,7 +175,14 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def classify_status(status: int, headers: Any, body: object) -> RequestFailure:
-    message = error_message(body) or f"HTTP {status}"
+    message = error_message(body)
+    message = (
+        f"HTTP {status}"
+        if not message
+        else message
+        if isinstance(body, dict)
+        else f"HTTP {status}: {message}"
+    )
     retry_after = parse_retry_after(headers)
     effective = status
     if status == 424:  # Azure ML: the container answered non-200; the original status is in a header
@@ -201,8 +215,11 @@ def classify_status(status: int, headers: Any, body: object) -> RequestFailure:
 
 
 def error_message(body: object) -> str | None:
-    """The message of a nested, flat or plain-string error body."""
+    """The message of a nested (OpenAI), flat (old vLLM, gateways), FastAPI (``detail``: a string, or a
+    list of field errors), HTML or plain-text error body."""
     if isinstance(body, dict):
+        if "error" not in body and "message" not in body and "detail" in body:
+            return _detail(body["detail"])
         inner = body.get("error", body)
         if isinstance(inner, dict):
             msg = inner.get("message")
@@ -210,8 +227,26 @@ def error_message(body: object) -> str | None:
         return str(inner)
     if isinstance(body, str | bytes):
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-        return text.strip() or None
+        if _HTML.match(text):  # a proxy's error page: its title, or its text without the markup
+            title = _TITLE.search(text)
+            text = html.unescape(title.group(1) if title else _TAG.sub(" ", text))
+        return " ".join(text.split()) or None
     return None
+
+
+_HTML = re.compile(r"\s*<(!doctype html|html|head|body)\b", re.IGNORECASE)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _detail(detail: object) -> str | None:
+    if isinstance(detail, list):  # FastAPI's validation errors: [{"loc": [...], "msg": ...}, ...]
+        parts = [
+            f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg')}" if isinstance(d, dict) else str(d)
+            for d in detail
+        ]
+        return "; ".join(parts) or None
+    return str(detail) if detail is not None else None
 
 
 def parse_retry_after(headers: Any) -> float | None:

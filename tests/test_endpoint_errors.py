@@ -308,3 +308,50 @@ def test_a_retry_after_of_zero_or_less_gets_the_backoff_not_a_retry_at_once(retr
     with pytest.raises(RequestFailure):
         asyncio.run(RetryPolicy(max_retries=3, sleep=fake_sleep).call(busy))
     assert len(slept) == 3 and slept[0] >= 0.5 and slept[1] >= 1.0 and slept[2] >= 2.0
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (404, {"detail": "Not Found"}, "Not Found"),  # vLLM's (FastAPI's) own unknown route
+        (
+            422,
+            {
+                "detail": [
+                    {"loc": ["body", "max_tokens"], "msg": "Input should be a valid integer", "type": "x"}
+                ]
+            },
+            "body.max_tokens: Input should be a valid integer",
+        ),
+        (429, {"statusCode": 429, "message": "Rate limit is exceeded."}, "Rate limit is exceeded."),  # APIM
+        (
+            502,
+            "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body><center><h1>502 Bad Gateway</h1>"
+            "</center><hr><center>nginx</center></body></html>",
+            "HTTP 502: 502 Bad Gateway",
+        ),
+        (
+            500,
+            "<!DOCTYPE html><html><body><p>Upstream &amp; friends\n  down</p></body></html>",
+            "HTTP 500: Upstream & friends down",
+        ),
+        (503, "upstream connect error\n or disconnect", "HTTP 503: upstream connect error or disconnect"),
+        (500, "", "HTTP 500"),
+    ],
+)
+def test_error_bodies_of_every_shape_give_a_readable_message(status: int, body: object, message: str) -> None:
+    assert classify_status(status, {}, body).message == message
+
+
+def test_a_body_cut_short_says_so_not_http_400() -> None:
+    """aiohttp's parser errors print as "400, message: ..." (its own code), which read as an HTTP 400."""
+    from aiohttp.http_exceptions import ContentLengthError
+
+    cut = aiohttp.ClientPayloadError("Response payload is not completed")
+    cut.__cause__ = ContentLengthError("Not enough data to satisfy content length header.")
+    failure = classify(cut)
+    assert (failure.error_type, failure.retryable) == ("connection", True)
+    assert (
+        failure.message
+        == "the answer was cut short or garbled: Not enough data to satisfy content length header."
+    )
