@@ -13,6 +13,7 @@ and is never part of a repr, a message or a log line.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,6 +54,15 @@ def decode_error_body(content: bytes) -> object:
         return content.decode("utf-8", "replace")
 
 
+def _loopback(host: str | None) -> bool:
+    if host is None or host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpTransport:
     """Bare HTTP to ``base_url``: ``post`` (read in full), ``stream`` (SSE lines) and ``get``."""
 
@@ -83,7 +93,13 @@ class HttpTransport:
                 headers["Authorization"] = f"Bearer {self._key}"
             connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0)
             self._session = aiohttp.ClientSession(
-                connector=connector, headers=headers, timeout=self._timeout, raise_for_status=False
+                connector=connector,
+                headers=headers,
+                timeout=self._timeout,
+                raise_for_status=False,
+                # HTTP(S)_PROXY / NO_PROXY as the openai SDK takes them, but never for a loopback
+                # endpoint (an emulator, an SSH tunnel), which no proxy can reach
+                trust_env=not _loopback(URL(self.base_url).host),
             )
         return self._session
 

@@ -637,3 +637,32 @@ def test_reasoning_is_stored_only_when_it_was_asked_for(keep: bool, stored: str 
         assert (row.status, row.text, row.reasoning) == ("ok", "a cat", stored)
 
     run_with_server({"/v1/chat/completions": json_handler(200, _answer("a cat", "thoughts"))}, test)
+
+
+def test_the_environments_http_proxy_is_used_except_for_a_loopback_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the openai SDK does: an endpoint behind a corporate proxy is reached through HTTP_PROXY. A
+    loopback endpoint never goes through one (no proxy could reach it)."""
+    through_proxy: list[str] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:  # answers as the endpoint behind it
+        through_proxy.append(str(request.url))
+        return web.json_response(CHAT_OK)
+
+    async def test(base_url: str, _: Recorder) -> None:
+        monkeypatch.setenv("HTTP_PROXY", base_url.removesuffix("/v1"))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        far = EndpointClient(config("http://gpu-box.invalid:8000/v1"))  # no such host: only the proxy knows
+        near = EndpointClient(config(base_url))
+        try:
+            assert (await far.send(chat_request(), request_id="r1")).text == "a cat"
+            assert (await near.send(chat_request(), request_id="r2")).text == "a cat"
+        finally:
+            await far.aclose()
+            await near.aclose()
+
+    rec = run_with_server({"/v1/chat/completions": proxy}, test)
+    assert through_proxy[0] == "http://gpu-box.invalid:8000/v1/chat/completions"
+    assert len(rec.seen) == 2 and not through_proxy[1].startswith("http://gpu-box")  # the second came direct
