@@ -90,5 +90,34 @@ def serve_project(path: Path = PREFECT_YAML, only: list[str] | None = None, limi
     """Serve until interrupted; runs start in the directory of ``path`` (relative paths resolve there)."""
     from prefect import serve
 
+    deployments = build_deployments(path, only)
+    refuse_pool_bound(deployments)
     os.chdir(path.resolve().parent)
-    serve(*build_deployments(path, only), limit=limit)
+    serve(*deployments, limit=limit)
+
+
+def refuse_pool_bound(deployments: list[RunnerDeployment]) -> None:
+    """Serving a deployment that ``prefect deploy`` bound to a work pool keeps that binding on the
+    server (with no pull steps): a worker of the pool then takes its runs and crashes. Refuse, saying
+    how to switch."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    bound: dict[str, str] = {}  # deployment: its work pool
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            name = f"{d.flow_name}/{d.name}"
+            try:
+                found = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if found.work_pool_name:
+                bound[name] = found.work_pool_name
+    if bound:
+        raise ConfigError(
+            "already deployed to a work pool by `prefect deploy`: "
+            + ", ".join(f"{name} (work pool {pool!r})" for name, pool in bound.items())
+            + ". A worker of that pool would take the served runs and fail. Keep using the worker, or "
+            + "delete them first: "
+            + "; ".join(f"prefect deployment delete {name}" for name in bound)
+        )

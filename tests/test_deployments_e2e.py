@@ -255,6 +255,13 @@ def test_deploy_worker_nightly_and_backfill_deployment(
     # as in a terminal, where prefect deploy asks about whatever prefect.yaml leaves open: nothing here
     deployed = procs.run("prefect", "deploy", "--all", env={**procs.env, "PREFECT_CLI_PROMPT": "true"})
     assert "annotate/annotate-nightly" in deployed and "backfill/backfill" in deployed
+    serve = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "serve"],
+        cwd=REPO, env=procs.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert serve.returncode == 1  # serving them now would leave the pool's worker crashing their runs
+    assert "already deployed to a work pool by `prefect deploy`: annotate/annotate-nightly" in serve.stderr
+    assert "prefect deployment delete backfill/backfill" in serve.stderr
     procs.start("worker", "prefect", "worker", "start", "--pool", pool, cwd=tmp_path)
 
     # the nightly run of 2024-05-02 02:30 in Berlin annotates the 1st (no date given)
