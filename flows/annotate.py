@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
+from flows.states import with_failed_rows
 from tasks.artifacts import Progress, artifact_key, publish_summary
 from tasks.config import RunConfig
 from tasks.endpoint import load_api_key
@@ -342,6 +343,10 @@ async def annotate(config: RunConfig) -> RunSummary:
         raise RunInterrupted(
             f"interrupted by {stop.reason}; rerun to continue", result, EXIT_CODES[stop.reason]
         )
+    if result.failed and not config.dry_run:  # the CLI's exit 2, where a deployment's run shows it
+        errors = ", ".join(f"{kind}: {n}" for kind, n in result.errors.items())
+        message = f"{result.failed} of {result.work_items} rows failed ({errors}); a rerun retries them"
+        return with_failed_rows(result, message)
     return result
 
 

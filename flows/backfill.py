@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.annotate import annotate
+from flows.states import with_failed_rows
 from tasks.artifacts import outcomes_table, publish_table
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, UsageError
@@ -147,6 +148,14 @@ async def backfill(
         key="backfill-partitions",
         description=f"backfill {start}..{end}: outcome per partition",
     )
+    missing = [o.partition for o in outcomes if o.outcome == "missing input"]
+    if missing:  # a deployment's run would otherwise look complete with nothing done
+        logger.warning(
+            "%d of %d partitions have no input, so nothing ran for them: %s",
+            len(missing),
+            len(outcomes),
+            ", ".join(missing),
+        )
     broken = [o for o in outcomes if o.outcome in ("error", "interrupted", "not started")]
     if broken:
         raise BackfillIncomplete(
@@ -154,4 +163,9 @@ async def backfill(
             + ", ".join(f"{o.partition} ({o.outcome})" for o in broken),
             outcomes,
         )
+    failed = [o for o in outcomes if o.outcome == "failed rows"]
+    if failed:
+        rows = sum(o.failed for o in failed)
+        where = ", ".join(o.partition for o in failed)
+        return with_failed_rows(outcomes, f"{rows} rows failed in {len(failed)} partitions ({where})")
     return outcomes

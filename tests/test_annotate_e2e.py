@@ -490,3 +490,32 @@ def test_a_manifest_of_large_strings_as_pandas_3_writes_runs(
     res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url)
     assert res.code == 0, res.err
     assert [(r["image_id"], r["status"]) for r in rows(tmp_path / "out")] == [("a", "ok"), ("b", "ok")]
+
+
+def test_a_run_with_failed_rows_ends_in_a_state_that_says_so(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    """A deployment's run has no exit status: its state must tell a run with failed rows from a clean one."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red"), "b": ((12, 10), "blue")})
+
+    async def last_state() -> tuple[str | None, str | None]:
+        async with get_client() as client:
+            (run,) = await client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)
+            assert run.state is not None and run.state.is_completed()
+            return run.state.name, run.state.message
+
+    base = ["run", images, "--base-url", emulator.base_url]
+    assert vlmbatch(*base, "--out", tmp_path / "clean").code == 0
+    assert asyncio.run(last_state())[0] == "Completed"
+    (tmp_path / "img" / "b.jpg").write_bytes(b"not an image")
+    res = vlmbatch(*base, "--out", tmp_path / "failed")
+    assert res.code == 2, res.err
+    assert asyncio.run(last_state()) == (
+        "CompletedWithFailures",
+        "1 of 2 rows failed (bad_image: 1); a rerun retries them",
+    )

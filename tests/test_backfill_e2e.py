@@ -72,6 +72,21 @@ def test_backfill_resumes_partial_skips_complete_and_reports_missing(
     assert len(rows(out / f"date={D3}")) == 3
 
 
+async def _last_run_state(flow_name: str) -> tuple[str | None, str | None]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async with get_client() as client:
+        (run,) = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            limit=1,
+            sort=FlowRunSort.START_TIME_DESC,
+        )
+    assert run.state is not None
+    return run.state.name, run.state.message
+
+
 def test_backfill_failed_rows_and_usage_errors(tmp_path: Path, emulator: EmulatorServer) -> None:
     manifests = tmp_path / "manifests"
     _partition(manifests, D1, 2)
@@ -81,6 +96,10 @@ def test_backfill_failed_rows_and_usage_errors(tmp_path: Path, emulator: Emulato
     res = vlmbatch(*base, "--out", tmp_path / "out" / "date={date}")
     assert res.code == 2  # a partition with failed rows
     assert "failed rows" in res.out and "bad_image: 1" in res.out
+    assert asyncio.run(_last_run_state("backfill")) == (
+        "CompletedWithFailures",  # what a deployment's run shows instead of the exit status
+        f"1 rows failed in 1 partitions ({D1})",
+    )
     res = vlmbatch(*base, "--out", tmp_path / "flat")
     assert res.code == 1 and "{date} in --out" in res.err
     typo = ["backfill", tmp_path / "manifest" / "date={date}" / "images.parquet", *base[2:]]
