@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -172,7 +172,10 @@ class RunConfig(_Section):
     json_columns: bool = Field(
         False, description="write the JSON Schemas' top-level properties as typed columns"
     )
-    date: str | None = Field(None, description="date partition YYYY-MM-DD: fills {date} in paths")
+    # format "date": the Prefect UI's form offers a date picker and checks what is typed
+    date: Annotated[str, Field(json_schema_extra={"format": "date"})] | None = Field(
+        None, description="date partition YYYY-MM-DD: fills {date} in paths"
+    )
     endpoint: EndpointConfig = EndpointConfig()
     generation: GenerationConfig = GenerationConfig()
     image: ImageConfig = ImageConfig()

@@ -90,3 +90,14 @@ def test_concurrency_auto() -> None:
     assert build_config({**BASE, "concurrency": "12"}, environ={}).endpoint.in_flight_cap == 12
     with pytest.raises(ConfigError, match="or auto"):
         build_config({**BASE, "concurrency": "lots"}, environ={})
+
+
+def test_the_flow_parameter_schema_marks_the_date_as_a_date() -> None:
+    """So the Prefect UI's run form offers a date picker and rejects what is not one."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.annotate import annotate
+
+    schema = parameter_schema(annotate.fn).model_dump()
+    date = schema["definitions"]["RunConfig"]["properties"]["date"]
+    assert {"type": "string", "format": "date"} in date["anyOf"]
