@@ -94,10 +94,10 @@ def test_a_failure_inside_vlmbatch_costs_its_row_not_the_shard(
 ) -> None:
     real_fill = item_sender._fill
 
-    def fill(row: ResultRow, answer: Answer) -> None:
+    def fill(row: ResultRow, answer: Answer, keep_reasoning: bool) -> None:
         if row.image_id == "s0-001":
             raise RuntimeError("a bug")
-        real_fill(row, answer)
+        real_fill(row, answer, keep_reasoning)
 
     monkeypatch.setattr(item_sender, "_fill", fill)
     rows: list[ResultRow] = []
