@@ -27,7 +27,14 @@ def h64(text: str) -> int:
 
 
 def identity_hash(image_id: str | None, prompt_id: str) -> int:
-    return h64(f"{image_id}\x1f{prompt_id}" if image_id is not None else f"\x00\x1f{prompt_id}")
+    return h64(identity(image_id, prompt_id))
+
+
+def identity(image_id: str | None, prompt_id: str) -> str:
+    """One string per work item, and never the same for two: the image id's length in front says where
+    it ends, whatever characters the ids hold (a separator alone would not: "a\x1fb" + "c" and
+    "a" + "b\x1fc" would meet)."""
+    return f"-:{prompt_id}" if image_id is None else f"{len(image_id)}:{image_id}{prompt_id}"
 
 
 def key_hash(request_key: str | None) -> int:

@@ -15,13 +15,14 @@ from typing import Any
 
 from tasks.chains import group_by_root
 from tasks.manifests import DEFAULT_PROMPT, ImagesManifest, Prompt
+from tasks.output_index import identity
 
 READ_BATCH_ROWS = 256  # manifest rows per read: small, since the image column may hold the bytes
 
 
 def item_id(image_id: str | None, prompt_id: str) -> str:
     """A short stable id of a work item: the front of its X-Request-Id (tasks/item_sender.py)."""
-    return hashlib.sha256(f"{image_id or ''}\x1f{prompt_id}".encode()).hexdigest()[:24]
+    return hashlib.sha256(identity(image_id, prompt_id).encode()).hexdigest()[:24]
 
 
 NO_IMAGE = object()  # the value of a text-only job: its prompts are asked without an image

@@ -94,3 +94,11 @@ def test_an_answer_asking_to_wait_longer_than_a_run_waits_is_an_outage_at_once()
         "http://gw/v1 asks to wait 86400 s before trying again (Retry-After, HTTP 429), longer than a run "
         "waits (300 s): quota spent"
     )
+
+
+def test_work_item_identities_never_meet_whatever_the_ids_hold() -> None:
+    from tasks.work_items import item_id
+
+    pairs = [("a\x1fb", "c"), ("a", "b\x1fc"), (None, "p"), ("", "p"), ("\x00", "\x1fp"), (None, "\x1fp")]
+    assert len({identity_hash(i, p) for i, p in pairs}) == len(pairs)
+    assert len({item_id(i, p) for i, p in pairs}) == len(pairs)

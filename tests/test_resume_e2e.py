@@ -50,6 +50,25 @@ def test_rerun_of_a_finished_job_sends_nothing_and_reads_no_image(
     assert sorted((out / "_vlmbatch" / "hashes").iterdir()) == hash_files  # nothing new to cache
 
 
+def test_ids_that_would_meet_through_a_separator_are_told_apart(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    """("a\x1fb", "c") and ("a", "b\x1fc") are two work items: a rerun used to take them for one, delete
+    both rows and send both again, every time."""
+    images = images_manifest(tmp_path, {"a\x1fb": ((10, 10), "red"), "a": ((12, 10), "blue")})
+    prompts = prompts_manifest(
+        tmp_path, [{"prompt_id": "c", "prompt": "What?"}, {"prompt_id": "b\x1fc", "prompt": "Why?"}]
+    )
+    args = ["run", images, "--prompts", prompts, "--out", tmp_path / "out", "--base-url", emulator.base_url]
+    assert vlmbatch(*args).code == 0
+    expected = {(i, p) for i in ("a\x1fb", "a") for p in ("c", "b\x1fc")}
+    _assert_exactly_once(tmp_path / "out", expected)
+    emulator.reset()
+    assert vlmbatch(*args).code == 0
+    assert emulator.stats()["requests_total"] == 0
+    _assert_exactly_once(tmp_path / "out", expected)
+
+
 def test_changed_prompt_resends_only_its_items(tmp_path: Path, emulator: EmulatorServer) -> None:
     images = images_manifest(tmp_path, _specs(6))
     out = tmp_path / "out"
