@@ -91,7 +91,7 @@ class SummaryBuilder:
             self.finish[row.finish_reason] += 1
         self.prompt_tokens += row.prompt_tokens or 0
         self.completion_tokens += row.completion_tokens or 0
-        if row.latency_ms is not None:
+        if row.latency_ms is not None and row.status == "ok":  # answers' latency; failed rows have theirs too
             self.latencies.add(row.latency_ms)
 
     def build(
@@ -130,7 +130,8 @@ def summarize_table(table: pa.Table, out: str) -> RunSummary:
         return dict(pairs)
 
     status = counts("status")
-    latencies = table["latency_ms"].drop_null().to_pylist()
+    answered = pc.equal(table["status"], "ok")
+    latencies = table["latency_ms"].filter(answered).drop_null().to_pylist()
     return RunSummary(
         out=out,
         work_items=table.num_rows,

@@ -37,3 +37,20 @@ def test_the_printed_summary_gives_the_elapsed_time_to_the_hundredth() -> None:
     print_summary(RunSummary(work_items=4000, ok=4000, elapsed_s=8.437, rows_per_s=474.1), console)
     text = console.export_text()
     assert "8.44 s (474.1 rows/s)" in text and "ok" in text
+
+
+def test_latency_percentiles_are_of_answers_not_of_failures() -> None:
+    """Failed rows carry their last attempt's latency; a fast 429 or a long timeout is not an answer."""
+    from tasks.errors import ItemFailure
+    from tasks.results import OUTPUT_SCHEMA, ResultRow, rows_to_table
+    from tasks.summary import SummaryBuilder, summarize_table
+
+    ok = ResultRow("a", "p", "caption", "ok", text="x", latency_ms=100.0)
+    failed = ResultRow("b", "p", "caption", "ok", latency_ms=30_000.0).fail(ItemFailure("timeout", "slow"))
+    builder = SummaryBuilder()
+    for row in (ok, failed):
+        builder.add(row)
+    built = builder.build(work_items=2, elapsed_s=1.0, out=None)
+    assert built.latency_p95_ms is not None and abs(built.latency_p95_ms - 100) <= 1.5
+    read = summarize_table(rows_to_table([ok, failed], OUTPUT_SCHEMA), out="o")
+    assert read.latency_p95_ms == 100.0 and read.failed == 1

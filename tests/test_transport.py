@@ -666,3 +666,20 @@ def test_the_environments_http_proxy_is_used_except_for_a_loopback_endpoint(
     rec = run_with_server({"/v1/chat/completions": proxy}, test)
     assert through_proxy[0] == "http://gpu-box.invalid:8000/v1/chat/completions"
     assert len(rec.seen) == 2 and not through_proxy[1].startswith("http://gpu-box")  # the second came direct
+
+
+def test_a_failed_row_has_the_latency_of_its_last_attempt() -> None:
+    async def slow_503(_: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.05)
+        return web.json_response({"error": {"message": "busy"}}, status=503)
+
+    async def test(base_url: str, _: Recorder) -> None:
+        run = RunConfig(out="o", endpoint={"base_url": base_url, "model": "m"})
+        sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=0), None)
+        row = ResultRow("img1", "cap", "caption", "ok")
+        assert await sender.fill(row, chat_request(), None)
+        await sender.aclose()
+        assert (row.status, row.http_status, row.attempts) == ("failed", 503, 1)
+        assert row.latency_ms is not None and 50 <= row.latency_ms < 5000
+
+    run_with_server({"/v1/chat/completions": slow_503}, test)
