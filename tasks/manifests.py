@@ -101,17 +101,43 @@ def _is_image(t: pa.DataType) -> bool:
     return False
 
 
+def _plain(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column (pandas' ``category``) is a column of its values."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def _check_column(schema: pa.Schema, name: str, ok: object, expected: str, path: Path) -> None:
     if name not in schema.names:
         raise ManifestError(f"{path}: missing column {name!r} (columns: {', '.join(schema.names)})")
     t = schema.field(name).type
-    if not ok(t):  # type: ignore[operator]
+    if not ok(_plain(t)):  # type: ignore[operator]
         raise ManifestError(f"{path}: column {name!r} has type {t}; expected {expected}")
 
 
 def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """As ``string``: integers, and large_string (pandas 3's strings) or string_view too."""
+    """As ``string``: integers, and large_string (pandas 3's strings), string_view or dictionary too."""
     return column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
+
+
+def _decoded(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    return pc.cast(column, column.type.value_type) if pa.types.is_dictionary(column.type) else column
+
+
+def _common_carry_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type a carried column gets when its files differ in width or encoding only (pandas 2's
+    ``string`` beside pandas 3's ``large_string``, a ``category`` beside plain values, a file where it
+    is all null); None if they differ otherwise."""
+    if a.equals(b):
+        return a
+    if pa.types.is_null(a) or pa.types.is_null(b):  # a file where the column is all null
+        return b if pa.types.is_null(a) else a
+    a, b = _plain(a), _plain(b)
+    if _is_text(a) and _is_text(b):
+        return pa.string()
+    binary = (pa.types.is_binary, pa.types.is_large_binary)
+    if any(f(a) for f in binary) and any(f(b) for f in binary):
+        return pa.binary()
+    return a if a.equals(b) else None
 
 
 @dataclass(frozen=True)
@@ -141,8 +167,12 @@ class ImagesManifest:
         columns = [self.id_column, self.image_column, *self.carry]
         for file in self.files:
             for batch in _open(file).iter_batches(batch_size=batch_size, columns=columns):
-                ids = _as_text(batch.column(self.id_column))
-                yield batch.set_column(0, self.id_column, ids)
+                batch = batch.set_column(0, self.id_column, _as_text(batch.column(self.id_column)))
+                batch = batch.set_column(1, self.image_column, _decoded(batch.column(self.image_column)))
+                for i, field in enumerate(self.carry_schema, start=2):
+                    if not batch.column(i).type.equals(field.type):  # a file of another width
+                        batch = batch.set_column(i, field.name, pc.cast(batch.column(i), field.type))
+                yield batch
 
 
 def read_images_manifest(
@@ -169,13 +199,17 @@ def read_images_manifest(
                 raise ManifestError(
                     f"{file}: --carry column {name!r} is missing (columns: {', '.join(schema.names)})"
                 )
-            field = schema.field(name)
-            if name in carry_fields and not carry_fields[name].type.equals(field.type):
-                raise ManifestError(
-                    f"{file}: --carry column {name!r} has type {field.type}, "
-                    f"but {carry_fields[name].type} in another file"
-                )
-            carry_fields.setdefault(name, field)
+            # nullable whatever a file says: another file (or a failed row) may have nulls there
+            field = schema.field(name).with_nullable(True)
+            if name in carry_fields:
+                common = _common_carry_type(carry_fields[name].type, field.type)
+                if common is None:
+                    raise ManifestError(
+                        f"{file}: --carry column {name!r} has type {field.type}, "
+                        f"but {carry_fields[name].type} in another file"
+                    )
+                field = field.with_type(common)
+            carry_fields[name] = field
         ids = _as_text(pq.read_table(file, columns=[id_column]).column(id_column))
         nulls = pc.indices_nonzero(pc.is_null(ids)).to_pylist()
         if nulls:
@@ -225,6 +259,12 @@ PROMPT_COLUMNS: dict[str, tuple[object, str, bool]] = {
 }
 
 
+PROMPT_TYPES: dict[str, pa.DataType] = {
+    name: pa.int64() if name == "max_tokens" else pa.bool_() if name == "reasoning" else pa.string()
+    for name in PROMPT_COLUMNS
+} | {"image_ids": pa.list_(pa.string())}
+
+
 def read_prompts_manifest(path: str | Path) -> list[Prompt]:
     """Read the whole prompts manifest (prompts are text: small beside the images)."""
     files = parquet_files(Path(path), "prompts")
@@ -237,9 +277,11 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
                 _check_column(schema, name, check, expected, file)
                 present.append(name)
         table = pq.read_table(file, columns=present)
-        for name in ("prompt_id", "image_id", "parent_prompt_id"):
-            if name in table.column_names:
-                table = table.set_column(table.schema.get_field_index(name), name, _as_text(table[name]))
+        for i, name in enumerate(table.column_names):  # one type per column, whatever width each file wrote
+            try:
+                table = table.set_column(i, name, pc.cast(_decoded(table[name]), PROMPT_TYPES[name]))
+            except pa.ArrowInvalid as exc:  # e.g. a uint64 max_tokens beyond int64
+                raise ManifestError(f"{file}: column {name!r}: {exc}") from None
         tables.append(table)
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     where = files[0] if len(files) == 1 else Path(path)

@@ -519,3 +519,36 @@ def test_a_run_with_failed_rows_ends_in_a_state_that_says_so(
         "CompletedWithFailures",
         "1 of 2 rows failed (bad_image: 1); a rerun retries them",
     )
+
+
+def test_a_carried_column_non_nullable_in_one_file_and_null_in_another(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    """The output's carried column took the first file's nullability: the writer refused the nulls of the
+    second after every request was sent, and every rerun sent them again (exit 70)."""
+    from tests.builders import write_images, write_parquet
+
+    write_images(tmp_path / "m" / "img", {"a": ((10, 10), "red"), "b": ((12, 10), "blue")})
+    strict = pa.schema(
+        [("image_id", pa.string()), ("image", pa.string()), pa.field("lbl", pa.string(), False)]
+    )
+    write_parquet(tmp_path / "m" / "1.parquet", pa.table([["a"], ["img/a.jpg"], ["x"]], schema=strict))
+    write_parquet(
+        tmp_path / "m" / "2.parquet",
+        {"image_id": ["b"], "image": ["img/b.jpg"], "lbl": pa.array([None], pa.string())},
+    )
+    args = [
+        "run",
+        tmp_path / "m",
+        "--out",
+        tmp_path / "out",
+        "--base-url",
+        emulator.base_url,
+        "--carry",
+        "lbl",
+    ]
+    res = vlmbatch(*args)
+    assert res.code == 0, res.err
+    assert [(r["image_id"], r["lbl"]) for r in rows(tmp_path / "out")] == [("a", "x"), ("b", None)]
+    emulator.reset()
+    assert vlmbatch(*args).code == 0 and emulator.stats()["requests_total"] == 0

@@ -179,3 +179,60 @@ def test_prompts_naming_unknown_images(tmp_path: Path) -> None:
     )
     with pytest.raises(ManifestError, match=r"names images not in the images manifest \('zz'\) in row 1"):
         check_prompt_images(read_prompts_manifest(p), images, p)
+
+
+def test_files_of_a_directory_manifest_may_differ_in_width_encoding_and_nullability(tmp_path: Path) -> None:
+    """pandas 2 writes string, pandas 3 large_string, a category column is dictionary-encoded, and one
+    writer marks a column non-nullable where another has nulls: all one manifest."""
+    lbl = pa.schema([pa.field("image_id", pa.string()), pa.field("image", pa.string()),
+                     pa.field("lbl", pa.string(), nullable=False)])  # fmt: skip
+    write_parquet(
+        tmp_path / "m" / "a.parquet", pa.table({"image_id": ["a"], "image": ["x.png"], "lbl": ["x"]}, lbl)
+    )
+    write_parquet(
+        tmp_path / "m" / "b.parquet",
+        {
+            "image_id": pa.array(["b"]).dictionary_encode(),
+            "image": pa.array(["y.png"]).dictionary_encode(),
+            "lbl": pa.array([None], pa.large_string()),
+        },
+    )
+    write_parquet(
+        tmp_path / "m" / "c.parquet", {"image_id": ["c"], "image": ["z.png"], "lbl": [None]}
+    )  # null
+    m = read_images_manifest(tmp_path / "m", carry=["lbl"])
+    assert m.carry_schema.field("lbl") == pa.field("lbl", pa.string(), nullable=True)
+    batches = list(m.iter_batches(10))
+    assert [b.schema.field("image").type for b in batches] == [pa.string()] * 3
+    assert [b.column(2).to_pylist() for b in batches] == [["x"], [None], [None]]
+    assert [b.column(2).type for b in batches] == [pa.string()] * 3
+    write_parquet(tmp_path / "n" / "a.parquet", {"image_id": ["a"], "image": ["x.png"], "lbl": [1]})
+    write_parquet(tmp_path / "n" / "b.parquet", {"image_id": ["b"], "image": ["y.png"], "lbl": ["1"]})
+    with pytest.raises(
+        ManifestError, match="--carry column 'lbl' has type string, but int64 in another file"
+    ):
+        read_images_manifest(tmp_path / "n", carry=["lbl"])
+
+
+def test_prompt_files_of_other_widths_and_category_columns_read_as_one(tmp_path: Path) -> None:
+    write_parquet(
+        tmp_path / "p" / "a.parquet",
+        {"prompt_id": ["p"], "prompt": ["x"], "max_tokens": pa.array([5], pa.int32()),
+         "task": pa.array(["qa"]).dictionary_encode()},
+    )  # fmt: skip
+    write_parquet(
+        tmp_path / "p" / "b.parquet",
+        {"prompt_id": pa.array(["q"], pa.large_string()), "prompt": pa.array(["y"], pa.large_string()),
+         "max_tokens": pa.array([7], pa.int64()), "task": pa.array(["caption"], pa.large_string())},
+    )  # fmt: skip
+    got = read_prompts_manifest(tmp_path / "p")
+    assert [(p.prompt_id, p.prompt, p.max_tokens, p.task) for p in got] == [
+        ("p", "x", 5, "qa"),
+        ("q", "y", 7, "caption"),
+    ]
+    write_parquet(
+        tmp_path / "u.parquet",
+        {"prompt_id": ["p"], "prompt": ["x"], "max_tokens": pa.array([2**64 - 1], pa.uint64())},
+    )
+    with pytest.raises(ManifestError, match="column 'max_tokens'"):
+        read_prompts_manifest(tmp_path / "u.parquet")

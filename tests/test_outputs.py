@@ -217,3 +217,19 @@ def test_an_out_holding_what_is_not_vlmbatch_output_is_refused(tmp_path: Path) -
     assert str(err.value).startswith(
         f"--out {out} holds what is not vlmbatch output (images, notes.txt, other.parquet)"
     )
+
+
+def test_an_output_whose_carried_column_was_written_non_nullable_takes_a_nullable_one(tmp_path: Path) -> None:
+    """Carried columns are nullable now; an OUT written when one was not still takes the rerun, and a
+    real difference is still refused."""
+    import pyarrow.parquet as pq
+
+    from tasks.outputs import check_schema
+
+    out = tmp_path / "out"
+    out.mkdir()
+    strict = output_schema(pa.schema([pa.field("lbl", pa.string(), nullable=False)]))
+    pq.write_table(strict.empty_table(), out / "part-000000-old.parquet")
+    check_schema(out, output_schema(pa.schema([pa.field("lbl", pa.string())])))
+    with pytest.raises(UsageError, match="types differ for lbl"):
+        check_schema(out, output_schema(pa.schema([pa.field("lbl", pa.int64())])))
