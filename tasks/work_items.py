@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from tasks.chains import group_by_root
 from tasks.manifests import DEFAULT_PROMPT, ImagesManifest, Prompt
 from tasks.output_index import identity
@@ -102,12 +104,23 @@ def limit_items(jobs: Iterator[ImageJob], limit: int | None) -> Iterator[ImageJo
         yield job
 
 
+def carried_values(column: pa.Array) -> list[Any]:
+    """A carried column's values as the writer takes them back, exactly. Nanosecond times go as their
+    integers: as Python objects they need pandas (not a dependency) and would lose the nanoseconds."""
+    kind = column.type
+    if (
+        pa.types.is_timestamp(kind) or pa.types.is_time64(kind) or pa.types.is_duration(kind)
+    ) and kind.unit == "ns":
+        return column.cast(pa.int64()).to_pylist()
+    return column.to_pylist()
+
+
 def iter_image_jobs(manifest: ImagesManifest, plan: PromptPlan) -> Iterator[ImageJob]:
     """Every image with its prompts, streamed, then the multi-image prompts."""
     for batch in manifest.iter_batches(READ_BATCH_ROWS):
         ids = batch.column(0).to_pylist()
         values = batch.column(1).to_pylist()
-        carried = {name: batch.column(name).to_pylist() for name in manifest.carry}
+        carried = {name: carried_values(batch.column(name)) for name in manifest.carry}
         for row, image_id in enumerate(ids):
             prompts = plan.prompts_for(image_id)
             if prompts:
@@ -129,7 +142,7 @@ def iter_multi_jobs(
             rows = [row for row, image_id in enumerate(ids) if image_id in wanted]
             if rows:
                 values = batch.column(1).to_pylist()
-                carried = {name: batch.column(name).to_pylist() for name in manifest.carry}
+                carried = {name: carried_values(batch.column(name)) for name in manifest.carry}
                 for row in rows:
                     found[ids[row]] = (values[row], {name: col[row] for name, col in carried.items()})
         for p in part:

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pytest
 
 from emulator import EmulatorServer
@@ -552,3 +553,22 @@ def test_a_carried_column_non_nullable_in_one_file_and_null_in_another(
     assert [(r["image_id"], r["lbl"]) for r in rows(tmp_path / "out")] == [("a", "x"), ("b", None)]
     emulator.reset()
     assert vlmbatch(*args).code == 0 and emulator.stats()["requests_total"] == 0
+
+
+def test_nanosecond_times_are_carried_exactly_without_pandas(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    """As Python objects they need pandas (not a dependency: the run crashed, exit 70) and lose the ns."""
+    ns = 1704067200000000001
+    carried = {
+        "ts": pa.array([ns], pa.timestamp("ns", tz="UTC")),
+        "t": pa.array([ns % 86_400_000_000_000], pa.time64("ns")),
+        "d": pa.array([7], pa.duration("ns")),
+    }
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")}, **carried)
+    args = ["--carry", "ts", "--carry", "t", "--carry", "d"]
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url, *args)
+    assert res.code == 0, res.err
+    table = ds.dataset(tmp_path / "out", format="parquet").to_table()
+    for name, column in carried.items():
+        assert table[name].combine_chunks().equals(column), name
