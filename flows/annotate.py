@@ -320,6 +320,8 @@ async def annotate(config: RunConfig) -> RunSummary:
 
                 with _long_lived_objects_frozen():
                     await _run_shards(plan.shards(), run_shard, shards_in_flight(config), stop)
+            if store is not None:
+                store.keep_columns()
         finally:
             await runner.aclose()
     await progress.publish()  # where the run got to (updates come at most once a second)

@@ -243,6 +243,12 @@ class OutputStore:
             shard = self.shards[shard_index] = _ShardFile(path)
         return shard
 
+    def keep_columns(self) -> None:
+        """A run that wrote no row (an empty manifest, everything beyond --limit) leaves OUT without
+        files, and ``pyarrow.dataset(OUT)`` without the contract's columns: give it one empty file."""
+        if not part_files(self.out):
+            write_atomic(self.schema.empty_table(), self.out / f"part-000000-{self.run_tag}.parquet")
+
     def add(self, shard_index: int, row: ResultRow) -> None:
         """Queue a finished row (event-loop thread); it reaches disk at the next flush."""
         self._shard(shard_index).rows.append(row)

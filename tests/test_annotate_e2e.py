@@ -572,3 +572,23 @@ def test_nanosecond_times_are_carried_exactly_without_pandas(
     table = ds.dataset(tmp_path / "out", format="parquet").to_table()
     for name, column in carried.items():
         assert table[name].combine_chunks().equals(column), name
+
+
+def test_an_empty_manifest_leaves_an_output_with_the_contracts_columns(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    from tests.builders import write_parquet
+
+    images = write_parquet(
+        tmp_path / "images.parquet",
+        {"image_id": pa.array([], pa.string()), "image": pa.array([], pa.string())},
+    )
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url)
+    assert res.code == 0, res.err
+    dataset = ds.dataset(tmp_path / "out", format="parquet")
+    assert dataset.schema.names[:4] == ["image_id", "prompt_id", "task", "status"]
+    assert dataset.count_rows() == 0
+    shown = vlmbatch("inspect", tmp_path / "out")
+    assert shown.code == 0, shown.err
+    assert vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url).code == 0
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 1  # not one more per rerun
