@@ -139,3 +139,43 @@ def test_a_stopped_partition_reports_what_it_did_and_a_dry_run_says_so(
     (line,) = [line for line in res.out.splitlines() if f"│ {D1}" in line]
     cells = [cell.strip() for cell in line.split("│")]
     assert cells[2:6] == ["error", "6", "2", "0"]  # what it did before it stopped, not zeros
+
+
+def test_a_partition_that_finished_before_the_signal_is_ok_not_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.errors import RunInterrupted
+
+    manifests = tmp_path / "manifests"
+    for day in (D1, D2):
+        _partition(manifests, day, 3)
+
+    class Signalled:  # SIGTERM came after D1's last row was written, and in the middle of D2
+        def with_options(self, **_: object) -> object:
+            async def child(config: RunConfig) -> RunSummary:
+                await asyncio.sleep(0.5 if config.date == D2 else 0)  # both under way when it comes
+                done = 3 if config.date == D1 else 1
+                summary = RunSummary(out=config.out, work_items=3, ok=done, failed=0)
+                raise RunInterrupted("interrupted by SIGTERM; rerun to continue", summary, 143)
+
+            return child
+
+    monkeypatch.setattr("flows.backfill.annotate", Signalled())
+    images = manifests / "date={date}" / "images.parquet"
+    res = vlmbatch(
+        "backfill", images, "--out", tmp_path / "out" / "date={date}", "--start", D1, "--end", D2,
+        "--base-url", "http://127.0.0.1:9/v1", env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert res.code == 143, res.err
+    outcome = {
+        d: [c.strip() for c in line.split("│")][2]
+        for d in (D1, D2)
+        for line in res.out.splitlines()
+        if f"│ {d}" in line
+    }
+    assert outcome == {D1: "ok", D2: "interrupted"}
+    alone = vlmbatch(
+        "backfill", images, "--out", tmp_path / "out" / "date={date}", "--start", D1, "--end", D1,
+        "--base-url", "http://127.0.0.1:9/v1",
+    )  # fmt: skip
+    assert alone.code == 143  # complete, but the backfill was still stopped by the signal
