@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from flows.prefect_server import GUARD
 
 SLEEPER = "import time; time.sleep(60)"
@@ -50,3 +52,29 @@ def test_the_guard_refuses_a_malformed_command_line() -> None:
         [sys.executable, "-I", str(GUARD), "x", "--", "true"], capture_output=True, timeout=30
     )
     assert res.returncode == 2 and b"usage" in res.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_guard_killed_outright_takes_its_command_with_it() -> None:
+    """Prefect's stop() kills the guard after 5 s: the server under it must not outlive it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", sys.executable, "-c",
+         "import os, time; print(os.getpid(), flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]  # noqa: SIM115
+    except OSError:
+        return False
+    return state != "Z"
