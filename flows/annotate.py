@@ -49,7 +49,7 @@ from tasks.outputs import (
     run_tag,
 )
 from tasks.partitions import needs_date, resolve_paths, scheduled_date
-from tasks.preflight import PreflightFailed, preflight
+from tasks.preflight import PreflightFailed, PreflightStopped, preflight
 from tasks.results import OUTPUT_SCHEMA, ResultRow, output_schema
 from tasks.shard_runner import ShardRunner
 from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
@@ -245,11 +245,17 @@ async def annotate(config: RunConfig) -> RunSummary:
         config.out,
     )
     key = None if config.dry_run else await load_api_key(config.endpoint)  # held in memory only
+    stop = StopSwitch()
     if config.endpoint.preflight and not config.dry_run:
-        try:
-            await preflight(config.endpoint, key)
-        except PreflightFailed as exc:
-            raise EndpointUnusable(f"preflight: {exc}", None) from None
+        with signals_stop(stop, on_second=hard_exit):  # it may wait up to --outage-window
+            try:
+                await preflight(config.endpoint, key, stop=stop)
+            except PreflightFailed as exc:
+                raise EndpointUnusable(f"preflight: {exc}", None) from None
+            except PreflightStopped:
+                reason = stop.reason or "SIGINT"
+                message = f"interrupted by {reason} during the preflight; nothing was sent"
+                raise RunInterrupted(message, None, EXIT_CODES[reason]) from None
     summary = SummaryBuilder()
     limit = None if config.dry_run else await EndpointLimit.connect(config)
     lease = None if limit is None else SlotLease(limit.hold)
@@ -269,7 +275,6 @@ async def annotate(config: RunConfig) -> RunSummary:
         for listener in _row_listeners:
             listener(row)
 
-    stop = StopSwitch()
     out = Path(config.out)
     with signals_stop(stop, on_second=hard_exit), contextlib.ExitStack() as cleanup:
         store = writer = None

@@ -21,6 +21,7 @@ from tasks.config import EndpointConfig
 from tasks.endpoint import EndpointClient
 from tasks.errors import RequestFailure
 from tasks.retry import RetryPolicy
+from tasks.stopping import StopSwitch
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,26 @@ class PreflightFailed(Exception):
     """The endpoint is unusable; nothing was sent."""
 
 
+class PreflightStopped(Exception):
+    """A signal came while the preflight waited for the endpoint; nothing was sent."""
+
+
 async def preflight(
-    config: EndpointConfig, key: str | None = None, policy: RetryPolicy | None = None
+    config: EndpointConfig,
+    key: str | None = None,
+    policy: RetryPolicy | None = None,
+    stop: StopSwitch | None = None,
 ) -> list[str]:
-    """Check the endpoint; returns the models it serves (empty if it has no model list)."""
-    client, policy = EndpointClient(config, key), policy or RetryPolicy()
+    """Check the endpoint; returns the models it serves (empty if it has no model list). ``stop``: a
+    set switch ends the waiting (PreflightStopped)."""
+    if policy is None:
+        policy = RetryPolicy() if stop is None else RetryPolicy(sleep=stop.sleep)
+    getter = _Getter(EndpointClient(config, key), policy, stop)
     try:
-        models = await _models(client, config, policy)
-        await _ready(client, config, policy)
+        models = await _models(getter, config)
+        await _ready(getter, config)
     finally:
-        await client.aclose()
+        await getter.client.aclose()
     if models and config.model not in models:
         raise PreflightFailed(
             f"{config.base_url} does not serve the model {config.model!r}; it serves: {', '.join(models)}"
@@ -46,37 +57,49 @@ async def preflight(
     return models
 
 
-async def _get(client: EndpointClient, path: str, policy: RetryPolicy) -> object:
-    """``client.get_json(path)``, transient failures retried for up to ``--outage-window`` seconds."""
-    window, started, told = client.config.outage_window, time.monotonic(), False
+class _Getter:
+    """The preflight's GETs: transient failures retried until one deadline for all of them,
+    ``--outage-window`` seconds after the first; a warning the first time it waits."""
 
-    def waiting(state: RetryCallState) -> None:
-        nonlocal told
-        if not told and state.outcome is not None:
-            told = True
-            log.warning(
-                "preflight: %s%s: %s; trying again for up to %g s (--outage-window)",
-                client.config.base_url,
-                path,
-                state.outcome.exception(),
-                window,
-            )
+    def __init__(self, client: EndpointClient, policy: RetryPolicy, stop: StopSwitch | None) -> None:
+        self.client, self.policy, self.stop = client, policy, stop
+        self.window = client.config.outage_window
+        self.started = time.monotonic()
+        self.told = False
 
+    async def get(self, path: str) -> object:
+        def waiting(state: RetryCallState) -> None:
+            if not self.told and state.outcome is not None:
+                self.told = True
+                log.warning(
+                    "preflight: %s%s: %s; trying again for up to %g s (--outage-window)",
+                    self.client.config.base_url,
+                    path,
+                    state.outcome.exception(),
+                    self.window,
+                )
+
+        async def attempt() -> object:
+            if self.stop is not None and self.stop.is_set:
+                raise PreflightStopped
+            return await self.client.get_json(path)
+
+        left = max(0.0, self.started + self.window - time.monotonic())
+        try:
+            return await self.policy.call_within(left, attempt, waiting)
+        except RequestFailure as failure:
+            if self.told:
+                failure.message += f" (after {time.monotonic() - self.started:.0f} s of trying)"
+            raise
+
+
+async def _models(getter: _Getter, config: EndpointConfig) -> list[str]:
     try:
-        return await policy.call_within(window, lambda: client.get_json(path), waiting)
-    except RequestFailure as failure:
-        if told:
-            failure.message += f" (after {time.monotonic() - started:.0f} s of trying)"
-        raise
-
-
-async def _models(client: EndpointClient, config: EndpointConfig, policy: RetryPolicy) -> list[str]:
-    try:
-        content = await _get(client, "/models", policy)
+        content = await getter.get("/models")
     except RequestFailure as failure:
         if failure.error_type != "not_found":
             raise PreflightFailed(_describe(config, "/models", failure)) from None
-        if await _answers_under_v1(client, config):
+        if await _answers_under_v1(getter.client, config):
             raise PreflightFailed(
                 f"{config.base_url}/models answered 404, and {config.base_url}/v1/models answers: "
                 f"the base URL lacks its /v1; use --base-url {config.base_url}/v1"
@@ -99,9 +122,9 @@ async def _answers_under_v1(client: EndpointClient, config: EndpointConfig) -> b
     return True
 
 
-async def _ready(client: EndpointClient, config: EndpointConfig, policy: RetryPolicy) -> None:
+async def _ready(getter: _Getter, config: EndpointConfig) -> None:
     try:
-        await _get(client, "/health/ready", policy)
+        await getter.get("/health/ready")
     except RequestFailure as failure:
         if failure.error_type == "not_found":
             return  # the server has no readiness route (vLLM); /models answered, good enough

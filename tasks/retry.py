@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential_jitter
 
 from tasks.errors import ItemFailure
@@ -48,13 +49,19 @@ class RetryPolicy:
             wait_exponential_jitter(initial=self.initial, max=self.maximum, jitter=self.initial)(state)
         )
 
-    def retrying(self) -> AsyncRetrying:
+    def retrying(
+        self,
+        stop: stop_base | None = None,
+        before_sleep: Callable[[RetryCallState], None] | None = None,
+    ) -> AsyncRetrying:
+        """``stop``: after ``max_retries`` retries, unless said otherwise."""
         return AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
+            stop=stop or stop_after_attempt(self.max_retries + 1),
             wait=self.wait,
             retry=retry_if_exception(_retryable),
             reraise=True,
             sleep=self.sleep,
+            before_sleep=before_sleep,
         )
 
     async def call_within(
@@ -65,14 +72,7 @@ class RetryPolicy:
     ) -> T:
         """Run ``attempt``, retrying transient failures for up to ``seconds`` in all rather than a number
         of times (no retry that would start later; a longer Retry-After re-raises at once)."""
-        async for trial in AsyncRetrying(
-            stop=stop_before_delay(seconds),
-            wait=self.wait,
-            retry=retry_if_exception(_retryable),
-            reraise=True,
-            sleep=self.sleep,
-            before_sleep=before_sleep,
-        ):
+        async for trial in self.retrying(stop_before_delay(seconds), before_sleep):
             with trial:
                 return await attempt()
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -550,12 +551,44 @@ def test_preflight_waits_out_a_busy_or_loading_endpoint_within_the_outage_window
         policy = RetryPolicy(sleep=fake_sleep)
         assert await preflight(config(base_url), None, policy) == ["m"]
         assert len(rec.seen) == 5 and len(slept) == 3 and 1.0 <= slept[0] <= 1.2  # Retry-After: 1
-        assert caplog.text.count("trying again for up to 60 s (--outage-window)") == 2  # once a route
+        assert caplog.text.count("trying again for up to 60 s (--outage-window)") == 1  # once a preflight
         busy = config(base_url.replace("/v1", "/busy")).model_copy(update={"outage_window": 0.5})
         with pytest.raises(PreflightFailed, match=r"/busy/models is not ready \(HTTP 503\)"):
             await preflight(busy, None, policy)  # the 1 s Retry-After would end past the window: no wait
 
     run_with_server({path: scripted(path) for path in answers}, test)
+
+
+def test_preflight_stops_waiting_when_the_run_is_stopped_and_its_window_spans_every_route() -> None:
+    from tasks.preflight import PreflightFailed, PreflightStopped, preflight
+
+    async def test(base_url: str, rec: Recorder) -> None:
+        stop = StopSwitch()
+        asyncio.get_running_loop().call_later(0.3, stop.set, "SIGTERM", "test")
+        started = time.monotonic()
+        with pytest.raises(PreflightStopped):
+            await preflight(config(base_url, outage_window=60), stop=stop)
+        assert time.monotonic() - started < 5  # not the 60 s window
+        # one window for the preflight, not one per route: /models took it all, /health/ready gets none
+        slow = config(base_url.replace("/v1", "/half"), outage_window=1.5)
+        started = time.monotonic()
+        with pytest.raises(PreflightFailed, match="/half/health/ready is not ready"):
+            await preflight(slow)
+        assert time.monotonic() - started < 3
+
+    models_calls = []
+
+    async def models_then_ok(_: web.Request) -> web.StreamResponse:
+        models_calls.append(1)
+        status = 503 if len(models_calls) < 2 else 200
+        return web.json_response({"data": [{"id": "m"}]}, status=status)
+
+    routes = {
+        "/v1/models": json_handler(503, {"error": {"message": "loading"}}),
+        "/half/models": models_then_ok,
+        "/half/health/ready": json_handler(503, {"error": {"message": "loading"}}),
+    }
+    run_with_server(routes, test)
 
 
 def test_codecs() -> None:
