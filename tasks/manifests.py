@@ -125,19 +125,17 @@ def _decoded(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
 
 def _common_carry_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     """The type a carried column gets when its files differ in width or encoding only (pandas 2's
-    ``string`` beside pandas 3's ``large_string``, a ``category`` beside plain values, a file where it
-    is all null); None if they differ otherwise."""
+    ``string`` beside pandas 3's ``large_string``, int32 beside int64, a ``category`` beside plain
+    values, a file where it is all null): pyarrow's permissive promotion; None if there is none."""
     if a.equals(b):
         return a
-    if pa.types.is_null(a) or pa.types.is_null(b):  # a file where the column is all null
-        return b if pa.types.is_null(a) else a
-    a, b = _plain(a), _plain(b)
-    if _is_text(a) and _is_text(b):
-        return pa.string()
-    binary = (pa.types.is_binary, pa.types.is_large_binary)
-    if any(f(a) for f in binary) and any(f(b) for f in binary):
-        return pa.binary()
-    return a if a.equals(b) else None
+    try:
+        one = pa.unify_schemas(
+            [pa.schema([("c", _plain(a))]), pa.schema([("c", _plain(b))])], promote_options="permissive"
+        )
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return None
+    return one.field("c").type
 
 
 @dataclass(frozen=True)
@@ -244,25 +242,25 @@ def _check_unique(ids: pa.ChunkedArray, files: Sequence[Path], column: str, what
     raise ManifestError(f"{where}: duplicate {column} values {values} in {_rows(positions)}")
 
 
-PROMPT_COLUMNS: dict[str, tuple[object, str, bool]] = {
-    # column: (type check, expected, required)
-    "prompt_id": (_is_id, "string", True),
-    "prompt": (_is_text, "string", True),
-    "task": (_is_text, "string", False),
-    "image_id": (_is_id, "string", False),
-    "system": (_is_text, "string", False),
-    "json_schema": (_is_text, "string (a JSON Schema)", False),
-    "max_tokens": (pa.types.is_integer, "integer", False),
-    "reasoning": (pa.types.is_boolean, "boolean", False),
-    "image_ids": (lambda t: pa.types.is_list(t) or pa.types.is_large_list(t), "list of strings", False),
-    "parent_prompt_id": (_is_id, "string", False),
+STRING, INT64, BOOL, STRINGS = pa.string(), pa.int64(), pa.bool_(), pa.list_(pa.string())
+PROMPT_COLUMNS: dict[str, tuple[object, str, bool, pa.DataType]] = {
+    # column: (type check, expected, required, the type every file's column is cast to)
+    "prompt_id": (_is_id, "string", True, STRING),
+    "prompt": (_is_text, "string", True, STRING),
+    "task": (_is_text, "string", False, STRING),
+    "image_id": (_is_id, "string", False, STRING),
+    "system": (_is_text, "string", False, STRING),
+    "json_schema": (_is_text, "string (a JSON Schema)", False, STRING),
+    "max_tokens": (pa.types.is_integer, "integer", False, INT64),
+    "reasoning": (pa.types.is_boolean, "boolean", False, BOOL),
+    "image_ids": (
+        lambda t: pa.types.is_list(t) or pa.types.is_large_list(t),
+        "list of strings",
+        False,
+        STRINGS,
+    ),
+    "parent_prompt_id": (_is_id, "string", False, STRING),
 }
-
-
-PROMPT_TYPES: dict[str, pa.DataType] = {
-    name: pa.int64() if name == "max_tokens" else pa.bool_() if name == "reasoning" else pa.string()
-    for name in PROMPT_COLUMNS
-} | {"image_ids": pa.list_(pa.string())}
 
 
 def read_prompts_manifest(path: str | Path) -> list[Prompt]:
@@ -272,14 +270,14 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
     for file in files:
         schema = _open(file).schema_arrow
         present = []
-        for name, (check, expected, required) in PROMPT_COLUMNS.items():
+        for name, (check, expected, required, _) in PROMPT_COLUMNS.items():
             if required or name in schema.names:
                 _check_column(schema, name, check, expected, file)
                 present.append(name)
         table = pq.read_table(file, columns=present)
         for i, name in enumerate(table.column_names):  # one type per column, whatever width each file wrote
             try:
-                table = table.set_column(i, name, pc.cast(_decoded(table[name]), PROMPT_TYPES[name]))
+                table = table.set_column(i, name, pc.cast(_decoded(table[name]), PROMPT_COLUMNS[name][3]))
             except pa.ArrowInvalid as exc:  # e.g. a uint64 max_tokens beyond int64
                 raise ManifestError(f"{file}: column {name!r}: {exc}") from None
         tables.append(table)

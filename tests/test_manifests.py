@@ -201,11 +201,11 @@ def test_files_of_a_directory_manifest_may_differ_in_width_encoding_and_nullabil
         tmp_path / "m" / "c.parquet", {"image_id": ["c"], "image": ["z.png"], "lbl": [None]}
     )  # null
     m = read_images_manifest(tmp_path / "m", carry=["lbl"])
-    assert m.carry_schema.field("lbl") == pa.field("lbl", pa.string(), nullable=True)
+    assert m.carry_schema.field("lbl") == pa.field("lbl", pa.large_string(), nullable=True)
     batches = list(m.iter_batches(10))
     assert [b.schema.field("image").type for b in batches] == [pa.string()] * 3
     assert [b.column(2).to_pylist() for b in batches] == [["x"], [None], [None]]
-    assert [b.column(2).type for b in batches] == [pa.string()] * 3
+    assert [b.column(2).type for b in batches] == [pa.large_string()] * 3
     write_parquet(tmp_path / "n" / "a.parquet", {"image_id": ["a"], "image": ["x.png"], "lbl": [1]})
     write_parquet(tmp_path / "n" / "b.parquet", {"image_id": ["b"], "image": ["y.png"], "lbl": ["1"]})
     with pytest.raises(
