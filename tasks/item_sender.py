@@ -70,7 +70,11 @@ class ItemSender:
         except _Dropped:
             return False
         except ItemFailure as failure:
-            if self.stop.is_set and isinstance(failure, RequestFailure) and is_outage_failure(failure):
+            if (
+                self.stop.is_set
+                and isinstance(failure, RequestFailure)
+                and is_outage_failure(failure, self.detector.max_wait)
+            ):
                 return False
             attempts = row.attempts
             row.fail(failure)

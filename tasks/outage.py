@@ -28,8 +28,18 @@ def _unreachable(failure: RequestFailure) -> bool:
     )
 
 
-def is_outage_failure(failure: RequestFailure) -> bool:
-    return _unreachable(failure) or failure.error_type in ("auth", "not_found")
+def is_outage_failure(failure: RequestFailure, max_wait: float = 300.0) -> bool:
+    """A failure that says something of the endpoint as a whole: once the run stops for an outage, the
+    items that failed this way get no row (the rerun asks them), not a failed one."""
+    return (
+        _unreachable(failure)
+        or failure.error_type in ("auth", "not_found")
+        or _waits_too_long(failure, max_wait)
+    )
+
+
+def _waits_too_long(failure: RequestFailure, max_wait: float) -> bool:
+    return failure.retry_after is not None and failure.retry_after > max_wait
 
 
 class OutageDetector:
@@ -63,7 +73,7 @@ class OutageDetector:
         """Record a failed attempt; returns the verdict when this failure makes the endpoint unusable."""
         if self.verdict is not None:
             return None
-        if failure.retry_after is not None and failure.retry_after > self.max_wait:
+        if _waits_too_long(failure, self.max_wait):
             self.verdict = (
                 f"{self.describe} asks to wait {failure.retry_after:.0f} s before trying again (Retry-After, "
                 f"HTTP {failure.http_status}), longer than a run waits ({self.max_wait:.0f} s): "

@@ -285,8 +285,11 @@ def test_a_gateway_asking_to_wait_for_hours_stops_the_run_with_exit_3(
     assert res.code == 3, res.err
     assert "asks to wait 86400 s before trying again (Retry-After, HTTP 429)" in res.err
     assert emulator.stats()["requests_total"] <= 2  # those in flight when the first answer came
-    kept = rows(tmp_path / "out") if any((tmp_path / "out").glob("part-*.parquet")) else []
-    assert kept == []  # nothing failed for it: the rerun asks every item
+    assert rows(tmp_path / "out") == []  # nothing failed for it: the rerun asks every item
+    res = vlmbatch(
+        "run", images, "--out", tmp_path / "once", "--base-url", emulator.base_url, "--max-retries", 0
+    )
+    assert res.code == 3 and rows(tmp_path / "once") == []  # not a rate_limited row either, retries or not
 
 
 def test_reasoning_shown_hidden_and_per_prompt(tmp_path: Path, emulator: EmulatorServer) -> None:
