@@ -350,9 +350,10 @@ async def annotate(config: RunConfig) -> RunSummary:
         raise RunInterrupted(
             f"interrupted by {stop.reason}; rerun to continue", result, EXIT_CODES[stop.reason]
         )
-    if result.failed and not config.dry_run:  # the CLI's exit 2, where a deployment's run shows it
-        errors = ", ".join(f"{kind}: {n}" for kind, n in result.errors.items())
-        message = f"{result.failed} of {result.work_items} rows failed ({errors}); a rerun retries them"
+    if result.exit_code == 2 and not config.dry_run:  # the CLI's exit 2, where a deployment's run shows it
+        message = (
+            f"{result.failed} of {result.work_items} rows failed ({result.errors_text}); a rerun retries them"
+        )
         return with_failed_rows(result, message)
     return result
 

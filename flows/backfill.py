@@ -76,9 +76,12 @@ def outcome_of(partition: Partition, summary: RunSummary) -> PartitionOutcome:
             partition=partition.name, outcome="dry run", detail=detail, exit_code=code, **counts
         )
     if summary.failed:
-        errors = ", ".join(f"{kind}: {n}" for kind, n in summary.errors.items())
         return PartitionOutcome(
-            partition=partition.name, outcome="failed rows", detail=errors, exit_code=2, **counts
+            partition=partition.name,
+            outcome="failed rows",
+            detail=summary.errors_text,
+            exit_code=2,
+            **counts,
         )
     if summary.work_items and summary.skipped == summary.work_items:
         detail = "already complete: nothing sent"

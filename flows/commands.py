@@ -122,6 +122,7 @@ def execute_backfill(
         if max_parallel is not None and max_parallel < 1:
             raise UsageError(f"--max-parallel must be at least 1 (got {max_parallel})")
         select_partitions(cfg, start, end)  # fail fast on dates and paths (exit 1)
+        parallel = {} if max_parallel is None else {"max_parallel": max_parallel}  # else the flow's default
         if deployment is not None:
             return asyncio.run(submit(deployment, cfg, start, end, max_parallel, watch))
         from flows.backfill import BackfillIncomplete, backfill, exit_code
@@ -132,7 +133,7 @@ def execute_backfill(
             hide_expected_stops(BackfillIncomplete)  # the table of partitions below says what happened
         try:
             outcomes = asyncio.run(
-                backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), max_parallel or 2)
+                backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), **parallel)
             )
         except BackfillIncomplete as exc:
             outcomes = exc.outcomes
@@ -224,7 +225,7 @@ async def submit(
         parameters["max_parallel"] = max_parallel
     try:
         run = await arun_deployment(
-            name, parameters=parameters, timeout=None if watch else 0, as_subflow=False
+            deployed.id, parameters=parameters, timeout=None if watch else 0, as_subflow=False
         )
     except Exception as exc:  # server unreachable, rejected parameters
         raise UsageError(f"could not submit to deployment {name!r}: {_describe(exc)}") from None

@@ -68,8 +68,16 @@ class EndpointClient:
         await self._http.aclose()
 
     async def send(self, request: Request, *, request_id: str) -> Answer:
-        """One attempt: Chat Completions (streamed or not) or Responses. Raises RequestFailure, classified."""
+        """One attempt: Chat Completions (streamed or not) or Responses. Raises RequestFailure, classified,
+        with the attempt's ``latency_ms``."""
         started = time.perf_counter()
+        try:
+            return await self._send(request, request_id, started)
+        except RequestFailure as failure:
+            failure.latency_ms = (time.perf_counter() - started) * 1000
+            raise
+
+    async def _send(self, request: Request, request_id: str, started: float) -> Answer:
         route = ROUTES[request.api]
         try:
             if request.api == "chat" and request.body.get("stream"):

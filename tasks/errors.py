@@ -92,6 +92,8 @@ class ImageFailure(ItemFailure):
 class RequestFailure(ItemFailure):
     """One attempt at the endpoint failed; ``retryable`` says whether tasks.retry tries again."""
 
+    latency_ms: float | None = None  # how long the attempt took (EndpointClient.send sets it)
+
 
 class UsageError(Exception):
     """A problem with what the user asked for: exit 1, nothing sent, nothing written."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 
 from tasks.answers import Answer
 from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, RateLimiter
@@ -100,14 +99,13 @@ class ItemSender:
                 if self.stop.is_set:
                     row.attempts -= 1
                     raise _Dropped
-                sent = time.perf_counter()
                 try:
                     # unique per attempt and run: vLLM takes X-Request-Id as its engine request id,
                     # and refuses one that is still running (a timed-out attempt may still be)
                     request_id = f"{rid}-{self.nonce}-{row.attempts}"
                     answer = await client.send(request, request_id=request_id)
                 except RequestFailure as failure:
-                    row.latency_ms = (time.perf_counter() - sent) * 1000  # CONTRACT: of the last attempt
+                    row.latency_ms = failure.latency_ms  # CONTRACT: of the last attempt
                     row.http_status = failure.http_status
                     slot.overloaded = failure.http_status in OVERLOAD_STATUS
                     self._observe(failure)

@@ -34,6 +34,11 @@ class RunSummary(BaseModel):
     def exit_code(self) -> int:
         return 2 if self.failed else 0
 
+    @property
+    def errors_text(self) -> str:
+        """``bad_image: 2, timeout: 1``."""
+        return ", ".join(f"{kind}: {n}" for kind, n in self.errors.items())
+
 
 def percentile(values: list[float] | array, q: float) -> float | None:
     if not values:
