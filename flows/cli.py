@@ -238,7 +238,7 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     for row in would_fail:
         where = f"image {row.image_id!r}, prompt {row.prompt_id!r}"
         typer.echo(f"would fail: {where}: {row.error_type}: {row.error_message}")
-    if summary.failed > len(would_fail):
+    if cfg.dry_run and summary.failed > len(would_fail):
         typer.echo(f"... and {summary.failed - len(would_fail)} more")
     return summary.exit_code
 

@@ -214,7 +214,8 @@ def env_name(option: str) -> str:
 
 
 def flag_name(option: str) -> str:
-    return "--" + option.replace("_", "-")
+    """How the command line names an option: ``--max-tokens``; the images manifest is the argument IMAGES."""
+    return "IMAGES" if option == "images" else "--" + option.replace("_", "-")
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:

@@ -14,7 +14,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from tasks.config import RunConfig
+from tasks.config import RunConfig, flag_name
 from tasks.errors import ConfigError
 
 PLACEHOLDER = "{date}"
@@ -67,7 +67,7 @@ def resolve_paths(config: RunConfig) -> RunConfig:
     if not templated:
         return config
     if config.date is None:
-        names = ", ".join("--" + name.replace("_", "-") for name in templated)
+        names = ", ".join(flag_name(name) for name in templated)
         raise ConfigError(
             f"{names} contain{'s' if len(templated) == 1 else ''} {{date}}: give --date YYYY-MM-DD"
         )

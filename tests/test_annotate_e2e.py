@@ -519,6 +519,7 @@ def test_a_run_with_failed_rows_ends_in_a_state_that_says_so(
     (tmp_path / "img" / "b.jpg").write_bytes(b"not an image")
     res = vlmbatch(*base, "--out", tmp_path / "failed")
     assert res.code == 2, res.err
+    assert "more" not in res.out and "would fail" not in res.out  # lists of failures are for dry runs
     assert asyncio.run(last_state()) == (
         "CompletedWithFailures",
         "1 of 2 rows failed (bad_image: 1); a rerun retries them",

@@ -56,7 +56,7 @@ def test_resolve_paths_fills_every_templated_path() -> None:
 
 def test_a_placeholder_without_a_date_is_a_config_error() -> None:
     cfg = build_config(TEMPLATE, environ={})
-    with pytest.raises(ConfigError, match=r"--images, --out contain \{date\}: give --date YYYY-MM-DD"):
+    with pytest.raises(ConfigError, match=r"IMAGES, --out contain \{date\}: give --date YYYY-MM-DD"):
         resolve_paths(cfg)
     with pytest.raises(ConfigError, match="--date"):
         build_config({**TEMPLATE, "date": "2024-13-01"}, environ={})
