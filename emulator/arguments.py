@@ -26,7 +26,7 @@ def build_parser(prog: str = "python -m emulator", port: int = DEFAULTS.port) ->
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--host", default=DEFAULTS.host)
+    add("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
     add("--port", type=int, default=port, help="0: any free port")
     add("--model", dest="models", action="append", help=f"served model, repeatable ({DEFAULTS.models[0]})")
     add("--max-model-len", type=int, default=DEFAULTS.max_model_len)

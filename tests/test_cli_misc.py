@@ -21,6 +21,7 @@ def test_emulate_runs_the_emulator_under_its_own_name() -> None:
     assert res.returncode == 0 and res.stdout.startswith("usage: vlmbatch emulate")
     assert "--fault-rate" in res.stdout and "--reject-over-capacity" in res.stdout
     assert "0: any free port (default: 8000)" in res.stdout  # where `vlmbatch run` looks by default
+    assert "address to listen on (default: 127.0.0.1)" in res.stdout  # loopback unless told otherwise
     proc = subprocess.Popen(
         [VLMBATCH, "emulate", "--port", "0", "--latency", "0"], stdout=subprocess.PIPE, text=True
     )
