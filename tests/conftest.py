@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -18,19 +19,26 @@ from collections.abc import Iterator
 import pytest
 
 from emulator import EmulatorServer, EmulatorSettings
+from emulator.settings import STARTUP_ONLY
+
+SESSION_SETTINGS = EmulatorSettings(latency=0.01)
 
 
 @pytest.fixture(scope="session")
 def _emulator_session() -> Iterator[EmulatorServer]:
-    with EmulatorServer(EmulatorSettings(latency=0.01)) as server:
+    with EmulatorServer(SESSION_SETTINGS) as server:
         yield server
 
 
 @pytest.fixture
 def emulator(_emulator_session: EmulatorServer) -> Iterator[EmulatorServer]:
-    """The shared emulator, with clean stats and default faults for each test."""
-    _emulator_session.configure(
-        latency=0.01, jitter=0.0, fault_rate=0.0, fault_script=[], down=False, retry_after=1.0
-    )
+    """The shared emulator with clean stats and every runtime setting back to the session's: what one
+    test configured (a fault mode, a concurrency cap) must not reach the next."""
+    defaults = {
+        f.name: getattr(SESSION_SETTINGS, f.name)
+        for f in dataclasses.fields(SESSION_SETTINGS)
+        if f.name not in STARTUP_ONLY
+    }
+    _emulator_session.configure(**defaults)
     _emulator_session.reset()
     yield _emulator_session
