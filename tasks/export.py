@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
-from tasks.json_columns import PROPERTY_KEY, json_fields, json_object, json_value
+from tasks.json_columns import PROPERTY_KEY, fields_for, json_fields, json_object, json_value
 from tasks.manifests import Prompt
 from tasks.outputs import part_files
 from tasks.results import OUTPUT_SCHEMA, column_array
@@ -85,15 +85,7 @@ def infer_json_fields(files: Sequence[Path], taken: Sequence[str]) -> list[pa.Fi
                     types.setdefault(name, pa.null())
                     continue
                 types[name] = _merge(types.get(name), kind)
-    reserved = set(taken)
-    return [
-        pa.field(
-            f"json_{name}" if name in reserved else name,
-            _settled(kind),
-            metadata={PROPERTY_KEY: name.encode()},
-        )
-        for name, kind in types.items()
-    ]
+    return fields_for({name: _settled(kind) for name, kind in types.items()}, taken)
 
 
 def _merge(known: pa.DataType | None, kind: pa.DataType) -> pa.DataType:
@@ -136,10 +128,14 @@ def _value_type(value: Any) -> pa.DataType | None:
         return pa.string()
     if isinstance(value, list):
         kinds = {_value_type(v) for v in value} - {None}
-        if len(kinds) == 1 and not pa.types.is_list(item := kinds.pop()):
-            return pa.list_(item)
         if not kinds:
             return pa.list_(pa.null())  # empty: the element type is known from other rows, if any
+        if len(kinds) == 1:
+            (item,) = kinds
+            # a list of lists, or of objects (whose type reads "string": their JSON), is no plain list
+            nested = any(isinstance(v, list | dict) for v in value)
+            if not nested:
+                return pa.list_(item)
     return pa.string()  # objects and mixed arrays: their JSON text
 
 

@@ -23,14 +23,50 @@ SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
 
 
 def _arrow_type(spec: Any) -> pa.DataType:
+    spec = _one_type(spec)
     if not isinstance(spec, dict):
         return pa.string()
     kind = spec.get("type")
-    if kind in SCALARS:
+    if isinstance(kind, str) and kind in SCALARS:
         return SCALARS[kind]
-    if kind == "array" and isinstance(spec.get("items"), dict) and spec["items"].get("type") in SCALARS:
-        return pa.list_(SCALARS[spec["items"]["type"]])
+    items = _one_type(spec.get("items"))
+    item = items.get("type") if isinstance(items, dict) else None
+    if kind == "array" and isinstance(item, str) and item in SCALARS:
+        return pa.list_(SCALARS[item])
     return pa.string()  # objects, unions, anything else: its JSON text
+
+
+def _one_type(spec: Any) -> Any:
+    """A schema of one type or null (``["integer", "null"]``, or ``anyOf`` a schema and
+    ``{"type": "null"}`` as pydantic writes ``Optional``) as that one type: columns are nullable."""
+    if not isinstance(spec, dict):
+        return spec
+    kind = spec.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"]
+        return {**spec, "type": kinds[0] if len(kinds) == 1 else None}
+    for key in ("anyOf", "oneOf"):
+        branches = spec.get(key)
+        if isinstance(branches, list) and "type" not in spec:
+            rest = [b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")]
+            if len(rest) == 1:
+                return _one_type(rest[0])
+    return spec
+
+
+def column_names(properties: Iterable[str], taken: Iterable[str]) -> list[str]:
+    """A column name per property, each unique: a name already taken (by a contract or carried column,
+    or by an earlier property's column: ``text`` → ``json_text`` beside a ``json_text`` property) gets
+    ``json_`` in front until it is free."""
+    used = set(taken)
+    names = []
+    for name in properties:
+        column = name
+        while column in used:
+            column = f"json_{column}"
+        used.add(column)
+        names.append(column)
+    return names
 
 
 def json_fields(prompts: Sequence[Prompt], taken: Iterable[str]) -> list[pa.Field]:
@@ -43,10 +79,14 @@ def json_fields(prompts: Sequence[Prompt], taken: Iterable[str]) -> list[pa.Fiel
         for name, spec in properties.items():
             kind = _arrow_type(spec)
             types[name] = kind if types.get(name, kind).equals(kind) else pa.string()
-    reserved = set(taken)
+    return fields_for(types, taken)
+
+
+def fields_for(types: dict[str, pa.DataType], taken: Iterable[str]) -> list[pa.Field]:
+    """The columns of these properties, uniquely named, each naming its property in its metadata."""
     return [
-        pa.field(f"json_{name}" if name in reserved else name, kind, metadata={PROPERTY_KEY: name.encode()})
-        for name, kind in types.items()
+        pa.field(column, kind, metadata={PROPERTY_KEY: name.encode()})
+        for column, (name, kind) in zip(column_names(types, taken), types.items(), strict=True)
     ]
 
 

@@ -154,3 +154,44 @@ def test_export_leaves_null_a_json_value_its_typed_column_cannot_hold(tmp_path: 
     export_output(out, dest, json_columns=True, prompts=[Prompt("p", "Count.", "qa", json_schema=schema)])
     table = pq.read_table(dest)
     assert table["count"].to_pylist() == [3, None, None] and table["json"].to_pylist() == answers
+
+
+def test_nested_lists_and_lists_of_objects_are_json_text_not_null_lists(tmp_path: Path) -> None:
+    from tasks.export import export_output  # noqa: F401 - the inference is what export uses
+
+    docs = [json.dumps({"m": [[64]], "objs": [{"k": 1}], "json_text": "x", "text": "y"})]
+    path = write_parquet(tmp_path / "part.parquet", {"json": pa.array(docs, pa.string())})
+    fields = {f.name: str(f.type) for f in infer_json_fields([path], taken=["json", "text"])}
+    assert fields == {"m": "string", "objs": "string", "json_text": "string", "json_json_text": "string"}
+
+
+def test_json_columns_of_nullable_types_and_colliding_names() -> None:
+    """["integer", "null"] and pydantic's anyOf-with-null crashed --json-columns (unhashable list); a
+    property whose json_ name another property has crashed the writer after every request was sent."""
+    from tasks.json_columns import json_fields
+    from tasks.manifests import Prompt
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": ["integer", "null"]},
+            "tags": {"type": "array", "items": {"type": ["string", "null"]}},
+            "opt": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+            "either": {"type": ["integer", "string"]},
+            "text": {"type": "string"},
+            "json_text": {"type": "integer"},
+        },
+    }
+    prompt = Prompt("p", "Describe.", "qa", json_schema=json.dumps(schema))
+    fields = {
+        f.name: (str(f.type), f.metadata[b"vlmbatch.json_property"].decode())
+        for f in json_fields([prompt], ["text", "json"])
+    }
+    assert fields == {
+        "n": ("int64", "n"),
+        "tags": ("list<item: string>", "tags"),
+        "opt": ("double", "opt"),
+        "either": ("string", "either"),
+        "json_text": ("string", "text"),
+        "json_json_text": ("int64", "json_text"),
+    }
