@@ -280,17 +280,19 @@ def demo(
 def inspect(out: Annotated[Path, typer.Argument(help="An output dataset directory.")]) -> None:
     """Counts by status and error type, token totals and latency percentiles of OUT."""
     from flows.report import print_summary
-    from tasks.outputs import read_output
+    from tasks.outputs import read_summary_columns, writer_of
     from tasks.summary import summarize_table
 
     if not out.is_dir():
         raise _fail(f"{out} is not a directory")
+    if (who := writer_of(out)) is not None:
+        typer.echo(f"warning: {out} is being written by {who}: these counts are a snapshot", err=True)
     try:
-        table = read_output(out)
+        table = read_summary_columns(out)
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
     except Exception as exc:  # pyarrow raises several types for unreadable datasets
         raise _fail(f"{out} is not a readable vlmbatch output: {exc}") from None
-    if "status" not in table.column_names:
-        raise _fail(f"{out} is not a vlmbatch output (no status column)")
     print_summary(summarize_table(table, str(out)))
 
 

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
 from tasks.json_columns import PROPERTY_KEY, fields_for, json_fields, json_object, json_value
 from tasks.manifests import Prompt
-from tasks.outputs import part_files
-from tasks.results import OUTPUT_SCHEMA, column_array
+from tasks.outputs import STATE_DIR, conform, output_files_schema, part_files, writer_of
+from tasks.results import column_array
 
 
 def export_output(
@@ -39,7 +38,7 @@ def export_output(
     """Write OUT's rows to ``dest`` (one Parquet file); returns the number of rows written. An existing
     ``dest`` is replaced only when it is an earlier export, or with ``force``."""
     files = _check(out, dest, force)
-    schema = ds.dataset(files, format="parquet").schema
+    schema = output_files_schema(files)
     fields: list[pa.Field] = []
     if json_columns:
         have = {f.metadata[PROPERTY_KEY] for f in schema if f.metadata and PROPERTY_KEY in f.metadata}
@@ -49,13 +48,13 @@ def export_output(
             else infer_json_fields(files, schema.names)
         )
         fields = [f for f in found if f.metadata[PROPERTY_KEY] not in have]
-    target = pa.schema([*schema, *fields])
+    target = pa.schema([*schema, *fields], metadata={EXPORT_KEY: b"1"})
     temporary = dest.with_name(f".tmp-{dest.name}")
     rows = 0
     try:
         with pq.ParquetWriter(temporary, target) as writer:
             for path in files:
-                table = pq.read_table(path).select(schema.names).cast(schema)
+                table = conform(pq.read_table(path), schema)
                 if fields:
                     documents = [json_object(doc) for doc in table["json"].to_pylist()]
                     for field in fields:
@@ -139,6 +138,9 @@ def _value_type(value: Any) -> pa.DataType | None:
     return pa.string()  # objects and mixed arrays: their JSON text
 
 
+EXPORT_KEY = b"vlmbatch.export"  # in an export's schema metadata: what export may replace
+
+
 def _check(out: Path, dest: Path, force: bool) -> list[Path]:
     if not out.is_dir():
         raise UsageError(f"{out} is not a directory")
@@ -147,8 +149,14 @@ def _check(out: Path, dest: Path, force: bool) -> list[Path]:
         raise UsageError(f"{out} holds no vlmbatch part files")
     if "status" not in pq.read_schema(files[-1]).names:
         raise UsageError(f"{out} is not a vlmbatch output (no status column)")
+    if (who := writer_of(out)) is not None:
+        raise UsageError(f"{out} is being written by {who}; export it when that run has finished")
     if dest.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"{dest} is inside {out}: it would become part of the output; export elsewhere")
+    if (dest.parent / STATE_DIR).is_dir():
+        raise UsageError(
+            f"{dest.parent} is a vlmbatch output: a file there would become part of it; export elsewhere"
+        )
     if dest.is_dir():
         raise UsageError(f"{dest} is a directory; give a file name such as {dest / 'annotations.parquet'}")
     if not dest.parent.is_dir():
@@ -162,9 +170,10 @@ def _check(out: Path, dest: Path, force: bool) -> list[Path]:
 
 
 def _is_export(path: Path) -> bool:
-    """Whether ``path`` is a Parquet file with the output's columns (an earlier export)."""
+    """Whether ``path`` is an earlier export (its schema says so; a part file of an output has the
+    same columns, and must not be taken for one)."""
     try:
-        names = pq.read_schema(path).names
+        metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException):
         return False
-    return set(OUTPUT_SCHEMA.names) <= set(names)
+    return EXPORT_KEY in metadata

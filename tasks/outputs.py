@@ -24,6 +24,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
 from tasks.output_index import HashCache, OutputIndex, identity_hash
-from tasks.results import ResultRow, rows_to_table
+from tasks.results import OUTPUT_SCHEMA, ResultRow, rows_to_table
 
 STATE_DIR = "_vlmbatch"
 PART_GLOB = "part-*.parquet"
@@ -174,16 +175,8 @@ class OutLock:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip() or "{}"
+            who = _holder(fh.read())
             fh.close()
-            try:
-                info = json.loads(holder)
-                who = (
-                    f"run {info.get('run_id')} (pid {info.get('pid')} on {info.get('host')}, "
-                    f"since {info.get('since')})"
-                )
-            except ValueError:
-                who = "another run"
             raise UsageError(
                 f"--out {self.path.parent.parent} is being written by {who}; wait for it to finish or choose "
                 "another --out"
@@ -204,6 +197,31 @@ class OutLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+def writer_of(out: Path) -> str | None:
+    """Which run is writing OUT now (its lock is held), or None: for readers (export, inspect), which
+    would otherwise read part files as they are rewritten or replaced."""
+    try:
+        fh = open(out / STATE_DIR / "lock")  # noqa: SIM115 - closed below
+    except OSError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fh.read())
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text.strip() or "{}")
+        pid, host, since = info.get("pid"), info.get("host"), info.get("since")
+        return f"run {info.get('run_id')} (pid {pid} on {host}, since {since})"
+    except (ValueError, AttributeError):
+        return "another run"
 
 
 @dataclass
@@ -328,3 +346,42 @@ def remove_rows(path: Path, identities: set[int]) -> None:
 def read_output(out: str | Path, columns: list[str] | None = None) -> pa.Table:
     """The output dataset as one table (only complete files: temporaries and state are hidden)."""
     return ds.dataset(out, format="parquet").to_table(columns=columns)
+
+
+SUMMARY_COLUMNS = [
+    "status", "error_type", "finish_reason", "prompt_tokens", "completion_tokens", "attempts", "latency_ms",
+]  # fmt: skip
+
+
+def read_summary_columns(out: Path) -> pa.Table:
+    """What ``inspect`` counts, file by file: only these columns in memory, whatever OUT's size, and a
+    column an older run's file lacks is null there."""
+    files = part_files(out)
+    if not files:
+        raise UsageError(f"{out} holds no vlmbatch part files")
+    schema = output_files_schema(files)
+    if "status" not in schema.names:
+        raise UsageError(f"{out} is not a vlmbatch output (no status column)")
+    wanted = pa.schema(
+        [(schema if name in schema.names else OUTPUT_SCHEMA).field(name) for name in SUMMARY_COLUMNS]
+    )
+    tables = []
+    for f in files:
+        present = set(pq.read_schema(f).names)
+        tables.append(conform(pq.read_table(f, columns=[n for n in SUMMARY_COLUMNS if n in present]), wanted))
+    return pa.concat_tables(tables)
+
+
+def output_files_schema(files: Sequence[Path]) -> pa.Schema:
+    """One schema for files that older runs may have written with other columns (one without
+    ``reasoning``, one with a column since dropped): every column of any of them."""
+    return pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns, in its order: a column its file lacks is null."""
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -413,6 +413,27 @@ def test_inspect_summarises_an_output(tmp_path: Path, emulator: EmulatorServer) 
     assert res.code == 0
     assert "work items" in res.out and "bad_image" in res.out and "latency p50" in res.out
     assert vlmbatch("inspect", tmp_path / "nothing").code == 1
+    # a file of an older run without latency_ms, listed first, and a run writing OUT right now
+    from tasks.outputs import OutLock
+    from tasks.results import OUTPUT_SCHEMA
+
+    row = {name: None for name in OUTPUT_SCHEMA.names} | {"image_id": "z", "prompt_id": "p", "status": "ok"}
+    old = pa.Table.from_pylist([row], OUTPUT_SCHEMA).drop_columns(["latency_ms"])
+    write_parquet(tmp_path / "out" / "part-000000-0ld.parquet", old)
+    lock = OutLock(tmp_path / "out", "run-9")
+    lock.acquire()
+    try:
+        res = vlmbatch("inspect", tmp_path / "out")
+    finally:
+        lock.release()
+    assert res.code == 0, res.err
+    assert "is being written by run run-9" in res.err and "snapshot" in res.err
+    counts = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in res.out.splitlines()
+        if line.count("│") == 3
+    }
+    assert (counts["work items"], counts["ok"], counts["failed"]) == ("3", "2", "1")
 
 
 def test_a_hung_request_times_out_and_is_retried(tmp_path: Path, emulator: EmulatorServer) -> None:

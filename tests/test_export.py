@@ -195,3 +195,47 @@ def test_json_columns_of_nullable_types_and_colliding_names() -> None:
         "json_text": ("string", "text"),
         "json_json_text": ("int64", "json_text"),
     }
+
+
+def test_export_keeps_off_other_outputs_and_running_ones(
+    tmp_path: Path, plain_and_typed: tuple[Path, Path, Path]
+) -> None:
+    """A part file of another output has the output's columns but is no earlier export: replacing it
+    replaced that output's rows. Nor may a run be exported while it writes."""
+    from tasks.outputs import OutLock
+
+    plain, typed, _ = plain_and_typed
+    victim = next(typed.glob("part-*.parquet"))
+    before = pq.read_table(victim)
+    res = vlmbatch("export", plain, victim)
+    assert res.code == 1 and "is a vlmbatch output" in res.err
+    assert vlmbatch("export", plain, typed / "new.parquet").code == 1  # not a new file in it either
+    assert pq.read_table(victim).equals(before)
+    lock = OutLock(plain, "run-1")
+    lock.acquire()
+    try:
+        res = vlmbatch("export", plain, tmp_path / "x.parquet")
+        assert res.code == 1 and "is being written by run run-1" in res.err
+    finally:
+        lock.release()
+    assert vlmbatch("export", plain, tmp_path / "x.parquet").code == 0
+
+
+def test_export_of_files_written_with_other_columns_keeps_every_column(tmp_path: Path) -> None:
+    from tasks.export import export_output
+    from tasks.results import OUTPUT_SCHEMA
+
+    out = tmp_path / "out"
+    row = {name: None for name in OUTPUT_SCHEMA.names} | {"image_id": "a", "prompt_id": "p", "status": "ok"}
+    old = pa.Table.from_pylist([row | {"reasoning": "kept"}], OUTPUT_SCHEMA)
+    write_parquet(
+        out / "part-000000-old.parquet",
+        old.drop_columns(["latency_ms"]).append_column("legacy", pa.array([1])),
+    )
+    write_parquet(
+        out / "part-000001-new.parquet", pa.Table.from_pylist([row | {"image_id": "b"}], OUTPUT_SCHEMA)
+    )
+    assert export_output(out, tmp_path / "x.parquet") == 2
+    table = pq.read_table(tmp_path / "x.parquet")
+    assert {"legacy", "latency_ms", "reasoning"} <= set(table.column_names)
+    assert table["reasoning"].to_pylist() == ["kept", None] and table["legacy"].to_pylist() == [1, None]
