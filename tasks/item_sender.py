@@ -124,13 +124,25 @@ class ItemSender:
             repaired = await self._send(
                 row, repair_request(request, answer.text, failure.message), row_id(row)
             )
+        spent = (row.prompt_tokens, row.completion_tokens)
         _fill(row, repaired, request.keep_reasoning)
-        return validate_json(repaired.text, schema)
+        # both requests are billed: the row counts the tokens of both
+        row.prompt_tokens = _plus(spent[0], repaired.prompt_tokens)
+        row.completion_tokens = _plus(spent[1], repaired.completion_tokens)
+        try:
+            return validate_json(repaired.text, schema)
+        except RequestFailure as failure:
+            failure.http_status = repaired.http_status  # CONTRACT: the last HTTP status (a 200 here)
+            raise
 
     def _observe(self, failure: RequestFailure) -> None:
         verdict = self.detector.failure(failure)
         if verdict is not None:
             self.stop.set("outage", verdict)
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
 
 
 def row_id(row: ResultRow) -> str:

@@ -53,6 +53,15 @@ def test_invalid_json_gets_one_repair_then_fails(tmp_path: Path, emulator: Emula
     meta = [r for r in rows(tmp_path / "o2") if r["prompt_id"] == "meta"]
     assert all((r["status"], r["error_type"], r["attempts"]) == ("failed", "invalid_json", 2) for r in meta)
     assert "does not match the schema" in meta[0]["error_message"]
+    assert {r["http_status"] for r in meta} == {200}  # the last HTTP status, though the answer failed
+    # a repaired row counts the tokens of both requests (both are billed)
+    emulator.configure(fault_rate=0.0)
+    args = [*_inputs(tmp_path, 2), "--out", tmp_path / "o3", "--base-url", emulator.base_url]
+    assert vlmbatch(*args).code == 0
+    clean = {r["image_id"]: r for r in rows(tmp_path / "o3") if r["prompt_id"] == "meta"}
+    repaired = {r["image_id"]: r for r in rows(tmp_path / "o1") if r["prompt_id"] == "meta"}
+    for image_id, row in repaired.items():
+        assert row["prompt_tokens"] >= 2 * clean[image_id]["prompt_tokens"]
 
 
 def test_streaming_matches_the_plain_answers(tmp_path: Path, emulator: EmulatorServer) -> None:
