@@ -3,10 +3,11 @@
 ``InFlightLimiter`` bounds requests on the wire. Fixed (``--concurrency N``) it is a semaphore. With
 ``--concurrency auto`` it adapts like TCP (AIMD): it starts small and doubles per round of answers
 (slow start) until the endpoint first pushes back, then grows by one per round while latency holds
-(no more than twice the best seen) and halves — at most once per round trip — when a 429 or 503
-arrives. After a halving it climbs back at the slow-start pace to 90 % of the limit that drew the
-pushback (the endpoint took about that much a moment ago), probes by one per two rounds up to that
-limit and by one per round past it, so it spends its time just under the endpoint's capacity instead
+(no more than twice the best seen) and halves — at most once per round trip — when a 429, 503 or
+408 arrives or latency passes twice the best (an endpoint that queues rather than refuses). After a
+halving it climbs back at the slow-start pace to 90 % of the limit that drew the pushback (the
+endpoint took about that much a moment ago), probes by one per two rounds up to that limit and by
+one per round past it, so it spends its time just under the endpoint's capacity instead
 of sawing between half of it and all of it (bench/auto.py, steady rate against a hidden capacity of
 32: 71–81 % of the best fixed setting with plain halving and +1 per round, 95 % with this). It never
 exceeds ``--max-concurrency``.
@@ -19,15 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 AUTO_START = 16
 RECOVER_TO = 0.9  # after a cut, climb back fast to this share of the limit that drew the pushback
-OVERLOAD_STATUS = frozenset({429, 503})
+OVERLOAD_STATUS = frozenset({408, 429, 503})  # 408: a gateway gave up waiting, as good as a 429
 
 
 @dataclass(slots=True)
@@ -102,27 +108,46 @@ class InFlightLimiter:
         now = self.clock()
         if slot.overloaded:
             round_trip = self.best_latency if math.isfinite(self.best_latency) else 1.0
-            if now - self._last_cut >= round_trip:  # one cut per round trip, not one per 429 of a burst
-                self.ceiling = self.limit
-                self.limit = max(1.0, self.limit / 2)
-                self._last_cut = now
-            else:  # already cut in this round trip: hold the limit to the requests still out
-                # A 429 comes back at once: its slot, handed straight to the next request, would only
-                # draw the next 429, a storm of them at the client's own pace until the round trip
-                # ends (measured: 150-250 per storm at a hidden capacity of 32).
+            if not self._cut(now, sent=now - round_trip):  # one cut per round trip, not one per 429
+                # already cut in this round trip: hold the limit to the requests still out. A 429
+                # comes back at once: its slot, handed straight to the next request, would only draw
+                # the next 429, a storm of them at the client's own pace until the round trip ends
+                # (measured: 150-250 per storm at a hidden capacity of 32).
                 self.limit = max(1.0, min(self.limit, float(self.in_flight)))
-            self.slow_start = False
             return
         if slot.latency is None:
             return
         self.best_latency = min(self.best_latency, slot.latency)
         if slot.latency > 2 * self.best_latency:
-            return  # latency does not hold: the endpoint is queueing, don't push harder
+            # latency does not hold: the endpoint queues what it cannot serve (one that never answers
+            # 429 would otherwise be pushed to many times its capacity, and its gateway's timeouts
+            # fail rows). Cut once for requests sent since the last cut; earlier ones say nothing new.
+            self._cut(now, sent=now - slot.latency)
+            return
         if self.limit < RECOVER_TO * self.ceiling:  # slow start, or climbing back: doubles per round
             self.limit = min(float(self.maximum), self.limit + 1.0, RECOVER_TO * self.ceiling)
         else:  # +1 per round; +1 per two rounds just under where the endpoint last pushed back
             step = 0.5 if self.limit < self.ceiling else 1.0
             self.limit = min(float(self.maximum), self.limit + step / self.limit)
+
+    def _cut(self, now: float, sent: float) -> bool:
+        """Halve the limit, unless the request that says so was sent before the last cut; whether it did."""
+        self.slow_start = False
+        if sent < self._last_cut:
+            return False
+        self.ceiling = self.limit
+        self.limit = max(1.0, self.limit / 2)
+        self._last_cut = now
+        return True
+
+
+class Stop(Protocol):
+    """What a taker of the rate limiter stops by (tasks.stopping.StopSwitch)."""
+
+    @property
+    def is_set(self) -> bool: ...
+
+    async def sleep(self, seconds: float) -> None: ...
 
 
 class RateLimiter:
@@ -143,11 +168,22 @@ class RateLimiter:
         self.updated = clock()
         self._lock = asyncio.Lock()
         self.active = any(self.rates.values())
+        self.tpm = tpm
+        self.warned = False
 
-    async def take(self, tokens: int) -> None:
-        """Wait until one request of ``tokens`` estimated tokens may go."""
+    async def take(self, tokens: int, stop: Stop | None = None) -> None:
+        """Wait until one request of ``tokens`` estimated tokens may go, or ``stop`` is set."""
         if not self.active:
             return
+        if self.tpm and tokens > self.tpm and not self.warned:
+            self.warned = True
+            log.warning(
+                "a request's estimate (%d tokens) is more than --tpm %g allows in a minute: such requests "
+                "go a minute or more apart, and a gateway with that limit may refuse them; lower "
+                "--max-tokens or --max-soft-tokens, or raise --tpm",
+                tokens,
+                self.tpm,
+            )
         async with self._lock:  # first come, first served
             need = {"requests": 1.0, "tokens": float(tokens)}
             while True:
@@ -162,7 +198,12 @@ class RateLimiter:
                 ]
                 if not waits:
                     break
-                await self.sleep(max(waits))  # type: ignore[misc]
+                if stop is None:
+                    await self.sleep(max(waits))  # type: ignore[misc]
+                    continue
+                await stop.sleep(max(waits))
+                if stop.is_set:
+                    return  # nothing taken: the caller drops the request
             for name, rate in self.rates.items():
                 if rate:
                     self.level[name] -= need[name]
@@ -175,6 +216,26 @@ class RateLimiter:
         elapsed, self.updated = now - self.updated, now
         for name, rate in self.rates.items():
             self.level[name] = min(self._capacity(name), self.level[name] + elapsed * rate)
+
+
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, float, float], RateLimiter]]
+_shared = weakref.WeakKeyDictionary()
+
+
+def rate_limiter(endpoint: str, rpm: float | None, tpm: float | None) -> RateLimiter:
+    """The rate limiter of ``endpoint``'s limits, one for every run in this event loop: a backfill's
+    partitions run side by side in one, and a limiter each would multiply ``--rpm``/``--tpm`` by them."""
+    if not rpm and not tpm:
+        return RateLimiter(None, None)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return RateLimiter(rpm, tpm)
+    key = (endpoint, float(rpm or 0), float(tpm or 0))
+    limiters = _shared.setdefault(loop, {})
+    if key not in limiters:
+        limiters[key] = RateLimiter(rpm, tpm)
+    return limiters[key]
 
 
 def estimate_tokens(prompt_text: str, images: int, max_soft_tokens: int, max_tokens: int) -> int:

@@ -12,7 +12,7 @@ import logging
 import secrets
 
 from tasks.answers import Answer
-from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, RateLimiter
+from tasks.concurrency import OVERLOAD_STATUS, InFlightLimiter, rate_limiter
 from tasks.config import RunConfig
 from tasks.endpoint import EndpointClient
 from tasks.errors import ItemFailure, RequestFailure
@@ -45,7 +45,7 @@ class ItemSender:
         self.requests = InFlightLimiter(
             endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
         )
-        self.rate = RateLimiter(endpoint.rpm, endpoint.tpm)
+        self.rate = rate_limiter(endpoint.base_url, endpoint.rpm, endpoint.tpm)
         self.nonce = secrets.token_hex(4)  # this run's part of every X-Request-Id
 
     async def aclose(self) -> None:
@@ -93,9 +93,11 @@ class ItemSender:
         async def attempt() -> Answer:
             if self.stop.is_set:
                 raise _Dropped
-            await self.rate.take(request.cost)
             row.attempts += 1
             async with self.requests.slot() as slot:
+                # the rate's permit once the slot is held: a request cleared to go then goes at once,
+                # where permits taken first piled up behind the slots and went out in a burst
+                await self.rate.take(request.cost, self.stop)
                 if self.stop.is_set:
                     row.attempts -= 1
                     raise _Dropped

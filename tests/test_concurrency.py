@@ -1,6 +1,6 @@
 import asyncio
 
-from tasks.concurrency import AUTO_START, InFlightLimiter, RateLimiter, Slot, estimate_tokens
+from tasks.concurrency import AUTO_START, OVERLOAD_STATUS, InFlightLimiter, RateLimiter, Slot, estimate_tokens
 from tests.builders import Clock
 
 
@@ -216,3 +216,56 @@ def test_a_raised_adaptive_limit_lets_waiters_in_at_once() -> None:
         return peak
 
     assert asyncio.run(main()) > 1  # answers raised the limit while others were waiting
+
+
+def test_adaptive_backs_off_an_endpoint_that_queues_instead_of_refusing() -> None:
+    """No 429 ever comes from an endpoint that queues: latency past twice the best is its pushback
+    (without it --concurrency auto ran 4x past such an endpoint's capacity, and its gateway's 408s
+    failed rows). One cut per requests sent after the last cut: the slow answers already out say
+    nothing new."""
+    clock = Clock()
+    limiter = InFlightLimiter(1, adaptive=True, maximum=256, clock=clock)
+    for _ in range(16):
+        limiter.observe(Slot(latency=0.25))
+    assert limiter.limit == 32
+    clock.now = 5.0
+    limiter.observe(Slot(latency=1.0))  # sent at 4.0, queued: cut
+    assert limiter.limit == 16 and limiter.ceiling == 32 and not limiter.slow_start
+    clock.now = 5.5
+    limiter.observe(Slot(latency=1.0))  # sent at 4.5, before the cut: nothing new
+    assert limiter.limit == 16
+    clock.now = 6.5
+    limiter.observe(Slot(latency=1.2))  # sent at 5.3, after it: still queueing, cut again
+    assert limiter.limit == 8
+    limiter.observe(Slot(overloaded=False, latency=None))  # a failure without latency says nothing
+    assert limiter.limit == 8
+    assert 408 in OVERLOAD_STATUS  # a gateway's timeout is pushback too
+
+
+def test_a_stopped_run_does_not_wait_out_the_rate_limiter() -> None:
+    """SIGINT at --rpm 60 took 37 s to exit; the wait now ends with the stop, and nothing is taken."""
+    from tasks.stopping import StopSwitch
+
+    async def first_then_stopped() -> float:
+        limiter = RateLimiter(1, None)
+        stop = StopSwitch()
+        asyncio.get_running_loop().call_later(0.2, stop.set, "SIGINT", "test")
+        started = asyncio.get_running_loop().time()
+        await limiter.take(1, stop)
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(first_then_stopped()) < 5  # not the minute one request a minute needs
+
+
+def test_runs_in_one_event_loop_share_one_rate_limiter_per_endpoint() -> None:
+    """A backfill's partitions run side by side in one loop: a limiter each doubled --rpm at 2."""
+    from tasks.concurrency import rate_limiter
+
+    async def main() -> None:
+        one, two = rate_limiter("http://gw/v1", 600, None), rate_limiter("http://gw/v1", 600, None)
+        assert one is two
+        assert rate_limiter("http://other/v1", 600, None) is not one
+        assert rate_limiter("http://gw/v1", 300, None) is not one
+        assert not rate_limiter("http://gw/v1", None, None).active
+
+    asyncio.run(main())
