@@ -4,10 +4,9 @@
 ``--concurrency auto`` it adapts like TCP (AIMD): it starts small and doubles per round of answers
 (slow start) until the endpoint first pushes back, then grows by one per round while latency holds
 (no more than twice the best seen) and halves — at most once per round trip — when a 429, 503 or
-408 arrives or latency passes twice the best (an endpoint that queues rather than refuses). After a
-halving it climbs back at the slow-start pace to 90 % of the limit that drew the pushback (the
-endpoint took about that much a moment ago), probes by one per two rounds up to that limit and by
-one per round past it, so it spends its time just under the endpoint's capacity instead
+408 arrives. After a halving it climbs back at the slow-start pace to 90 % of the limit that drew the
+pushback (the endpoint took about that much a moment ago), probes by one per two rounds up to that
+limit and by one per round past it, so it spends its time just under the endpoint's capacity instead
 of sawing between half of it and all of it (bench/auto.py, steady rate against a hidden capacity of
 32: 71–81 % of the best fixed setting with plain halving and +1 per round, 95 % with this). It never
 exceeds ``--max-concurrency``.
@@ -119,10 +118,10 @@ class InFlightLimiter:
             return
         self.best_latency = min(self.best_latency, slot.latency)
         if slot.latency > 2 * self.best_latency:
-            # latency does not hold: the endpoint queues what it cannot serve (one that never answers
-            # 429 would otherwise be pushed to many times its capacity, and its gateway's timeouts
-            # fail rows). Cut once for requests sent since the last cut; earlier ones say nothing new.
-            self._cut(now, sent=now - slot.latency)
+            # latency does not hold: don't push harder. Not a cut: an answer's latency varies 2-5x
+            # with its length alone, and cutting on single slow answers collapsed the limit to ~2
+            # under ordinary jitter. An endpoint that queues without refusing is held by its
+            # gateway's 408s (overload) or by --max-concurrency.
             return
         if self.limit < RECOVER_TO * self.ceiling:  # slow start, or climbing back: doubles per round
             self.limit = min(float(self.maximum), self.limit + 1.0, RECOVER_TO * self.ceiling)
