@@ -1,9 +1,9 @@
 """Send one work item's request: rate limit, a request slot, retries, and structured-output repair.
 
 One ``ItemSender`` per run, shared by all its shards: it owns the endpoint client, the limiter that
-bounds requests in flight across the run (a slot is held while a request waits for its rate permit and
-is on the wire, never during backoff), the rate limiter, the retry policy (the only one: tasks/retry.py) and the outage
-detector, which stops the run when the endpoint stays unusable.
+bounds requests in flight across the run (a slot is held while a request waits for its rate permit
+and while it is on the wire, never during backoff), the rate limiter, the retry policy (the only
+one: tasks/retry.py) and the outage detector, which stops the run when the endpoint stays unusable.
 """
 
 from __future__ import annotations
