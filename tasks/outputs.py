@@ -172,7 +172,7 @@ class OutLock:
     def acquire(self) -> None:
         fh = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_within(fh, LOCK_PATIENCE_S)
         except BlockingIOError:
             fh.seek(0)
             who = _holder(fh.read())
@@ -197,6 +197,22 @@ class OutLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+LOCK_PATIENCE_S = 1.0  # a reader's probe (writer_of) holds the lock shared for a moment: not a run
+
+
+def _lock_within(fh: IO[str], seconds: float) -> None:
+    """flock(LOCK_EX), trying for ``seconds``; BlockingIOError if another still holds it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def writer_of(out: Path) -> str | None:
@@ -354,17 +370,14 @@ SUMMARY_COLUMNS = [
 
 
 def read_summary_columns(out: Path) -> pa.Table:
-    """What ``inspect`` counts, file by file: only these columns in memory, whatever OUT's size, and a
-    column an older run's file lacks is null there."""
+    """What ``inspect`` counts, file by file: only these columns in memory, whatever OUT's size, each as
+    the contract types it, and null where an older run's file lacks it."""
     files = part_files(out)
     if not files:
         raise UsageError(f"{out} holds no vlmbatch part files")
-    schema = output_files_schema(files)
-    if "status" not in schema.names:
+    if "status" not in pq.read_schema(files[-1]).names:
         raise UsageError(f"{out} is not a vlmbatch output (no status column)")
-    wanted = pa.schema(
-        [(schema if name in schema.names else OUTPUT_SCHEMA).field(name) for name in SUMMARY_COLUMNS]
-    )
+    wanted = pa.schema([OUTPUT_SCHEMA.field(name) for name in SUMMARY_COLUMNS])
     tables = []
     for f in files:
         present = set(pq.read_schema(f).names)
@@ -374,8 +387,24 @@ def read_summary_columns(out: Path) -> pa.Table:
 
 def output_files_schema(files: Sequence[Path]) -> pa.Schema:
     """One schema for files that older runs may have written with other columns (one without
-    ``reasoning``, one with a column since dropped): every column of any of them."""
-    return pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+    ``reasoning``, one with a column since dropped): every column of any of them, each with a type
+    they all fit (pyarrow's permissive promotion); UsageError naming a column whose types cannot meet."""
+    fields: dict[str, list[tuple[pa.Field, Path]]] = {}
+    for f in files:
+        for column in pq.read_schema(f):
+            fields.setdefault(column.name, []).append((column, f))
+    unified = []
+    for name, found in fields.items():
+        try:
+            one = pa.unify_schemas([pa.schema([column]) for column, _ in found], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            kinds = sorted({str(column.type) for column, _ in found})
+            raise UsageError(
+                f"column {name!r} has types that cannot be joined in OUT's files ({', '.join(kinds)}; e.g. "
+                f"{found[0][1].name} and {found[-1][1].name}); export those files separately"
+            ) from None
+        unified.append(one.field(name))
+    return pa.schema(unified)
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -239,3 +239,18 @@ def test_export_of_files_written_with_other_columns_keeps_every_column(tmp_path:
     table = pq.read_table(tmp_path / "x.parquet")
     assert {"legacy", "latency_ms", "reasoning"} <= set(table.column_names)
     assert table["reasoning"].to_pylist() == ["kept", None] and table["legacy"].to_pylist() == [1, None]
+
+
+def test_export_names_a_column_whose_types_in_older_files_cannot_meet(tmp_path: Path) -> None:
+    from tasks.errors import UsageError
+    from tasks.export import export_output
+    from tasks.results import OUTPUT_SCHEMA
+
+    out = tmp_path / "out"
+    row = {name: None for name in OUTPUT_SCHEMA.names} | {"image_id": "a", "prompt_id": "p", "status": "ok"}
+    base = pa.Table.from_pylist([row], OUTPUT_SCHEMA)
+    write_parquet(out / "part-000000-old.parquet", base.append_column("score", pa.array([[1]])))
+    write_parquet(out / "part-000001-new.parquet", base.append_column("score", pa.array(["high"])))
+    with pytest.raises(UsageError, match=r"column 'score' has types that cannot be joined"):
+        export_output(out, tmp_path / "x.parquet")
+    assert vlmbatch("inspect", out).code == 0  # inspect reads only the contract's columns

@@ -233,3 +233,24 @@ def test_an_output_whose_carried_column_was_written_non_nullable_takes_a_nullabl
     check_schema(out, output_schema(pa.schema([pa.field("lbl", pa.string())])))
     with pytest.raises(UsageError, match="types differ for lbl"):
         check_schema(out, output_schema(pa.schema([pa.field("lbl", pa.int64())])))
+
+
+def test_a_readers_probe_of_the_lock_does_not_stop_a_run_from_starting(tmp_path: Path) -> None:
+    """inspect and export probe OUT's lock (shared, for a moment): a run starting then must not fail."""
+    import fcntl
+    import threading
+
+    from tasks.outputs import writer_of
+
+    prepare_out_dir(tmp_path / "out")
+    assert writer_of(tmp_path / "out") is None  # never run yet: no lock file
+    first = OutLock(tmp_path / "out", "first")
+    first.acquire()
+    assert writer_of(tmp_path / "out") == writer_of(tmp_path / "out") is not None
+    first.release()
+    probe = open(tmp_path / "out" / "_vlmbatch" / "lock")  # noqa: SIM115 - a probe held for 0.3 s
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.3, probe.close).start()
+    run = OutLock(tmp_path / "out", "second")
+    run.acquire()  # waits out the probe instead of failing
+    run.release()
