@@ -24,7 +24,7 @@ from tasks.errors import UsageError
 from tasks.json_columns import PROPERTY_KEY, fields_for, json_fields, json_object, json_value
 from tasks.manifests import Prompt
 from tasks.outputs import STATE_DIR, conform, output_files_schema, part_files, writer_of
-from tasks.results import column_array
+from tasks.results import OUTPUT_SCHEMA, column_array
 
 
 def export_output(
@@ -170,10 +170,10 @@ def _check(out: Path, dest: Path, force: bool) -> list[Path]:
 
 
 def _is_export(path: Path) -> bool:
-    """Whether ``path`` is an earlier export (its schema says so; a part file of an output has the
-    same columns, and must not be taken for one)."""
+    """Whether ``path`` is an earlier export: its schema says so, or (an export written before the
+    mark) it has the output's columns outside any output (``_check`` refuses a FILE inside one)."""
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        schema = pq.read_schema(path)
     except (OSError, pa.ArrowException):
         return False
-    return EXPORT_KEY in metadata
+    return EXPORT_KEY in (schema.metadata or {}) or set(OUTPUT_SCHEMA.names) <= set(schema.names)

@@ -37,20 +37,14 @@ def _arrow_type(spec: Any) -> pa.DataType:
 
 
 def _one_type(spec: Any) -> Any:
-    """A schema of one type or null (``["integer", "null"]``, or ``anyOf`` a schema and
-    ``{"type": "null"}`` as pydantic writes ``Optional``) as that one type: columns are nullable."""
+    """A schema of one type or null (``["integer", "null"]``) as that one type: columns are nullable.
+    (``anyOf`` a schema and null stays a union, a string column: outputs already written have it so.)"""
     if not isinstance(spec, dict):
         return spec
     kind = spec.get("type")
     if isinstance(kind, list):
         kinds = [k for k in kind if k != "null"]
         return {**spec, "type": kinds[0] if len(kinds) == 1 else None}
-    for key in ("anyOf", "oneOf"):
-        branches = spec.get(key)
-        if isinstance(branches, list) and "type" not in spec:
-            rest = [b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")]
-            if len(rest) == 1:
-                return _one_type(rest[0])
     return spec
 
 
