@@ -716,3 +716,26 @@ def test_a_failed_row_has_the_latency_of_its_last_attempt() -> None:
         assert row.latency_ms is not None and 50 <= row.latency_ms < 5000
 
     run_with_server({"/v1/chat/completions": slow_503}, test)
+
+
+def test_a_repaired_json_answer_counts_the_tokens_of_both_requests() -> None:
+    answers = [
+        ("not json", {"prompt_tokens": 10, "completion_tokens": 5}),
+        ('{"a": 1}', {"prompt_tokens": 30, "completion_tokens": 7}),
+    ]
+
+    async def scripted(_: web.Request) -> web.StreamResponse:
+        content, usage = answers.pop(0)
+        body = {**_answer(content, None), "usage": usage}
+        return web.json_response(body)
+
+    async def test(base_url: str, rec: Recorder) -> None:
+        run = RunConfig(out="o", endpoint={"base_url": base_url, "model": "m"})
+        sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=0), None)
+        row = ResultRow("img1", "meta", "qa", "ok")
+        assert await sender.fill(row, chat_request(), '{"type": "object"}')
+        await sender.aclose()
+        assert (row.status, row.json, row.attempts) == ("ok", '{"a":1}', 2)
+        assert (row.prompt_tokens, row.completion_tokens) == (40, 12)
+
+    run_with_server({"/v1/chat/completions": scripted}, test)
