@@ -107,12 +107,16 @@ class InFlightLimiter:
         now = self.clock()
         if slot.overloaded:
             round_trip = self.best_latency if math.isfinite(self.best_latency) else 1.0
-            if not self._cut(now, sent=now - round_trip):  # one cut per round trip, not one per 429
-                # already cut in this round trip: hold the limit to the requests still out. A 429
-                # comes back at once: its slot, handed straight to the next request, would only draw
-                # the next 429, a storm of them at the client's own pace until the round trip ends
-                # (measured: 150-250 per storm at a hidden capacity of 32).
+            if now - self._last_cut >= round_trip:  # one cut per round trip, not one per 429 of a burst
+                self.ceiling = self.limit
+                self.limit = max(1.0, self.limit / 2)
+                self._last_cut = now
+            else:  # already cut in this round trip: hold the limit to the requests still out
+                # A 429 comes back at once: its slot, handed straight to the next request, would only
+                # draw the next 429, a storm of them at the client's own pace until the round trip
+                # ends (measured: 150-250 per storm at a hidden capacity of 32).
                 self.limit = max(1.0, min(self.limit, float(self.in_flight)))
+            self.slow_start = False
             return
         if slot.latency is None:
             return
@@ -128,16 +132,6 @@ class InFlightLimiter:
         else:  # +1 per round; +1 per two rounds just under where the endpoint last pushed back
             step = 0.5 if self.limit < self.ceiling else 1.0
             self.limit = min(float(self.maximum), self.limit + step / self.limit)
-
-    def _cut(self, now: float, sent: float) -> bool:
-        """Halve the limit, unless the request that says so was sent before the last cut; whether it did."""
-        self.slow_start = False
-        if sent < self._last_cut:
-            return False
-        self.ceiling = self.limit
-        self.limit = max(1.0, self.limit / 2)
-        self._last_cut = now
-        return True
 
 
 class Stop(Protocol):

@@ -60,9 +60,8 @@ class ItemSender:
         try:
             answer = await self._send(row, request, row_id(row))
             _fill(row, answer, request.keep_reasoning)
-            if not (
-                answer.text or ""
-            ).strip():  # an ok row has its answer (CONTRACT: text null only when failed)
+            # an ok row has its answer (CONTRACT: text null only when failed); "" or blanks are none
+            if not (answer.text or "").strip():
                 raise ItemFailure("no_answer", _no_answer(answer), http_status=answer.http_status)
             if json_schema is not None:
                 row.json = await self._valid_json(row, request, answer, json_schema)

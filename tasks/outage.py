@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from tasks.errors import RequestFailure
+from tasks.retry import MAX_RETRY_AFTER
 
 UNREACHABLE = frozenset({"connection", "timeout"})
 UNREACHABLE_STATUS = frozenset({502, 503, 504})
@@ -28,7 +29,7 @@ def _unreachable(failure: RequestFailure) -> bool:
     )
 
 
-def is_outage_failure(failure: RequestFailure, max_wait: float = 300.0) -> bool:
+def is_outage_failure(failure: RequestFailure, max_wait: float = MAX_RETRY_AFTER) -> bool:
     """A failure that says something of the endpoint as a whole: once the run stops for an outage, the
     items that failed this way get no row (the rerun asks them), not a failed one."""
     return (
@@ -49,7 +50,7 @@ class OutageDetector:
         window: float,
         threshold: int = 3,
         describe: str = "the endpoint",
-        max_wait: float = 300.0,
+        max_wait: float = MAX_RETRY_AFTER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window = window

@@ -22,6 +22,7 @@ from tenacity.wait import wait_exponential_jitter
 from tasks.errors import ItemFailure
 
 T = TypeVar("T")
+MAX_RETRY_AFTER = 300.0  # seconds of a server's Retry-After honoured; beyond it the endpoint is unusable
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -33,7 +34,7 @@ class RetryPolicy:
     max_retries: int = 6  # retries after the first attempt
     initial: float = 0.5  # first backoff, seconds; doubles each retry
     maximum: float = 30.0  # backoff cap, seconds
-    max_retry_after: float = 300.0  # a server's Retry-After is honoured up to this
+    max_retry_after: float = MAX_RETRY_AFTER  # a server's Retry-After is honoured up to this
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def wait(self, state: RetryCallState) -> float:
