@@ -6,7 +6,7 @@ Makes ``--n`` photo-like 4032×3024 JPEGs (gradients, shapes, lines, sensor-like
 temporary directory, reads them into memory, then times over the same bytes:
 
 (a) plain Pillow: ``open → convert("RGB") → thumbnail(target) → save JPEG``, target = our pixel budget;
-(b) ``tasks.images.prepare_image``, single-threaded;
+(b) ``tasks.images.prepare.prepare_image``, single-threaded;
 (c) libjpeg's reduced-size decode alone: ``img.draft("RGB", target); img.load()``;
 (d) ``prepare_image`` on a thread pool sized to the cores.
 
@@ -40,9 +40,9 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tasks import images as vlm_images
 from tasks.config import PIXELS_PER_SOFT_TOKEN, ImageConfig
-from tasks.images import prepare_image, target_size
+from tasks.images import prepare as vlm_images
+from tasks.images.prepare import prepare_image, target_size
 
 WIDTH, HEIGHT = 4032, 3024
 Resampling = Image.Resampling

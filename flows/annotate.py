@@ -2,7 +2,10 @@
 
 Shards, not rows, are orchestrated: each shard task runs its work items concurrently on the flow's
 event loop, and a few shards overlap so the endpoint never idles at a shard boundary. Requests in
-flight are bounded by ``--concurrency`` across the whole run (one semaphore in the ShardRunner).
+flight are bounded across the whole run by one ``InFlightLimiter`` (``--concurrency N`` or ``auto``) and
+paced by ``--rpm``/``--tpm``, both in the ShardRunner's ItemSender (tasks/endpoint/concurrency.py).
+Planning is the engine's (tasks/run/plan.py); this module is the Prefect side: the flow, its tasks,
+the artifacts, the Secret block, the scheduled date and the global concurrency limit.
 """
 
 from __future__ import annotations
@@ -17,45 +20,32 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
+from flows.api_key import load_api_key
+from flows.artifacts import Progress, artifact_key, publish_summary
+from flows.endpoint_limit import EndpointLimit, SlotLease
+from flows.schedule import scheduled_date
 from flows.states import with_failed_rows
-from tasks.artifacts import Progress, artifact_key, publish_summary
 from tasks.config import RunConfig
-from tasks.endpoint import load_api_key
-from tasks.endpoint_limit import EndpointLimit, SlotLease
-from tasks.errors import ConfigError, EndpointUnusable, ManifestError, RunInterrupted, UsageError
-from tasks.json_columns import json_fields
-from tasks.manifests import (
-    ImagesManifest,
-    Prompt,
-    check_prompt_images,
-    parquet_files,
-    read_images_manifest,
-    read_prompts_manifest,
+from tasks.endpoint.preflight import PreflightFailed, PreflightStopped, preflight
+from tasks.errors import EndpointUnusable, RunInterrupted
+from tasks.inputs.work_items import (
+    Shard,
 )
-from tasks.outputs import (
-    OutLock,
-    OutputStore,
-    check_out_dir,
-    check_schema,
-    prepare_out_dir,
-    read_index,
-    remove_temporaries,
-    run_tag,
-)
-from tasks.partitions import needs_date, resolve_paths, scheduled_date
-from tasks.preflight import PreflightFailed, PreflightStopped, preflight
-from tasks.results import OUTPUT_SCHEMA, ResultRow, output_schema
-from tasks.shard_runner import ShardRunner
+from tasks.outputs.layout import prepare_out_dir, remove_temporaries
+from tasks.outputs.lock import OutLock
+from tasks.outputs.store import OutputStore, read_index, run_tag
+from tasks.outputs.summary import RunSummary, SummaryBuilder
+from tasks.outputs.writer import AsyncWriter
+from tasks.partitions import needs_date
+from tasks.row import ResultRow
+from tasks.run.plan import plan_run
+from tasks.run.shard_runner import ShardRunner
 from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
-from tasks.summary import RunSummary, SummaryBuilder
-from tasks.work_items import PromptPlan, Shard, iter_image_jobs, iter_shards, iter_text_jobs, limit_items
-from tasks.writer import AsyncWriter
 
 RowListener = Callable[[ResultRow | None], None]
 _row_listeners: list[RowListener] = []  # the CLI's progress bar subscribes here (same process)
@@ -66,125 +56,6 @@ def add_row_listener(listener: RowListener) -> Callable[[], None]:
     in this process; returns an unsubscribe."""
     _row_listeners.append(listener)
     return lambda: _row_listeners.remove(listener)
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """A validated run: manifests read and checked, nothing sent, nothing written."""
-
-    config: RunConfig
-    images: ImagesManifest | None  # None: a text-only run (prompts without images)
-    prompts: PromptPlan
-    image_root: Path
-    output_schema: pa.Schema  # the contract's columns, carried ones, typed JSON ones
-
-    @property
-    def num_images(self) -> int:
-        return self.images.num_rows if self.images is not None else 0
-
-    @property
-    def base_dir(self) -> Path:
-        return self.images.base_dir if self.images is not None else self.image_root
-
-    @property
-    def work_items(self) -> int:
-        if self.images is None:
-            total = len(self.prompts.for_all)
-        else:
-            total = self.prompts.count_items(self.images.num_rows)
-        return min(total, self.config.limit) if self.config.limit else total
-
-    def shards(self) -> Iterator[Shard]:
-        if self.images is None:
-            jobs = iter_text_jobs(self.prompts.for_all)
-        else:
-            jobs = iter_image_jobs(self.images, self.prompts)
-        return iter_shards(limit_items(jobs, self.config.limit), self.config.shard_size)
-
-
-_PLANS: dict[str, RunPlan] = {}  # the last plan, by config and manifest files
-
-
-def plan_run(config: RunConfig) -> RunPlan:
-    """Read and validate everything a run needs; raises UsageError (exit 1) before anything is sent.
-
-    The CLI plans before starting the flow (to fail fast) and the flow plans again (it may run in a
-    worker): while the config and the manifests' files are unchanged, the second call reuses the
-    first's manifests, so a million-row manifest's ids are read and checked once per process, not
-    twice. OUT is checked every time.
-    """
-    config = resolve_paths(config)  # {date} in paths filled from config.date (ConfigError without one)
-    key = _plan_key(config)
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
-        plan = _plan(config)
-        pa.default_memory_pool().release_unused()  # the id checks' buffers: back to the OS, not kept
-        _PLANS.clear()
-        if key is not None:
-            _PLANS[key] = plan
-    if not config.dry_run:  # OUT may change between two plans: checked every time
-        check_out_dir(config.out)
-        check_schema(config.out, plan.output_schema)
-    return plan
-
-
-def _plan_key(config: RunConfig) -> str | None:
-    """The config and the size and mtime of every manifest file; None if a manifest is missing."""
-    stats = []
-    for path, what in ((config.images, "images"), (config.prompts, "prompts")):
-        if path is None:
-            continue
-        try:
-            for file in parquet_files(Path(path), what):
-                st = file.stat()
-                stats.append(f"{file}:{st.st_size}:{st.st_mtime_ns}")
-        except (UsageError, OSError):
-            return None
-    return config.model_dump_json() + "\n" + "\n".join(stats)
-
-
-def _plan(config: RunConfig) -> RunPlan:
-    prompts = read_prompts_manifest(config.prompts) if config.prompts else None
-    if config.images is None:
-        images = None
-        _check_text_only(config, prompts)
-    else:
-        images = read_images_manifest(
-            config.images, id_column=config.id_column, image_column=config.image_column, carry=config.carry
-        )
-        if prompts is not None:
-            check_prompt_images(prompts, images, config.prompts or "", config.endpoint.max_images_per_prompt)
-        images = images.without_ids()  # checked: a million ids need not stay in memory for the run
-    if config.image.image_root is not None:
-        image_root = Path(config.image.image_root)
-        if not image_root.is_dir():
-            raise ConfigError(f"--image-root {image_root} is not a directory")
-    else:
-        image_root = images.base_dir if images is not None else Path.cwd()
-    schema = _output_schema(config, images, prompts)
-    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema)
-
-
-def _output_schema(
-    config: RunConfig, images: ImagesManifest | None, prompts: list[Prompt] | None
-) -> pa.Schema:
-    carry = images.carry_schema if images is not None else None
-    if not (config.json_columns and prompts):
-        return output_schema(carry)
-    return output_schema(carry, json_fields(prompts, [*OUTPUT_SCHEMA.names, *(carry.names if carry else [])]))
-
-
-def _check_text_only(config: RunConfig, prompts: list[Prompt] | None) -> None:
-    if prompts is None:
-        raise ConfigError("give an images manifest, a --prompts manifest, or both")
-    if config.carry:
-        raise ConfigError("--carry copies images-manifest columns: it needs an images manifest")
-    named = [row for row, p in enumerate(prompts) if p.image_id is not None or p.image_ids is not None]
-    if named:
-        raise ManifestError(
-            f"{config.prompts}: column 'image_id' names images, but no images manifest was given "
-            f"(rows {', '.join(map(str, named[:10]))})"
-        )
 
 
 @dataclass(frozen=True)

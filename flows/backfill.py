@@ -20,12 +20,12 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.annotate import annotate
+from flows.artifacts import outcomes_table, publish_table
 from flows.states import with_failed_rows
-from tasks.artifacts import outcomes_table, publish_table
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, UsageError
+from tasks.outputs.summary import RunSummary
 from tasks.partitions import Partition, select_partitions
-from tasks.summary import RunSummary
 
 Outcome = Literal[
     "ok", "failed rows", "skipped", "dry run", "missing input", "error", "interrupted", "not started"

@@ -36,15 +36,21 @@ class _OwnProcessGroup:
         return subprocess.Popen(*rest, **kwargs)
 
 
+def server_url() -> str | None:
+    """The Prefect API URL when runs talk to a shared server; None for the temporary API server."""
+    from prefect.settings import get_current_settings  # Prefect's settings: only once a command needs them
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
 def own_process_group() -> bool:
     """Start Prefect's temporary server (if this process starts one) in a process group of its own;
     whether that is arranged. Call before the first flow runs; nothing is done with a Prefect server
     configured (``PREFECT_API_URL``), or with a Prefect whose server module looks different."""
-    from tasks.endpoint_limit import server_url
-
     if server_url() is not None:
         return False
-    try:
+    try:  # Prefect's server module (seconds to import): only where a flow runs against it
         from prefect.server.api import server
     except ImportError:
         return False

@@ -10,16 +10,17 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import yaml
+from prefect import serve
+from prefect.client.orchestration import get_client
+from prefect.deployments.runner import RunnerDeployment
+from prefect.exceptions import ObjectNotFound
+from prefect.flows import Flow
+from prefect.schedules import Cron, Interval, RRule, Schedule
 
 from tasks.errors import ConfigError
-
-if TYPE_CHECKING:
-    from prefect.deployments.runner import RunnerDeployment
-    from prefect.flows import Flow
-    from prefect.schedules import Schedule
 
 PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
 
@@ -38,8 +39,6 @@ def load_project(path: Path = PREFECT_YAML) -> dict[str, Any]:
 
 def import_flow(entrypoint: str) -> Flow[Any, Any]:
     """``flows/annotate.py:annotate`` → the flow object, imported as a module of this package."""
-    from prefect.flows import Flow
-
     file, _, name = entrypoint.partition(":")
     module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
     found = getattr(module, name, None)
@@ -49,8 +48,6 @@ def import_flow(entrypoint: str) -> Flow[Any, Any]:
 
 
 def schedule_of(spec: dict[str, Any]) -> Schedule:
-    from prefect.schedules import Cron, Interval, RRule
-
     common = {"timezone": spec.get("timezone"), "active": spec.get("active", True)}
     if "cron" in spec:
         return Cron(spec["cron"], day_or=spec.get("day_or", True), **common)
@@ -88,8 +85,6 @@ def build_deployments(path: Path = PREFECT_YAML, only: list[str] | None = None) 
 
 def serve_project(path: Path = PREFECT_YAML, only: list[str] | None = None, limit: int | None = None) -> None:
     """Serve until interrupted; runs start in the directory of ``path`` (relative paths resolve there)."""
-    from prefect import serve
-
     deployments = build_deployments(path, only)
     refuse_pool_bound(deployments)
     os.chdir(path.resolve().parent)
@@ -100,9 +95,6 @@ def refuse_pool_bound(deployments: list[RunnerDeployment]) -> None:
     """Serving a deployment that ``prefect deploy`` bound to a work pool keeps that binding on the
     server (with no pull steps): a worker of the pool then takes its runs and crashes. Refuse, saying
     how to switch."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
     bound: dict[str, str] = {}  # deployment: its work pool
     with get_client(sync_client=True) as client:
         for d in deployments:

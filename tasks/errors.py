@@ -22,7 +22,7 @@ Run-level stops, raised after what was done is written (a rerun continues)::
     ├── EndpointUnusable         exit 3: unreachable too long, credentials rejected, unknown model
     └── RunInterrupted           exit 130 (SIGINT) / 143 (SIGTERM)
 
-The ``error_type`` names are the contract's (CONTRACT.md §2); ``ERROR_TYPES`` documents them.
+The ``error_type`` names are the contract's (README.md, "Error types"); ``ERROR_TYPES`` documents them.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class ManifestError(UsageError):
 
 
 class RunStopped(Exception):
-    """The run stopped early; what was done is written. ``summary`` is a tasks.summary.RunSummary."""
+    """The run stopped early; what was done is written. ``summary`` is a tasks.outputs.summary.RunSummary."""
 
     exit_code = 1
 

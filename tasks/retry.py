@@ -2,7 +2,7 @@
 
 Only transient failures (``RequestFailure.retryable``: 408, 409, 429, 5xx, timeouts, connection
 errors, unparseable answers) are retried; a 400, 401, 403, 404 or 422 is final at once. The endpoint
-client (tasks/endpoint.py) never retries by itself, so every attempt is one request and is counted by
+client (tasks/endpoint/client.py) never retries by itself, so every attempt is one request and is counted by
 the caller. The first attempt runs before any tenacity machinery is built: most requests succeed at
 once, and building it per request cost a tenth of the client's time at hundreds of requests a second.
 """
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 from tenacity.stop import stop_base
@@ -94,3 +96,26 @@ class RetryPolicy:
                     raise replayed
                 return await attempt()
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tasks.config import RunConfig
-from tasks.results import ResultRow
-from tasks.shard_runner import ShardRunner
+from tasks.row import ResultRow
+from tasks.run.shard_runner import ShardRunner
 from tasks.stopping import StopSwitch
 
 TAGS_SCHEMA = {  # a JSON Schema for structured-output tests: a caption, tags and a flag

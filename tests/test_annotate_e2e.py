@@ -414,8 +414,8 @@ def test_inspect_summarises_an_output(tmp_path: Path, emulator: EmulatorServer) 
     assert "work items" in res.out and "bad_image" in res.out and "latency p50" in res.out
     assert vlmbatch("inspect", tmp_path / "nothing").code == 1
     # a file of an older run without latency_ms, listed first, and a run writing OUT right now
-    from tasks.outputs import OutLock
-    from tasks.results import OUTPUT_SCHEMA
+    from tasks.outputs.lock import OutLock
+    from tasks.row import OUTPUT_SCHEMA
 
     row = {name: None for name in OUTPUT_SCHEMA.names} | {"image_id": "z", "prompt_id": "p", "status": "ok"}
     old = pa.Table.from_pylist([row], OUTPUT_SCHEMA).drop_columns(["latency_ms"])

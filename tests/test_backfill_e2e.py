@@ -9,16 +9,12 @@ from pathlib import Path
 import pytest
 
 from emulator import EmulatorServer
-from flows.cli import app
-from flows.commands import register
-from tasks.artifacts import read_artifacts
+from flows.artifacts import read_artifacts
 from tasks.config import RunConfig
 from tasks.errors import EndpointUnusable
-from tasks.summary import RunSummary
+from tasks.outputs.summary import RunSummary
 from tests.builders import images_manifest
 from tests.cli import rows, vlmbatch
-
-register(app)  # `main()` registers backfill and serve; the tests drive `app` directly
 
 D1, D2, D3 = "2024-05-01", "2024-05-02", "2024-05-03"
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chains import Turn, children_of, descendants, group_by_root, order_chains
 from tasks.config import build_config
+from tasks.endpoint.requests import build_request, request_key
 from tasks.errors import ManifestError
-from tasks.manifests import Prompt
-from tasks.requests import build_request, request_key
-from tasks.work_items import iter_text_jobs, limit_items
+from tasks.inputs.chains import Turn, children_of, descendants, group_by_root, order_chains
+from tasks.inputs.prompt import Prompt
+from tasks.inputs.work_items import iter_text_jobs, limit_items
 
 CFG = build_config({"images": "i", "out": "o"}, environ={})
 ROOT = Prompt("root", "Describe.", "caption", system="Be brief.")

@@ -106,7 +106,7 @@ def test_a_backfill_submitted_to_a_deployment_keeps_the_deployments_settings_it_
     config; the rest (endpoint, model, global limit) stays as prefect.yaml has it."""
     import yaml
 
-    from flows.commands import deployment_config
+    from flows.cli.backfill import deployment_config
     from flows.serve import PREFECT_YAML
     from tasks.config import build_config
     from tasks.errors import ConfigError

@@ -1,6 +1,13 @@
 import asyncio
 
-from tasks.concurrency import AUTO_START, OVERLOAD_STATUS, InFlightLimiter, RateLimiter, Slot, estimate_tokens
+from tasks.endpoint.concurrency import (
+    AUTO_START,
+    OVERLOAD_STATUS,
+    InFlightLimiter,
+    RateLimiter,
+    Slot,
+    estimate_tokens,
+)
 from tests.builders import Clock
 
 
@@ -252,7 +259,7 @@ def test_a_stopped_run_does_not_wait_out_the_rate_limiter() -> None:
 
 def test_runs_in_one_event_loop_share_one_rate_limiter_per_endpoint() -> None:
     """A backfill's partitions run side by side in one loop: a limiter each doubled --rpm at 2."""
-    from tasks.concurrency import rate_limiter
+    from tasks.endpoint.concurrency import rate_limiter
 
     async def main() -> None:
         one, two = rate_limiter("http://gw/v1", 600, None), rate_limiter("http://gw/v1", 600, None)

@@ -211,7 +211,7 @@ async def _wait_and_read(url: str, flow_run_id: Any) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.artifacts import read_artifacts
+    from flows.artifacts import read_artifacts
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
         async with get_client() as client:

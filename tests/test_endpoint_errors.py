@@ -8,10 +8,11 @@ import httpx2
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
-from tasks.answers import StreamAggregator, parse_chat_answer, parse_responses_answer
-from tasks.endpoint import classify, classify_status, error_message, parse_retry_after
+from tasks.endpoint.answers import StreamAggregator, parse_chat_answer, parse_responses_answer
+from tasks.endpoint.client import classify, classify_status, error_message
+from tasks.endpoint.structured import validate_json
 from tasks.errors import RequestFailure
-from tasks.structured import validate_json
+from tasks.retry import parse_retry_after
 
 
 @pytest.mark.parametrize(

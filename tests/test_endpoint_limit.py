@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tasks import endpoint_limit
-from tasks.endpoint_limit import SlotLease
+from flows import endpoint_limit
+from flows.endpoint_limit import SlotLease
 from tests.builders import Clock
 
 
@@ -155,8 +155,6 @@ def test_a_shard_cancelled_while_waiting_for_slots_stops_asking_for_them() -> No
 def test_a_long_wait_for_the_slots_is_logged_and_a_quick_one_is_not(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import prefect.concurrency.asyncio
-
     waits = iter([0.0, 0.2])
 
     @contextlib.asynccontextmanager
@@ -164,7 +162,7 @@ def test_a_long_wait_for_the_slots_is_logged_and_a_quick_one_is_not(
         await asyncio.sleep(next(waits))
         yield
 
-    monkeypatch.setattr(prefect.concurrency.asyncio, "concurrency", concurrency)
+    monkeypatch.setattr(endpoint_limit, "concurrency", concurrency)
     monkeypatch.setattr(endpoint_limit, "WAIT_WARNING_S", 0.05)
     limit = endpoint_limit.EndpointLimit("vlmbatch-endpoint", 64, 32)
 

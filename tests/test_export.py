@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from emulator import EmulatorServer
-from tasks.export import infer_json_fields
+from tasks.outputs.export import infer_json_fields
 from tests.builders import TAGS_TEXT_SCHEMA, images_manifest, prompts_manifest, write_parquet
 from tests.cli import rows, vlmbatch
 
@@ -137,11 +137,12 @@ def test_export_replaces_an_earlier_export_but_not_another_file(
 
 def test_export_leaves_null_a_json_value_its_typed_column_cannot_hold(tmp_path: Path) -> None:
     """The same rule as the run's own --json-columns: null in the typed column, whole in json."""
-    from tasks.export import export_output
-    from tasks.manifests import Prompt
-    from tasks.output_index import OutputIndex
-    from tasks.outputs import OutputStore, prepare_out_dir
-    from tasks.results import OUTPUT_SCHEMA, ResultRow
+    from tasks.inputs.prompt import Prompt
+    from tasks.outputs.export import export_output
+    from tasks.outputs.index import OutputIndex
+    from tasks.outputs.layout import prepare_out_dir
+    from tasks.outputs.store import OutputStore
+    from tasks.row import OUTPUT_SCHEMA, ResultRow
 
     out = prepare_out_dir(tmp_path / "out")
     store = OutputStore(out, OUTPUT_SCHEMA, "r", OutputIndex.empty())
@@ -157,7 +158,7 @@ def test_export_leaves_null_a_json_value_its_typed_column_cannot_hold(tmp_path: 
 
 
 def test_nested_lists_and_lists_of_objects_are_json_text_not_null_lists(tmp_path: Path) -> None:
-    from tasks.export import export_output  # noqa: F401 - the inference is what export uses
+    from tasks.outputs.export import export_output  # noqa: F401 - the inference is what export uses
 
     docs = [json.dumps({"m": [[64]], "objs": [{"k": 1}], "json_text": "x", "text": "y"})]
     path = write_parquet(tmp_path / "part.parquet", {"json": pa.array(docs, pa.string())})
@@ -168,8 +169,8 @@ def test_nested_lists_and_lists_of_objects_are_json_text_not_null_lists(tmp_path
 def test_json_columns_of_nullable_types_and_colliding_names() -> None:
     """["integer", "null"] crashed --json-columns (unhashable list); a
     property whose json_ name another property has crashed the writer after every request was sent."""
-    from tasks.json_columns import json_fields
-    from tasks.manifests import Prompt
+    from tasks.inputs.prompt import Prompt
+    from tasks.outputs.json_columns import json_fields
 
     schema = {
         "type": "object",
@@ -202,7 +203,7 @@ def test_export_keeps_off_other_outputs_and_running_ones(
 ) -> None:
     """A part file of another output has the output's columns but is no earlier export: replacing it
     replaced that output's rows. Nor may a run be exported while it writes."""
-    from tasks.outputs import OutLock
+    from tasks.outputs.lock import OutLock
 
     plain, typed, _ = plain_and_typed
     victim = next(typed.glob("part-*.parquet"))
@@ -222,8 +223,8 @@ def test_export_keeps_off_other_outputs_and_running_ones(
 
 
 def test_export_of_files_written_with_other_columns_keeps_every_column(tmp_path: Path) -> None:
-    from tasks.export import export_output
-    from tasks.results import OUTPUT_SCHEMA
+    from tasks.outputs.export import export_output
+    from tasks.row import OUTPUT_SCHEMA
 
     out = tmp_path / "out"
     row = {name: None for name in OUTPUT_SCHEMA.names} | {"image_id": "a", "prompt_id": "p", "status": "ok"}
@@ -243,8 +244,8 @@ def test_export_of_files_written_with_other_columns_keeps_every_column(tmp_path:
 
 def test_export_names_a_column_whose_types_in_older_files_cannot_meet(tmp_path: Path) -> None:
     from tasks.errors import UsageError
-    from tasks.export import export_output
-    from tasks.results import OUTPUT_SCHEMA
+    from tasks.outputs.export import export_output
+    from tasks.row import OUTPUT_SCHEMA
 
     out = tmp_path / "out"
     row = {name: None for name in OUTPUT_SCHEMA.names} | {"image_id": "a", "prompt_id": "p", "status": "ok"}
@@ -259,7 +260,7 @@ def test_export_names_a_column_whose_types_in_older_files_cannot_meet(tmp_path: 
 def test_an_export_written_before_the_mark_is_still_replaced(
     tmp_path: Path, plain_and_typed: tuple[Path, Path, Path]
 ) -> None:
-    from tasks.results import OUTPUT_SCHEMA
+    from tasks.row import OUTPUT_SCHEMA
 
     plain, _, _ = plain_and_typed
     older = write_parquet(tmp_path / "nightly.parquet", OUTPUT_SCHEMA.empty_table())  # no export mark

@@ -1,4 +1,4 @@
-"""Tests for tasks.image_fetch against a local aiohttp server on 127.0.0.1 (never any other address)."""
+"""Tests for tasks.images.fetch against a local aiohttp server on 127.0.0.1 (never any other address)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from PIL import Image
 
 from tasks.config import ImageConfig
 from tasks.errors import ImageFailure
-from tasks.image_fetch import ImageFetcher, display_url, is_public_address
-from tasks.images import prepare_image
+from tasks.images.fetch import ImageFetcher, display_url, is_public_address
+from tasks.images.prepare import prepare_image
 from tasks.retry import RetryPolicy
 
 LOOPBACK = "127.0.0.1"

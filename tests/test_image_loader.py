@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-import tasks.image_loader as image_loader
-from tasks import object_store
+import tasks.images.loader as image_loader
 from tasks.config import ImageConfig, RunConfig
-from tasks.images import PreparedImage, prepare_image
-from tasks.item_sender import ItemSender
-from tasks.manifests import DEFAULT_PROMPT
-from tasks.results import ResultRow
-from tasks.shard_runner import ShardRunner
-from tasks.work_items import ImageJob, ManyImages, Shard
+from tasks.endpoint.sender import ItemSender
+from tasks.images import object_store
+from tasks.images.prepare import PreparedImage, prepare_image
+from tasks.inputs.prompt import DEFAULT_PROMPT
+from tasks.inputs.work_items import ImageJob, ManyImages, Shard
+from tasks.row import ResultRow
+from tasks.run.shard_runner import ShardRunner
 from tests.builders import COLOURS, image_bytes, shard_runner, write_images
 
 

@@ -1,4 +1,4 @@
-"""Tests for tasks.image_sources: parsing manifest cells and reading image bytes."""
+"""Tests for tasks.images.sources: parsing manifest cells and reading image bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from tasks.config import ImageConfig
 from tasks.errors import ImageFailure
-from tasks.image_sources import ImageSource, is_http, parse_image_value, read_image_bytes
+from tasks.images.sources import ImageSource, is_http, parse_image_value, read_image_bytes
 
 PAYLOAD = b"\x89PNG\r\n\x1a\n not really a png, bytes are bytes here \x00\xff"
 CONFIG = ImageConfig()
@@ -279,7 +279,7 @@ def test_byte_cap_is_checked_before_reading(root: Path, monkeypatch: pytest.Monk
     def no_open(*args: object, **kwargs: object) -> None:
         raise AssertionError("read although over the cap")
 
-    monkeypatch.setattr("tasks.image_sources.open", no_open, raising=False)
+    monkeypatch.setattr("tasks.images.sources.open", no_open, raising=False)
     with pytest.raises(ImageFailure) as excinfo:
         read(parse_image_value("huge.png", manifest_dir=root), root)
     assert excinfo.value.error_type == "bad_image" and "max_image_bytes" in excinfo.value.message

@@ -1,4 +1,4 @@
-"""Tests for tasks.images: target sizes, pass-through, re-encoding and failures. Images are made here."""
+"""Tests for tasks/images/prepare.py: target sizes, pass-through, re-encoding, failures (images made here)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin
 
-from tasks import images
 from tasks.config import PIXELS_PER_SOFT_TOKEN, ImageConfig
 from tasks.errors import ImageFailure
-from tasks.image_sources import parse_image_value
-from tasks.images import PreparedImage, load_image, prepare_image, target_size
+from tasks.images import prepare as images
+from tasks.images.prepare import PreparedImage, load_image, prepare_image, target_size
+from tasks.images.sources import parse_image_value
 
 CONFIG = ImageConfig()
 RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255)
@@ -502,7 +502,7 @@ def test_thread_pool_gives_the_same_results() -> None:
 def test_heic_without_its_plugin_names_the_plugin() -> None:
     from tasks.config import ImageConfig
     from tasks.errors import ImageFailure
-    from tasks.images import OPEN_FORMATS, prepare_image
+    from tasks.images.prepare import OPEN_FORMATS, prepare_image
 
     if "HEIF" in OPEN_FORMATS:
         pytest.skip("pillow-heif is installed")

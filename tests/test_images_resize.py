@@ -1,7 +1,7 @@
 """The downscale step both ways: cykooz-resizer's SIMD Lanczos-3 where installed, Pillow's LANCZOS otherwise.
 
 Each test of prepare_image's resizing behaviour runs under both resamplers (the ``resampler`` fixture
-switches ``tasks.images.FAST_RESIZE``), and the two must agree to within rounding.
+switches ``tasks.images.prepare.FAST_RESIZE``), and the two must agree to within rounding.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat
 
-from tasks import images
 from tasks.config import PIXELS_PER_SOFT_TOKEN, ImageConfig
-from tasks.images import PreparedImage, prepare_image, target_size
+from tasks.images import prepare as images
+from tasks.images.prepare import PreparedImage, prepare_image, target_size
 
 CYKOOZ_INSTALLED = importlib.util.find_spec("cykooz_resizer") is not None
 CONFIG = ImageConfig()
@@ -86,7 +86,7 @@ def test_fast_resize_is_on_wherever_cykooz_resizer_is_installed() -> None:
     """Fails when a new Pillow major turns the fast path off: check cykooz-resizer supports it, then widen."""
     if not CYKOOZ_INSTALLED:
         pytest.skip("cykooz-resizer is not installed here (no wheel for this platform)")
-    assert images.FAST_RESIZE, f"fast path off with Pillow {Image.__version__}: see tasks/images.py"
+    assert images.FAST_RESIZE, f"fast path off with Pillow {Image.__version__}: see tasks/images/prepare.py"
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -179,7 +179,7 @@ def test_without_cykooz_resizer_pillow_resizes() -> None:
         "import io, sys\n"
         "sys.modules['cykooz_resizer'] = None  # import fails as if not installed\n"
         "from PIL import Image\n"
-        "from tasks import images\n"
+        "from tasks.images import prepare as images\n"
         "from tasks.config import ImageConfig\n"
         "assert not images.FAST_RESIZE\n"
         "buffer = io.BytesIO()\n"

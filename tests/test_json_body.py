@@ -7,7 +7,8 @@ import json
 
 import orjson
 
-from tasks.json_body import SPLICE_MIN, DataUrl, encode_body
+from tasks.endpoint.json_body import SPLICE_MIN, encode_body
+from tasks.images.data_url import DataUrl
 
 
 def encode(body: dict) -> bytes:
@@ -46,7 +47,7 @@ def test_small_images_and_plain_bodies_are_one_piece() -> None:
 
 
 def test_a_prompt_holding_the_marker_text_gets_the_body_unspliced() -> None:
-    from tasks import json_body
+    from tasks.endpoint import json_body
 
     tricky = f"say {json_body._MARK} twice: {json_body._MARK}"
     (piece,) = encode_body(body(LARGE, text=tricky))

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from tasks.errors import ManifestError
-from tasks.manifests import check_prompt_images, read_images_manifest, read_prompts_manifest
+from tasks.inputs.manifests import check_prompt_images, read_images_manifest, read_prompts_manifest
 from tests.builders import images_manifest, prompts_manifest, write_parquet
 
 

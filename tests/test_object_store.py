@@ -1,4 +1,4 @@
-"""Tests for tasks.object_store against moto's S3 server on loopback (and gs:// URL parsing)."""
+"""Tests for tasks.images.object_store against moto's S3 server on loopback (and gs:// URL parsing)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pyarrow import fs as pafs
 
 from tasks.config import ImageConfig
 from tasks.errors import ImageFailure
-from tasks.image_sources import is_http, parse_image_value, read_image_bytes
-from tasks.images import prepare_image
-from tasks.object_store import ObjectStore, ObjectURL, parse_object_url
+from tasks.images.object_store import ObjectStore, ObjectURL, parse_object_url
+from tasks.images.prepare import prepare_image
+from tasks.images.sources import is_http, parse_image_value, read_image_bytes
 
 BUCKET = "vlmbatch-images"
 KEY_ID, SECRET = "AKIAVLMBATCHTESTKEY1", "vlmbatch-test-secret-value"

@@ -1,6 +1,6 @@
+from tasks.endpoint.outage import OutageDetector, is_outage_failure
 from tasks.errors import RequestFailure
-from tasks.outage import OutageDetector, is_outage_failure
-from tasks.output_index import HashCache, OutputIndex, SortedTable, identity_hash
+from tasks.outputs.index import HashCache, OutputIndex, SortedTable, identity_hash
 from tests.builders import Clock
 
 
@@ -97,7 +97,7 @@ def test_an_answer_asking_to_wait_longer_than_a_run_waits_is_an_outage_at_once()
 
 
 def test_work_item_identities_never_meet_whatever_the_ids_hold() -> None:
-    from tasks.work_items import item_id
+    from tasks.inputs.work_items import item_id
 
     pairs = [("a\x1fb", "c"), ("a", "b\x1fc"), (None, "p"), ("", "p"), ("\x00", "\x1fp"), (None, "\x1fp")]
     assert len({identity_hash(i, p) for i, p in pairs}) == len(pairs)

@@ -6,20 +6,15 @@ import pyarrow.dataset as ds
 import pytest
 
 from tasks.errors import ImageFailure, UsageError
-from tasks.json_columns import json_fields
-from tasks.manifests import Prompt
-from tasks.output_index import OutputIndex
-from tasks.outputs import (
-    OutLock,
-    OutputStore,
-    check_out_dir,
-    prepare_out_dir,
-    read_index,
-    read_output,
-    run_tag,
-)
-from tasks.results import OUTPUT_SCHEMA, ResultRow, output_schema
-from tasks.writer import AsyncWriter
+from tasks.inputs.prompt import Prompt
+from tasks.outputs.index import OutputIndex
+from tasks.outputs.json_columns import json_fields
+from tasks.outputs.layout import check_out_dir, prepare_out_dir
+from tasks.outputs.lock import OutLock
+from tasks.outputs.reading import read_output
+from tasks.outputs.store import OutputStore, read_index, run_tag
+from tasks.outputs.writer import AsyncWriter
+from tasks.row import OUTPUT_SCHEMA, ResultRow, output_schema
 
 
 def row(image_id: str, status: str = "ok", key: str = "a" * 64, prompt_id: str = "cap") -> ResultRow:
@@ -224,7 +219,7 @@ def test_an_output_whose_carried_column_was_written_non_nullable_takes_a_nullabl
     real difference is still refused."""
     import pyarrow.parquet as pq
 
-    from tasks.outputs import check_schema
+    from tasks.outputs.reading import check_schema
 
     out = tmp_path / "out"
     out.mkdir()
@@ -240,7 +235,7 @@ def test_a_readers_probe_of_the_lock_does_not_stop_a_run_from_starting(tmp_path:
     import fcntl
     import threading
 
-    from tasks.outputs import writer_of
+    from tasks.outputs.lock import writer_of
 
     prepare_out_dir(tmp_path / "out")
     assert writer_of(tmp_path / "out") is None  # never run yet: no lock file

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import artifact_key, summary_markdown
+from flows.artifacts import artifact_key, summary_markdown
 from tasks.config import RunConfig, build_config
 from tasks.errors import ConfigError
+from tasks.outputs.summary import RunSummary
 from tasks.partitions import (
     date_range,
     day_before,
@@ -19,7 +20,6 @@ from tasks.partitions import (
     resolve_paths,
     select_partitions,
 )
-from tasks.summary import RunSummary
 from tests.builders import write_parquet
 from tests.cli import vlmbatch
 

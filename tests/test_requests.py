@@ -1,8 +1,8 @@
 import json
 
 from tasks.config import build_config
-from tasks.manifests import Prompt
-from tasks.requests import build_request, repair_request, request_key
+from tasks.endpoint.requests import build_request, repair_request, request_key
+from tasks.inputs.prompt import Prompt
 
 CFG = build_config({"images": "i", "out": "o"}, environ={})
 P = Prompt("cap", "Describe.", "caption", system="Be brief.")
@@ -100,8 +100,8 @@ def test_responses_body_stream_and_repair() -> None:
 
 
 def test_request_keys_from_templates_equal_the_plain_keys() -> None:
-    from tasks.chains import Turn
-    from tasks.requests import RequestKeys
+    from tasks.endpoint.requests import RequestKeys
+    from tasks.inputs.chains import Turn
 
     prompt = Prompt("p", 'Say "hi" ☃\n', "qa", system="sys", json_schema='{"type": "object"}', max_tokens=7)
     refs = [None, "sha256:" + "ab" * 32, 'url:https://x.test/a "b"\\c?d=☃&e=\t', "url:https://x.test/\x00"]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks.image_loader
+import tasks.images.loader
 from emulator import EmulatorServer
-from tasks.outputs import OutLock, prepare_out_dir
+from tasks.outputs.layout import prepare_out_dir
+from tasks.outputs.lock import OutLock
 from tests.builders import COLOURS, image_bytes, images_manifest, prompts_manifest
 from tests.cli import rows, vlmbatch
 
@@ -37,9 +38,9 @@ def test_rerun_of_a_finished_job_sends_nothing_and_reads_no_image(
     hash_files = sorted((out / "_vlmbatch" / "hashes").iterdir())
     emulator.reset()
     reads = []
-    real_read = tasks.image_loader.read_image_bytes
+    real_read = tasks.images.loader.read_image_bytes
     monkeypatch.setattr(
-        tasks.image_loader, "read_image_bytes", lambda *a, **k: reads.append(1) or real_read(*a, **k)
+        tasks.images.loader, "read_image_bytes", lambda *a, **k: reads.append(1) or real_read(*a, **k)
     )
     res = vlmbatch(*args)
     assert res.code == 0, res.err

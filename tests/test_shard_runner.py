@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from emulator import EmulatorServer
-from tasks import item_sender
-from tasks.answers import Answer
 from tasks.config import RunConfig
-from tasks.manifests import DEFAULT_PROMPT
-from tasks.results import ResultRow
-from tasks.shard_runner import ShardRunner
-from tasks.work_items import ImageJob, Shard
+from tasks.endpoint import sender as item_sender
+from tasks.endpoint.answers import Answer
+from tasks.inputs.prompt import DEFAULT_PROMPT
+from tasks.inputs.work_items import ImageJob, Shard
+from tasks.row import ResultRow
+from tasks.run.shard_runner import ShardRunner
 from tests.builders import shard_runner, write_images
 
 

@@ -6,8 +6,8 @@ import random
 
 from rich.console import Console
 
-from flows.report import print_summary
-from tasks.summary import LatencyHistogram, RunSummary, percentile
+from flows.cli.summary_table import print_summary
+from tasks.outputs.summary import LatencyHistogram, RunSummary, percentile
 
 
 def test_histogram_percentiles_are_within_one_percent_of_the_exact_ones() -> None:
@@ -42,8 +42,9 @@ def test_the_printed_summary_gives_the_elapsed_time_to_the_hundredth() -> None:
 def test_latency_percentiles_are_of_answers_not_of_failures() -> None:
     """Failed rows carry their last attempt's latency; a fast 429 or a long timeout is not an answer."""
     from tasks.errors import ItemFailure
-    from tasks.results import OUTPUT_SCHEMA, ResultRow, rows_to_table
-    from tasks.summary import SummaryBuilder, summarize_table
+    from tasks.outputs.summary import SummaryBuilder, summarize_table
+    from tasks.outputs.table import rows_to_table
+    from tasks.row import OUTPUT_SCHEMA, ResultRow
 
     ok = ResultRow("a", "p", "caption", "ok", text="x", latency_ms=100.0)
     failed = ResultRow("b", "p", "caption", "ok", latency_ms=30_000.0).fail(ItemFailure("timeout", "slow"))

@@ -1,4 +1,4 @@
-"""The endpoint's wire (tasks.http_transport) and EndpointClient on it, against an in-process aiohttp server.
+"""The endpoint's wire (tasks.endpoint.transport) and EndpointClient on it, against an in-process server.
 
 Each test starts an ``aiohttp.test_utils.TestServer`` on loopback with handlers that answer what the test
 scripts and record what they received; nothing else (no emulator, no Prefect).
@@ -19,16 +19,17 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from tasks.config import EndpointConfig, RunConfig
-from tasks.endpoint import MAX_MESSAGE, EndpointClient, redact
+from tasks.endpoint.client import MAX_MESSAGE, EndpointClient, redact
+from tasks.endpoint.json_body import SPLICE_MIN, encode_body
+from tasks.endpoint.requests import Request
+from tasks.endpoint.sender import ItemSender
+from tasks.endpoint.transport import decode_error_body, lines
 from tasks.errors import RequestFailure
-from tasks.http_transport import decode_error_body, lines
-from tasks.item_sender import ItemSender
-from tasks.json_body import SPLICE_MIN, DataUrl, encode_body
-from tasks.requests import Request
-from tasks.results import ResultRow
+from tasks.images.data_url import DataUrl
+from tasks.inputs.work_items import item_id
 from tasks.retry import RetryPolicy
+from tasks.row import ResultRow
 from tasks.stopping import StopSwitch
-from tasks.work_items import item_id
 
 
 def encode(body: dict) -> bytes:
@@ -528,7 +529,7 @@ def test_preflight_waits_out_a_busy_or_loading_endpoint_within_the_outage_window
 ) -> None:
     """A gateway's 429 (Retry-After honoured), a proxy's 502 and NIM's 503 while its model loads are
     retried; an endpoint still busy after --outage-window fails the preflight, saying for how long."""
-    from tasks.preflight import PreflightFailed, preflight
+    from tasks.endpoint.preflight import PreflightFailed, preflight
 
     answers = {"/v1/models": [429, 502, 200], "/v1/health/ready": [503, 200], "/busy/models": [503] * 99}
     slept: list[float] = []
@@ -560,7 +561,7 @@ def test_preflight_waits_out_a_busy_or_loading_endpoint_within_the_outage_window
 
 
 def test_preflight_stops_waiting_when_the_run_is_stopped_and_its_window_spans_every_route() -> None:
-    from tasks.preflight import PreflightFailed, PreflightStopped, preflight
+    from tasks.endpoint.preflight import PreflightFailed, PreflightStopped, preflight
 
     async def test(base_url: str, rec: Recorder) -> None:
         stop = StopSwitch()
@@ -657,8 +658,8 @@ def test_an_empty_answer_is_no_answer_not_an_ok_row(content: str) -> None:
 
 @pytest.mark.parametrize(("keep", "stored"), [(True, "thoughts"), (False, None)])
 def test_reasoning_is_stored_only_when_it_was_asked_for(keep: bool, stored: str | None) -> None:
-    """CONTRACT: the reasoning text when reasoning was on (and not hidden), else null, whatever the
-    server sends (tasks/requests.py decides ``keep_reasoning`` per prompt)."""
+    """README.md, "Output": the reasoning text when reasoning was on (and not hidden), else null, whatever the
+    server sends (tasks/endpoint/requests.py decides ``keep_reasoning`` per prompt)."""
 
     async def test(base_url: str, _: Recorder) -> None:
         run = RunConfig(out="o", endpoint={"base_url": base_url, "model": "m"})

@@ -1,7 +1,8 @@
 from pathlib import Path
 
-from tasks.manifests import DEFAULT_PROMPT, Prompt, read_images_manifest
-from tasks.work_items import PromptPlan, item_id, iter_image_jobs, iter_shards, limit_items
+from tasks.inputs.manifests import read_images_manifest
+from tasks.inputs.prompt import DEFAULT_PROMPT, Prompt
+from tasks.inputs.work_items import PromptPlan, item_id, iter_image_jobs, iter_shards, limit_items
 from tests.builders import write_parquet
 
 CAP = Prompt("cap", "Describe.", "caption")

@@ -1,0 +1,206 @@
+"""``vlmbatch run``: validate, run the annotate flow in this process, print the summary.
+
+Its options are the config model's (tasks/config.py); ``backfill`` takes the same ones (its signature
+is copied from ``run``'s, so the two never drift apart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.cli.common import EXIT_CRASHED, Opt, fail, prepare_prefect
+from flows.cli.summary_table import print_summary
+from tasks.config import build_config
+from tasks.errors import RunStopped, UsageError
+from tasks.run.plan import plan_run
+
+DRY_RUN_SHOWN = 20  # failures a dry run lists
+
+
+def run(
+    images: Annotated[
+        str | None,
+        typer.Argument(
+            help="Images manifest: a Parquet file or a directory of them (omit for text-only prompts)."
+        ),
+    ] = None,
+    out: Annotated[str | None, Opt(help="Output dataset directory (required).")] = None,
+    prompts: Annotated[str | None, Opt(help="Prompts manifest (default: one caption prompt).")] = None,
+    config: Annotated[Path | None, Opt("--config", help="TOML file of options (flag > env > file).")] = None,
+    base_url: Annotated[
+        str | None, Opt(help="Endpoint base URL.  [default: http://localhost:8000/v1]")
+    ] = None,
+    model: Annotated[str | None, Opt(help="Model name.  [default: google/gemma-4-31b-it]")] = None,
+    api_key_env: Annotated[
+        str | None, Opt(help="Name of the variable holding the API key.  [default: VLMBATCH_API_KEY]")
+    ] = None,
+    api_key_secret: Annotated[
+        str | None, Opt(help="Name of a Prefect Secret block holding the API key (wins over --api-key-env).")
+    ] = None,
+    api: Annotated[
+        str | None, Opt(help="chat (Chat Completions) or responses (Responses API).  [default: chat]")
+    ] = None,
+    stream: Annotated[
+        bool | None, Opt("--stream", help="Stream Chat Completions answers (gateways with timeouts).")
+    ] = None,
+    reasoning_effort: Annotated[
+        str | None, Opt(help="low|medium|high: reasoning.effort with --api responses.  [default: medium]")
+    ] = None,
+    structured_output: Annotated[
+        str | None,
+        Opt(
+            help="openai (response_format) or vllm (structured_outputs) for json_schema prompts."
+            "  [default: openai]"
+        ),
+    ] = None,
+    concurrency: Annotated[
+        str | None, Opt(help="Requests in flight, or auto: find the endpoint's limit (AIMD).  [default: 32]")
+    ] = None,
+    max_concurrency: Annotated[
+        int | None, Opt(help="With --concurrency auto: the most.  [default: 256]")
+    ] = None,
+    rpm: Annotated[
+        float | None, Opt(help="Requests per minute at most (a gateway's published limit).")
+    ] = None,
+    tpm: Annotated[
+        float | None, Opt(help="Tokens per minute at most (image budget + prompt/4 + output budget).")
+    ] = None,
+    max_images_per_prompt: Annotated[
+        int | None, Opt(help="The server's per-prompt image limit (NIM_MAX_IMAGES_PER_PROMPT).  [default: 4]")
+    ] = None,
+    concurrency_limit: Annotated[
+        str | None, Opt(help="Limit shared by runs on a Prefect server.  [default: vlmbatch-endpoint]")
+    ] = None,
+    concurrency_limit_slots: Annotated[
+        int | None, Opt(help="Slots of that limit when it is created.  [default: 64]")
+    ] = None,
+    max_tokens: Annotated[int | None, Opt(help="Output token budget per answer.  [default: 1024]")] = None,
+    temperature: Annotated[float | None, Opt(help="Sampling temperature (model default if unset).")] = None,
+    top_p: Annotated[float | None, Opt(help="Nucleus sampling (model default if unset).")] = None,
+    seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
+    reasoning: Annotated[bool | None, Opt("--reasoning/--no-reasoning", help="Gemma 4 thinking.")] = None,
+    hide_reasoning: Annotated[
+        bool | None, Opt("--hide-reasoning", help="With --reasoning: ask the server not to return it.")
+    ] = None,
+    preflight: Annotated[
+        bool | None, Opt("--preflight/--no-preflight", help="Check /models and /health/ready first.")
+    ] = None,
+    max_retries: Annotated[int | None, Opt(help="Retries per request after the first.  [default: 6]")] = None,
+    request_timeout: Annotated[float | None, Opt(help="Seconds per attempt.  [default: 300]")] = None,
+    max_soft_tokens: Annotated[
+        int | None, Opt(help="Visual token budget per image; images downscale to 2304×N px².  [default: 280]")
+    ] = None,
+    shard_size: Annotated[int | None, Opt(help="Work items per Prefect task.  [default: 1000]")] = None,
+    limit: Annotated[int | None, Opt(help="Only the first N work items.")] = None,
+    dry_run: Annotated[
+        bool | None, Opt("--dry-run", help="Validate and load every image; send nothing.")
+    ] = None,
+    force: Annotated[bool | None, Opt("--force", help="Re-run items already ok in OUT.")] = None,
+    json_columns: Annotated[
+        bool | None, Opt("--json-columns", help="Also write JSON Schema properties as typed columns.")
+    ] = None,
+    date: Annotated[str | None, Opt(help="Date partition YYYY-MM-DD: fills {date} in paths.")] = None,
+    outage_window: Annotated[
+        float | None, Opt(help="Seconds the endpoint may be unreachable before exit 3.  [default: 60]")
+    ] = None,
+    carry: Annotated[
+        list[str] | None, Opt(help="Images-manifest column to copy to the output (repeatable).")
+    ] = None,
+    image_root: Annotated[
+        str | None, Opt(help="Local image paths must resolve inside it.  [default: the manifest's folder]")
+    ] = None,
+    image_urls: Annotated[
+        str | None, Opt(help="fetch|pass: how http(s) images reach the server.  [default: fetch]")
+    ] = None,
+    allow_private_urls: Annotated[
+        bool | None, Opt("--allow-private-urls", help="Let fetched URLs reach loopback/private addresses.")
+    ] = None,
+    id_column: Annotated[str | None, Opt(help="Images-manifest id column.  [default: image_id]")] = None,
+    image_column: Annotated[str | None, Opt(help="Images-manifest image column.  [default: image]")] = None,
+    jpeg_quality: Annotated[int | None, Opt(help="Quality of re-encoded JPEGs.  [default: 90]")] = None,
+    max_image_bytes: Annotated[
+        int | None, Opt(help="Larger image files fail as bad_image.  [default: 67108864 (64 MiB)]")
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None, Opt(help="Larger decoded images fail as bad_image.  [default: 150000000]")
+    ] = None,
+    verbose: Annotated[
+        bool, Opt("--verbose", "-v", help="Show Prefect's logs (one line per shard).")
+    ] = False,
+) -> None:
+    """Annotate every work item of IMAGES (× PROMPTS) and write the rows to OUT.
+
+    Every option can also be set by an environment variable VLMBATCH_<OPTION> (e.g.
+    VLMBATCH_BASE_URL) or a key in the --config TOML file; precedence: flag > env > file > default.
+    Exit status: 0 every row ok, 1 usage/config/manifest error (nothing sent), 2 some rows failed,
+    3 endpoint unusable (rerun continues), 130/143 interrupted (rerun continues).
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "verbose")}
+    raise typer.Exit(execute(flags, config_file=config, verbose=verbose))
+
+
+def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: bool = False) -> int:
+    """Validate, run the annotate flow in-process, print the summary; returns the exit status."""
+    prepare_prefect(log_level="INFO" if verbose else None)
+    # The flow's modules, and these two fed by it, import Prefect (a second or more): only commands
+    # that run a flow load them.
+    from flows.annotate import add_row_listener, annotate
+    from flows.cli.progress import progress_bar
+    from flows.cli.quiet_stops import hide_expected_stops
+
+    try:
+        cfg = build_config(flags, config_file=config_file)
+        plan = plan_run(cfg)  # fail fast (exit 1) before a flow run even starts
+    except UsageError as exc:
+        raise fail(str(exc)) from None
+
+    what = "dry run: " if cfg.dry_run else ""
+    images = f" over {plan.num_images} images" if plan.images is not None else " (text only)"
+    typer.echo(f"{what}{plan.work_items} work items{images}; starting the annotate flow", err=True)
+
+    if not verbose:
+        hide_expected_stops()  # an expected stop gets its one error line below, not a traceback
+    would_fail: list[Any] = []  # a dry run writes no rows: its first failures are listed instead
+
+    def keep_failure(row: Any) -> None:
+        if row is not None and row.status == "failed" and len(would_fail) < DRY_RUN_SHOWN:
+            would_fail.append(row)
+
+    stop_listening = add_row_listener(keep_failure) if cfg.dry_run else lambda: None
+    try:
+        with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
+            summary = asyncio.run(annotate(cfg))
+    except UsageError as exc:
+        raise fail(str(exc)) from None
+    except RunStopped as stopped:
+        if stopped.summary is not None:
+            print_summary(stopped.summary)  # type: ignore[arg-type]
+        typer.echo(f"error: {stopped}", err=True)
+        return stopped.exit_code
+    except Exception as exc:  # a bug: not exit 1, which promises that nothing was sent or written
+        traceback.print_exc()
+        typer.echo(
+            f"error: vlmbatch crashed ({type(exc).__name__}: {exc}); the rows written so far are kept, "
+            "and a rerun continues from them",
+            err=True,
+        )
+        return EXIT_CRASHED
+    finally:
+        stop_listening()
+    print_summary(summary)
+    for row in would_fail:
+        where = f"image {row.image_id!r}, prompt {row.prompt_id!r}"
+        typer.echo(f"would fail: {where}: {row.error_type}: {row.error_message}")
+    if cfg.dry_run and summary.failed > len(would_fail):
+        typer.echo(f"... and {summary.failed - len(would_fail)} more")
+    return summary.exit_code
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)

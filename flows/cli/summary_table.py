@@ -1,0 +1,41 @@
+"""The closing summary printed by ``run``, ``demo`` and ``inspect``."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from tasks.outputs.summary import RunSummary
+
+
+def print_summary(summary: RunSummary, console: Console | None = None) -> None:
+    console = console or Console(highlight=False, soft_wrap=True)
+    title = "dry run (nothing sent)" if summary.dry_run else "summary"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    done = "ready to send" if summary.dry_run else "ok"
+    table.add_row("work items", str(summary.work_items))
+    if summary.skipped:
+        table.add_row("skipped (already ok)", str(summary.skipped))
+    table.add_row(done, str(summary.ok))
+    table.add_row("failed", str(summary.failed))
+    for error_type, count in summary.errors.items():
+        table.add_row(f"  {error_type}", str(count))
+    if not summary.dry_run:
+        if summary.finish_reasons:
+            reasons = ", ".join(f"{k}: {v}" for k, v in summary.finish_reasons.items())
+            table.add_row("finish reasons", reasons)
+        table.add_row("requests sent", str(summary.requests))
+        table.add_row(
+            "tokens (prompt / completion)", f"{summary.prompt_tokens} / {summary.completion_tokens}"
+        )
+        if summary.latency_p50_ms is not None:
+            table.add_row(
+                "latency p50 / p95", f"{summary.latency_p50_ms:.0f} ms / {summary.latency_p95_ms:.0f} ms"
+            )
+    if summary.elapsed_s:
+        table.add_row("elapsed", f"{summary.elapsed_s:.2f} s ({summary.rows_per_s:.1f} rows/s)")
+    if summary.out:
+        table.add_row("output", summary.out)
+    console.print(table)

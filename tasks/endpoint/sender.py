@@ -1,0 +1,175 @@
+"""Send one work item's request: rate limit, a request slot, retries, and structured-output repair.
+
+One ``ItemSender`` per run, shared by all its shards: it owns the endpoint client, the limiter that
+bounds requests in flight across the run (a slot is held while a request waits for its rate permit
+and while it is on the wire, never during backoff), the rate limiter, the retry policy (the only
+one: tasks/retry.py) and the outage detector, which stops the run when the endpoint stays unusable.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from tasks.config import RunConfig
+from tasks.endpoint.answers import Answer
+from tasks.endpoint.client import EndpointClient
+from tasks.endpoint.concurrency import OVERLOAD_STATUS, InFlightLimiter, rate_limiter
+from tasks.endpoint.outage import OutageDetector, is_outage_failure
+from tasks.endpoint.requests import Request, repair_request
+from tasks.endpoint.structured import validate_json
+from tasks.errors import ItemFailure, RequestFailure
+from tasks.inputs.work_items import item_id
+from tasks.retry import RetryPolicy
+from tasks.row import ResultRow
+from tasks.stopping import StopSwitch
+
+log = logging.getLogger(__name__)
+
+
+class _Dropped(Exception):
+    """The item was not finished because the run is stopping: it gets no row."""
+
+
+class ItemSender:
+    def __init__(
+        self, config: RunConfig, stop: StopSwitch, retry_policy: RetryPolicy | None, api_key: str | None
+    ) -> None:
+        endpoint = config.endpoint
+        self.stop = stop
+        self.client = EndpointClient(endpoint, api_key)
+        self.policy = retry_policy or RetryPolicy(max_retries=endpoint.max_retries, sleep=stop.sleep)
+        self.detector = OutageDetector(
+            window=endpoint.outage_window, describe=endpoint.base_url, max_wait=self.policy.max_retry_after
+        )
+        self.requests = InFlightLimiter(
+            endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
+        )
+        self.rate = rate_limiter(endpoint.base_url, endpoint.rpm, endpoint.tpm)
+        self.nonce = secrets.token_hex(4)  # this run's part of every X-Request-Id
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def fill(self, row: ResultRow, request: Request, json_schema: str | None) -> bool:
+        """Send ``request`` with retries and fill ``row`` with its answer or failure.
+
+        False when the item is dropped (the run is stopping, or the endpoint is down and the run
+        stops): it gets no row, and the rerun asks it.
+        """
+        try:
+            answer = await self._send(row, request, row_id(row))
+            _fill(row, answer, request.keep_reasoning)
+            # an ok row has its answer (README, "Output": text null only when failed); "" or blanks are none
+            if not (answer.text or "").strip():
+                raise ItemFailure("no_answer", _no_answer(answer), http_status=answer.http_status)
+            if json_schema is not None:
+                row.json = await self._valid_json(row, request, answer, json_schema)
+        except _Dropped:
+            return False
+        except ItemFailure as failure:
+            if (
+                self.stop.is_set
+                and isinstance(failure, RequestFailure)
+                and is_outage_failure(failure, self.detector.max_wait)
+            ):
+                return False
+            attempts = row.attempts
+            row.fail(failure)
+            if failure.retryable and attempts > 1:
+                row.error_message = f"{failure.message} (after {attempts} attempts)"
+        except Exception as exc:  # a bug here must cost one row, not the shard's rows and the run
+            log.exception("image %r, prompt %r: failed inside vlmbatch", row.image_id, row.prompt_id)
+            row.fail(
+                ItemFailure("internal_error", f"vlmbatch failed on this item: {type(exc).__name__}: {exc}")
+            )
+        return True
+
+    async def _send(self, row: ResultRow, request: Request, rid: str) -> Answer:
+        """Send with retries; every attempt counted on the row. Raises ItemFailure or _Dropped."""
+        client = self.client
+
+        async def attempt() -> Answer:
+            if self.stop.is_set:
+                raise _Dropped
+            row.attempts += 1
+            async with self.requests.slot() as slot:
+                # the rate's permit once the slot is held: a request cleared to go then goes at once,
+                # where permits taken first piled up behind the slots and went out in a burst
+                await self.rate.take(request.cost, self.stop)
+                if self.stop.is_set:
+                    row.attempts -= 1
+                    raise _Dropped
+                try:
+                    # unique per attempt and run: vLLM takes X-Request-Id as its engine request id,
+                    # and refuses one that is still running (a timed-out attempt may still be)
+                    request_id = f"{rid}-{self.nonce}-{row.attempts}"
+                    answer = await client.send(request, request_id=request_id)
+                except RequestFailure as failure:
+                    row.latency_ms = failure.latency_ms  # README.md, "Output": of the last attempt
+                    row.http_status = failure.http_status
+                    slot.overloaded = failure.http_status in OVERLOAD_STATUS
+                    self._observe(failure)
+                    raise
+                slot.latency = answer.latency_ms / 1000
+            self.detector.success()
+            return answer
+
+        return await self.policy.call(attempt)
+
+    async def _valid_json(self, row: ResultRow, request: Request, answer: Answer, schema: str) -> str:
+        """The validated JSON of the answer; one repair request (the error fed back) when it is not."""
+        try:
+            return validate_json(answer.text, schema)
+        except RequestFailure as failure:
+            repaired = await self._send(
+                row, repair_request(request, answer.text, failure.message), row_id(row)
+            )
+        spent = (row.prompt_tokens, row.completion_tokens)
+        _fill(row, repaired, request.keep_reasoning)
+        # both requests are billed: the row counts the tokens of both
+        row.prompt_tokens = _plus(spent[0], repaired.prompt_tokens)
+        row.completion_tokens = _plus(spent[1], repaired.completion_tokens)
+        try:
+            return validate_json(repaired.text, schema)
+        except RequestFailure as failure:
+            failure.http_status = repaired.http_status  # README, "Output": the last HTTP status (200 here)
+            raise
+
+    def _observe(self, failure: RequestFailure) -> None:
+        verdict = self.detector.failure(failure)
+        if verdict is not None:
+            self.stop.set("outage", verdict)
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
+
+
+def row_id(row: ResultRow) -> str:
+    return item_id(row.image_id, row.prompt_id)
+
+
+def _no_answer(answer: Answer) -> str:
+    if answer.finish_reason == "length":
+        spent = f"{answer.completion_tokens} tokens" if answer.completion_tokens is not None else "all of it"
+        on = ", on reasoning" if answer.reasoning else ""
+        return (
+            f"the model gave no answer text: the output budget ran out ({spent}{on}); "
+            "raise --max-tokens or the prompt's max_tokens"
+        )
+    what = "no answer text" if answer.text is None else f"an empty answer ({answer.text!r})"
+    return f"the model gave {what} (finish_reason {answer.finish_reason!r})"
+
+
+def _fill(row: ResultRow, answer: Answer, keep_reasoning: bool) -> None:
+    """``keep_reasoning``: reasoning is stored when it was on, else null, though a server may think anyway
+    (README.md, "Output")."""
+    row.text = answer.text
+    row.reasoning = answer.reasoning if keep_reasoning else None
+    row.finish_reason = answer.finish_reason
+    row.prompt_tokens = answer.prompt_tokens
+    row.completion_tokens = answer.completion_tokens
+    row.http_status = answer.http_status
+    row.latency_ms = answer.latency_ms
+    row.model = answer.model or row.model

@@ -1,0 +1,149 @@
+"""Writing a run's rows into OUT: a part file per shard and run, with exactly one row per work item.
+
+A shard's file is rewritten (all its rows so far) about once a second while the shard runs, so a
+crash loses at most about a second of answers. When a work item is redone (its old row failed, or its
+request key changed), the old row is removed from its file *before* the new row is written: at no
+moment does OUT hold two rows for one item — at worst, after a crash, none, and the rerun redoes it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.outputs.index import HashCache, OutputIndex, identity_hash
+from tasks.outputs.layout import STATE_DIR, fsync_dir, part_files, write_atomic
+from tasks.outputs.table import rows_to_table
+from tasks.row import ResultRow
+
+
+def read_index(out: Path) -> tuple[OutputIndex, HashCache]:
+    """The index of what OUT holds (empty if OUT does not exist); read-only."""
+    if not out.is_dir():
+        return OutputIndex.empty(), HashCache.load([])
+    hashes = sorted((out / STATE_DIR / "hashes").glob("*.parquet"))
+    return OutputIndex.load(part_files(out)), HashCache.load(hashes)
+
+
+@dataclass
+class _ShardFile:
+    path: Path
+    rows: list[ResultRow] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)  # fingerprint → sha256
+    written: int = 0  # rows already on disk
+    hashes_written: int = 0
+
+
+def run_tag(run_id: str) -> str:
+    """The tag in the names of a run's files: 12 hex digits of its id, then 8 random ones.
+
+    Not the id alone: a flow run that Prefect retries (flow ``retries``, "Retry" in the UI) keeps its
+    id, and its files must not replace the ones its earlier attempt wrote, which hold the rows the
+    retry skips as done.
+    """
+    return f"{run_id.replace('-', '')[:12]}{secrets.token_hex(4)}"
+
+
+class OutputStore:
+    """Writes a run's rows into OUT. Not thread-safe: call from one thread (the flow's writer)."""
+
+    def __init__(self, out: Path, schema: pa.Schema, run_tag: str, index: OutputIndex) -> None:
+        self.out = out
+        self.schema = schema
+        self.run_tag = run_tag
+        self.index = index
+        self.removed: set[int] = set()  # identity hashes whose old rows are gone
+        self.shards: dict[int, _ShardFile] = {}
+
+    def _shard(self, shard_index: int) -> _ShardFile:
+        shard = self.shards.get(shard_index)
+        if shard is None:
+            path = self.out / f"part-{shard_index:06d}-{self.run_tag}.parquet"
+            shard = self.shards[shard_index] = _ShardFile(path)
+        return shard
+
+    def keep_columns(self) -> None:
+        """A run that wrote no row (an empty manifest, everything beyond --limit) leaves OUT without
+        files, and ``pyarrow.dataset(OUT)`` without the contract's columns: give it one empty file."""
+        if not part_files(self.out):
+            write_atomic(self.schema.empty_table(), self.out / f"part-000000-{self.run_tag}.parquet")
+
+    def add(self, shard_index: int, row: ResultRow) -> None:
+        """Queue a finished row (event-loop thread); it reaches disk at the next flush."""
+        self._shard(shard_index).rows.append(row)
+
+    def remember(self, shard_index: int, fingerprint: str, sha256: str) -> None:
+        """Cache an image's hash by its source fingerprint (event-loop thread)."""
+        self._shard(shard_index).hashes[fingerprint] = sha256
+
+    def flush(self, shard_index: int | None = None) -> None:
+        """Write every shard with new rows (or just one), after removing the rows they replace.
+
+        Runs on the writer thread while the event loop appends: it works on snapshots.
+        """
+        targets = [shard_index] if shard_index is not None else list(self.shards)
+        for index in targets:
+            shard = self.shards.get(index)
+            if shard is None:
+                continue
+            rows = shard.rows[: len(shard.rows)]
+            hashes = dict(shard.hashes)
+            if len(hashes) > shard.hashes_written:
+                table = pa.table({"fingerprint": list(hashes), "sha256": list(hashes.values())})
+                write_atomic(table, self.out / STATE_DIR / "hashes" / f"{self.run_tag}-{index:06d}.parquet")
+                shard.hashes_written = len(hashes)
+            if len(rows) > shard.written:
+                self._remove_replaced(rows[shard.written :])
+                write_atomic(rows_to_table(rows, self.schema), shard.path)
+                shard.written = len(rows)
+
+    def finish(self, shard_index: int) -> Path | None:
+        """Final write of a shard; its rows leave memory. Returns its file, if it has rows."""
+        self.flush(shard_index)
+        shard = self.shards.pop(shard_index, None)
+        return shard.path if shard is not None and shard.written else None
+
+    def _remove_replaced(self, rows: list[ResultRow]) -> None:
+        by_file: dict[int, set[int]] = {}
+        for row in rows:
+            found = self.index.lookup(row.image_id, row.prompt_id)
+            if found is None:
+                continue
+            identity = identity_hash(row.image_id, row.prompt_id)
+            if identity not in self.removed:
+                by_file.setdefault(found[2], set()).add(identity)
+        for number, identities in by_file.items():
+            remove_rows(self.index.files[number], identities)
+            self.removed |= identities
+
+    def heal_duplicates(self) -> int:
+        """Remove rows that a newer file also holds (left by an interrupted older version); returns count."""
+        removed = 0
+        for number, identities in self.index.shadowed_rows().items():
+            remove_rows(self.index.files[number], identities)
+            removed += len(identities)
+        if removed:
+            self.index = OutputIndex.load(part_files(self.out))
+        return removed
+
+
+def remove_rows(path: Path, identities: set[int]) -> None:
+    """Rewrite ``path`` without the rows whose identity hash is in ``identities`` (delete if empty)."""
+    if not path.exists():
+        return
+    table = pq.read_table(path)
+    ids = zip(table["image_id"].to_pylist(), table["prompt_id"].to_pylist(), strict=True)
+    keep = pa.array([identity_hash(i, p) not in identities for i, p in ids])
+    if pc.all(keep).as_py():
+        return
+    kept = table.filter(keep)
+    if kept.num_rows == 0:
+        path.unlink()
+        fsync_dir(path.parent)
+    else:
+        write_atomic(kept, path)

@@ -1,0 +1,152 @@
+"""Counts, tokens, latency percentiles and throughput of a run or of an output dataset."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, Field
+
+from tasks.row import ResultRow
+
+
+class RunSummary(BaseModel):
+    out: str | None = None
+    work_items: int = 0
+    skipped: int = Field(0, description="already ok in OUT with the same request key; not sent")
+    ok: int = 0
+    failed: int = 0
+    errors: dict[str, int] = Field(default_factory=dict, description="failed rows by error_type")
+    finish_reasons: dict[str, int] = Field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = Field(0, description="attempts sent, retries included")
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    elapsed_s: float = 0.0
+    rows_per_s: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failed else 0
+
+    @property
+    def errors_text(self) -> str:
+        """``bad_image: 2, timeout: 1``."""
+        return ", ".join(f"{kind}: {n}" for kind, n in self.errors.items())
+
+
+def percentile(values: list[float] | array, q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, math.ceil(q / 100 * len(ordered)) - 1)
+    return round(ordered[rank], 1)
+
+
+class LatencyHistogram:
+    """Latencies in log-spaced buckets 1 % wide: percentiles within 1 %, in constant memory (a run of
+    a million rows must not keep a million floats)."""
+
+    STEP = math.log(1.01)
+    FLOOR_MS = 0.01
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+        self.total = 0
+
+    def add(self, ms: float) -> None:
+        self.counts[math.floor(math.log(max(ms, self.FLOOR_MS) / self.FLOOR_MS) / self.STEP)] += 1
+        self.total += 1
+
+    def percentile(self, q: float) -> float | None:
+        if not self.total:
+            return None
+        rank = max(1, math.ceil(q / 100 * self.total))
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return round(self.FLOOR_MS * math.exp((bucket + 0.5) * self.STEP), 1)
+        return None  # unreachable: the counts add up to total
+
+
+class SummaryBuilder:
+    """Accumulates rows as they finish, in constant memory."""
+
+    def __init__(self) -> None:
+        self.status: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.finish: Counter[str] = Counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.requests = 0
+        self.latencies = LatencyHistogram()
+
+    def add(self, row: ResultRow) -> None:
+        self.status[row.status] += 1
+        self.requests += row.attempts
+        if row.error_type:
+            self.errors[row.error_type] += 1
+        if row.finish_reason:
+            self.finish[row.finish_reason] += 1
+        self.prompt_tokens += row.prompt_tokens or 0
+        self.completion_tokens += row.completion_tokens or 0
+        if row.latency_ms is not None and row.status == "ok":  # answers' latency; failed rows have theirs too
+            self.latencies.add(row.latency_ms)
+
+    def build(
+        self, *, work_items: int, elapsed_s: float, out: str | None, skipped: int = 0, dry_run: bool = False
+    ) -> RunSummary:
+        done = self.status["ok"] + self.status["failed"]
+        return RunSummary(
+            out=out,
+            work_items=work_items,
+            skipped=skipped,
+            ok=self.status["ok"],
+            failed=self.status["failed"],
+            errors=dict(self.errors.most_common()),
+            finish_reasons=dict(self.finish.most_common()),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            requests=self.requests,
+            latency_p50_ms=self.latencies.percentile(50),
+            latency_p95_ms=self.latencies.percentile(95),
+            elapsed_s=round(elapsed_s, 3),
+            rows_per_s=round(done / elapsed_s, 2) if elapsed_s > 0 else 0.0,
+            dry_run=dry_run,
+        )
+
+
+def summarize_table(table: pa.Table, out: str) -> RunSummary:
+    """A summary of an output dataset (``vlmbatch inspect``)."""
+
+    def counts(column: str, where: pa.ChunkedArray | None = None) -> dict[str, int]:
+        values = table[column] if where is None else table[column].filter(where)
+        vc = pc.value_counts(values.drop_null())
+        pairs = sorted(
+            zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True),
+            key=lambda p: -p[1],
+        )
+        return dict(pairs)
+
+    status = counts("status")
+    answered = pc.equal(table["status"], "ok")
+    latencies = table["latency_ms"].filter(answered).drop_null().to_pylist()
+    return RunSummary(
+        out=out,
+        work_items=table.num_rows,
+        ok=status.get("ok", 0),
+        failed=status.get("failed", 0),
+        errors=counts("error_type"),
+        finish_reasons=counts("finish_reason"),
+        prompt_tokens=int(pc.sum(table["prompt_tokens"]).as_py() or 0),
+        completion_tokens=int(pc.sum(table["completion_tokens"]).as_py() or 0),
+        requests=int(pc.sum(table["attempts"]).as_py() or 0),
+        latency_p50_ms=percentile(latencies, 50),
+        latency_p95_ms=percentile(latencies, 95),
+    )
