@@ -6,13 +6,15 @@ fingerprint, the prompt echoed), with latency, a concurrency cap and injected fa
 demo, the tests and the benchmarks; it never does the pipeline's own work.
 
 Routes: ``POST /v1/chat/completions`` (multi-image, multi-turn, reasoning, structured output through
-``response_format`` or ``structured_outputs``, ``stream: true`` as server-sent events) and
-``POST /v1/responses`` (vLLM's Responses API, not streamed) share one path (:mod:`emulator.server`
-lists its order); ``GET /v1/models``, ``GET /v1/health/ready|live`` (switchable off); ``/_emulator/*``
-for stats, reset and runtime config. With ``azure_gateway`` and ``gateway_timeout`` it behaves like an
-Azure ML online endpoint in front of the server (424-wrapped container errors, 408 on slow answers).
+``response_format`` or ``structured_outputs``, function calling through ``tools``/``tool_choice``
+(:mod:`emulator.tools`), continuing a final assistant message, ``stream: true`` as server-sent events)
+and ``POST /v1/responses`` (vLLM's Responses API with function tools, not streamed) share one path
+(:mod:`emulator.server` lists its order); ``GET /v1/models``, ``GET /v1/health/ready|live``
+(switchable off); ``/_emulator/*`` for stats, reset and runtime config. With ``azure_gateway`` and
+``gateway_timeout`` it behaves like an Azure ML online endpoint in front of the server (424-wrapped
+container errors, 408 on slow answers).
 Faults: ``429``, ``503``, ``408``, ``reset`` (gateway), ``500``, ``hang``, ``malformed``, ``bad_json``,
-``stream_error`` (engine), by script or by a per-attempt hash (:mod:`emulator.faults`).
+``broken_json``, ``stream_error`` (engine), by script or by a per-attempt hash (:mod:`emulator.faults`).
 """
 
 from emulator.arguments import build_parser, settings_from_args

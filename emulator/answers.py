@@ -6,10 +6,19 @@ reasoning says what was asked and seen, shorter or longer with the Responses API
 counts are estimates (4 characters a token; per image ceil(w*h/2304) capped at 280).
 When the budget runs out, the reasoning is spent first, then the content, as on a real server: if the
 reasoning alone uses the budget up, ``content`` is ``null`` (vLLM's reasoning parser does the same).
+
+An answer that calls a function (:mod:`emulator.tools`) has ``content: null``, the call in
+``tool_calls`` and ``finish_reason: "tool_calls"``; its arguments count as the content would.
+
+Continuing a final assistant message (``continue_final_message``): the content is only the
+continuation, as vLLM returns only the new tokens (:func:`continuation`), and there is no reasoning
+(the model is past the point where it would think).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 import uuid
@@ -18,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emulator.images import ImageInfo
+from emulator.tools import ToolCall
 from emulator.validation import ChatRequest
 
 CHARS_PER_TOKEN = 4
@@ -32,6 +42,7 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int = 0
+    tool_call: ToolCall | None = None  # the function called (content is then None)
 
 
 def prompt_tokens(request: ChatRequest, images: Sequence[ImageInfo]) -> int:
@@ -74,28 +85,73 @@ def reasoning_text(prompt: str, images: Sequence[ImageInfo], effort: str = "medi
 
 
 def answer(
-    request: ChatRequest, images: Sequence[ImageInfo], budget: int, prompt_count: int, text: str | None = None
+    request: ChatRequest,
+    images: Sequence[ImageInfo],
+    budget: int,
+    prompt_count: int,
+    text: str | None = None,
+    call: ToolCall | None = None,
 ) -> Answer:
-    """The answer within ``budget`` completion tokens (reasoning first, then ``text``, else the caption)."""
-    text = caption(request.prompt, images, request.previous_answer) if text is None else text
+    """The answer within ``budget`` completion tokens: reasoning first, then the ``call``'s arguments,
+    else ``text``, else the caption."""
+    if call is not None:
+        text = call.arguments
+    elif text is None:
+        text = caption(request.prompt, images, request.previous_answer)
     content: str | None = text
-    reasoning = reasoning_text(request.prompt, images, request.effort) if request.thinking else None
+    thinking = request.thinking and request.prefill is None
+    reasoning = reasoning_text(request.prompt, images, request.effort) if thinking else None
     finish = "stop"
     reasoning_tokens = _tokens(len(reasoning)) if reasoning else 0
     if reasoning is not None and reasoning_tokens >= budget:  # the content is never empty
-        reasoning, content, finish = reasoning[: budget * CHARS_PER_TOKEN], None, "length"
+        reasoning, content, finish, call = reasoning[: budget * CHARS_PER_TOKEN], None, "length", None
         reasoning_tokens = _tokens(len(reasoning))
     elif reasoning_tokens + _tokens(len(text)) > budget:
         content, finish = text[: (budget - reasoning_tokens) * CHARS_PER_TOKEN], "length"
     completion = reasoning_tokens + _tokens(len(content or ""))
-    return Answer(content, reasoning, finish, prompt_count, completion, reasoning_tokens)
+    if call is not None:
+        call = dataclasses.replace(call, arguments=content or "")
+        content, finish = None, "tool_calls" if finish == "stop" else finish
+    return Answer(content, reasoning, finish, prompt_count, completion, reasoning_tokens, call)
+
+
+def continuation(prefill: str, text: str, *, structured: bool) -> str:
+    """What continues ``prefill`` towards ``text`` (the content the request would get without it).
+
+    Structured output: the rest of ``text`` (or of the same JSON document spaced another way: compact,
+    or indented by 2 or 4) after the prefill, its trailing whitespace aside, so that prefill +
+    continuation is the document (``{`` continues with the rest of the object); a prefill that starts
+    none of them gets the whole of ``text``, as vLLM's grammar constrains only the new tokens. Plain
+    text: ``text`` after a space (none when the prefill is empty or ends in whitespace).
+    """
+    if not structured:
+        return text if not prefill or prefill[-1].isspace() else " " + text
+    head = prefill.rstrip()
+    candidates = [text]
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:  # a JSON fault's content: continued as it is
+        pass
+    else:
+        candidates += [
+            json.dumps(document, ensure_ascii=False, separators=(",", ":")),
+            json.dumps(document, ensure_ascii=False, indent=2),
+            json.dumps(document, ensure_ascii=False, indent=4),
+        ]
+    tail = prefill[len(head) :]  # the prefill's trailing whitespace: not repeated
+    for candidate in candidates:
+        if candidate.startswith(head):
+            rest = candidate[len(head) :]
+            return rest[len(tail) :] if rest.startswith(tail) else rest
+    return text
 
 
 def completion_body(
     model: str, result: Answer, *, reasoning_field: str, include_reasoning: bool
 ) -> dict[str, Any]:
     """A chat completion object shaped like vLLM's."""
-    message: dict[str, Any] = {"role": "assistant", "content": result.content, "tool_calls": []}
+    calls = [result.tool_call.body()] if result.tool_call is not None else []
+    message: dict[str, Any] = {"role": "assistant", "content": result.content, "tool_calls": calls}
     if result.reasoning is not None and include_reasoning:
         message.update(reasoning_fields(result.reasoning, reasoning_field))
     return {

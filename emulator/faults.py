@@ -11,10 +11,11 @@ Two sources, the script first:
 
 Kinds split by where they happen (see :mod:`emulator.server` for the full order):
 a gateway in front of the model answers ``429``/``503``/``408`` and drops connections (``reset``) before
-the request is validated; the engine produces ``500``, ``hang``, ``malformed``, ``bad_json`` and
-``stream_error`` only for valid requests. ``bad_json`` only affects requests asking for structured
-output (others answer normally and no fault is recorded); ``stream_error`` on a request that does not
-stream is a plain ``500``.
+the request is validated; the engine produces ``500``, ``hang``, ``malformed``, ``bad_json``,
+``broken_json`` and ``stream_error`` only for valid requests. ``bad_json`` (JSON that breaks the schema)
+and ``broken_json`` (JSON cut in half) spoil the content of a request asking for structured output or
+the arguments of an answer that calls a function (:mod:`emulator.tools`); other answers are normal and
+no fault is recorded. ``stream_error`` on a request that does not stream is a plain ``500``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 from emulator.settings import EmulatorSettings
 
 GATEWAY_FAULTS = frozenset({"429", "503", "408", "reset"})
-ENGINE_FAULTS = frozenset({"500", "hang", "malformed", "bad_json", "stream_error"})
+ENGINE_FAULTS = frozenset({"500", "hang", "malformed", "bad_json", "broken_json", "stream_error"})
 
 
 def rate_fault(seed: int, item: str, attempt: int, rate: float, kinds: tuple[str, ...]) -> str | None:

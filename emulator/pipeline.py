@@ -17,14 +17,15 @@ from typing import Any
 
 from aiohttp import web
 
-from emulator import streaming
-from emulator.answers import Answer, answer, caption, prompt_tokens
+from emulator import streaming, tools
+from emulator.answers import Answer, answer, caption, continuation, prompt_tokens
 from emulator.errors import JSON_HEADERS, ApiError, container_error, unauthorized_response
 from emulator.faults import GATEWAY_FAULTS
 from emulator.gateway import authorized, drop_connection, gateway_error, timeout_error
+from emulator.schema_output import Facts
 from emulator.settings import EmulatorSettings
 from emulator.state import STATE, EmulatorState
-from emulator.structured import render
+from emulator.structured import JSON_FAULTS, render
 from emulator.validation import ChatRequest, check_context, parse_body
 
 ENGINE_ERROR = "The engine failed while generating the response (injected fault)."
@@ -42,20 +43,27 @@ class Api:
 class _Outcome:
     """What the stats record of one request (once); ``cancelled`` unless an answer is reached."""
 
-    __slots__ = ("arrived", "fault", "item", "recorded", "route", "state", "status", "streamed")
+    __slots__ = ("arrived", "fault", "features", "item", "recorded", "route", "state", "status", "streamed")
 
     def __init__(self, state: EmulatorState, item: str, route: str, arrived: float) -> None:
         self.state, self.item, self.route, self.arrived = state, item, route, arrived
         self.status: int | str = "cancelled"
         self.fault: str | None = None
         self.streamed = False
+        self.features: set[str] = set()  # once the body is valid: what it used, "tool_calls" if answered so
         self.recorded = False
 
     def record(self) -> None:
         if not self.recorded:
             self.recorded = True
             self.state.stats.finish(
-                self.item, self.status, self.arrived, self.fault, route=self.route, streamed=self.streamed
+                self.item,
+                self.status,
+                self.arrived,
+                self.fault,
+                route=self.route,
+                streamed=self.streamed,
+                features=self.features,
             )
 
 
@@ -146,23 +154,30 @@ async def _generate(
     """Validate, read the images, check the context, answer; then the engine faults (ApiError)."""
     body = parse_body(raw)
     chat = api.validate(body, settings)
+    outcome.features.update(chat.features)
     infos = [
         await state.images.load(url, state.session, settings.image_fetch_timeout) for url in chat.image_urls
     ]
     prompt_count = prompt_tokens(chat, infos)
     budget = check_context(chat.max_tokens, prompt_count, settings.max_model_len)
-    text = None
-    if chat.output is not None:
-        bad = planned == "bad_json"
-        text = render(
-            chat.output, caption(chat.prompt, infos, chat.previous_answer), chat.prompt, infos, bad=bad
-        )
-        if bad:
-            outcome.fault = planned
-    result = answer(chat, infos, budget, prompt_count, text)
+    json_fault = planned if planned in JSON_FAULTS else None
+    plain = caption(chat.prompt, infos, chat.previous_answer)
+    text, call = None, None
+    function = tools.called(chat.tools, chat.prompt, continuing=chat.prefill is not None)
+    if function is not None:
+        call = tools.make_call(function, Facts.of(plain, chat.prompt, infos), fault=json_fault)
+    elif chat.output is not None:
+        text = render(chat.output, plain, chat.prompt, infos, fault=json_fault)
+    if json_fault is not None and (call is not None or chat.output is not None):
+        outcome.fault = json_fault
+    if chat.prefill is not None and call is None:
+        text = continuation(chat.prefill, plain if text is None else text, structured=chat.output is not None)
+    result = answer(chat, infos, budget, prompt_count, text, call)
     if planned == "500" or (planned == "stream_error" and not chat.stream):
         outcome.fault = planned
         raise ApiError(500, ENGINE_ERROR)
+    if result.tool_call is not None:
+        outcome.features.add("tool_calls")
     if planned == "hang":
         outcome.fault = planned
         await asyncio.sleep(settings.hang_seconds)

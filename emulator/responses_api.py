@@ -7,15 +7,21 @@ in an output message item given back, with its ``id`` and ``status``), ``reasoni
 earlier turns (skipped); ``instructions`` (a system message first); ``max_output_tokens``;
 ``reasoning: {"effort": "low"|"medium"|"high"}`` (turns thinking on; the effort sets how long the
 reasoning is); ``text: {"format": {"type": "json_schema", "name", "schema", "strict"}}`` or
-``json_object``. ``stream: true`` is a 400 (not supported by this emulator); ``previous_response_id``
-is a 404, as on a vLLM without a response store. The converted request is validated like a chat one.
+``json_object``; ``tools``, function tools in the flat form ``{"type": "function", "name",
+"description"?, "parameters"?, "strict"?}`` (another type is a 400; ``[]`` is no tools), and
+``tool_choice``: ``"auto"`` (the default), ``"required"``, ``"none"`` or ``{"type": "function", "name"}``.
+``stream: true`` is a 400 (not supported by this emulator); ``previous_response_id`` is a 404, as on a
+vLLM without a response store; ``function_call``/``function_call_output`` input items are a 400. The
+converted request is validated like a chat one (tools as in :mod:`emulator.tools`).
 
 Response: ``{"id": "resp_...", "object": "response", "created_at", "model", "status": "completed" |
 "incomplete", "incomplete_details": null | {"reason": "max_output_tokens"}, "error": null,
 "instructions", "max_output_tokens", "output": [reasoning item?, message item?], "usage":
 {"input_tokens", "input_tokens_details": {"cached_tokens": 0}, "output_tokens",
 "output_tokens_details": {"reasoning_tokens"}, "total_tokens"}}``; no ``output_text`` (the SDK builds
-it). The message item is left out when the budget ran out during the reasoning, as vLLM does.
+it). The message item is left out when the budget ran out during the reasoning, as vLLM does. An answer
+that calls a function has, instead of the message item, ``{"type": "function_call", "id": "fc_...",
+"call_id": "call_...", "name", "arguments": "<JSON text>", "status": "completed"}``.
 """
 
 from __future__ import annotations
@@ -60,9 +66,15 @@ def validate_responses(body: dict[str, Any], settings: EmulatorSettings) -> Chat
         chat["max_completion_tokens"] = budget
     effort = _effort(body.get("reasoning"))
     chat["chat_template_kwargs"] = {"enable_thinking": effort is not None}
+    chat.update(_tools(body.get("tools"), body.get("tool_choice")))
     output = _output_format(body.get("text"))
     request = validate_chat(chat, settings)
-    return dataclasses.replace(request, output=output, effort=effort or "medium")
+    features = {"with_tools"} if request.tools is not None else set()
+    if effort is not None:
+        features.add("thinking_on")
+    return dataclasses.replace(
+        request, output=output, effort=effort or "medium", features=frozenset(features)
+    )
 
 
 def response_body(request: ChatRequest, result: Answer, body: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +87,18 @@ def response_body(request: ChatRequest, result: Answer, body: dict[str, Any]) ->
                 "id": f"rs_{uuid.uuid4().hex}",
                 "content": [{"type": "reasoning_text", "text": result.reasoning}],
                 "summary": [],
+            }
+        )
+    if result.tool_call is not None:
+        call = result.tool_call
+        output.append(
+            {
+                "type": "function_call",
+                "id": f"fc_{uuid.uuid4().hex}",
+                "call_id": call.id,
+                "name": call.name,
+                "arguments": call.arguments,
+                "status": "completed",
             }
         )
     if result.content:
@@ -158,6 +182,30 @@ def _part(part: Any, output_item: bool) -> dict[str, Any]:
             )
         return {"type": "image_url", "image_url": {"url": url}}
     raise ApiError(400, f"Unknown content part type: {kind}", param="input")
+
+
+def _tools(tools: Any, choice: Any) -> dict[str, Any]:
+    """The chat completions ``tools`` and ``tool_choice`` for the Responses API's flat function tools."""
+    if tools is None or tools == []:
+        return {} if choice is None else {"tool_choice": choice}
+    if not isinstance(tools, list):
+        raise ApiError(400, "`tools` must be a list of function tools.", param="tools")
+    converted: list[dict[str, Any]] = []
+    for index, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function" or not isinstance(tool, dict):
+            raise ApiError(
+                400, f"Unsupported tool type {kind!r} in `tools[{index}]`; use function tools.", param="tools"
+            )
+        keys = ("name", "description", "parameters")
+        converted.append({"type": "function", "function": {key: tool[key] for key in keys if key in tool}})
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise ApiError(
+                400, 'A named `tool_choice` is `{"type": "function", "name": ...}`.', param="tool_choice"
+            )
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    return {"tools": converted} if choice is None else {"tools": converted, "tool_choice": choice}
 
 
 def _effort(reasoning: Any) -> str | None:

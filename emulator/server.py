@@ -11,8 +11,9 @@ The model routes, ``POST /v1/chat/completions`` and ``POST /v1/responses``, shar
 4. Decide the fault (script, else rate). Gateway faults are answered now, before validation:
    ``429`` and ``503`` (with Retry-After / retry-after-ms), ``408`` and ``reset``.
 5. Validate the body (the Responses API's is first turned into a chat request), read the images
-   (cache first), check the context, build the content (structured output: JSON for the schema;
-   ``bad_json`` makes it not validate): 400/404/422/500/501 errors.
+   (cache first), check the context, build the content (structured output: JSON for the schema; a
+   function call: its arguments; ``bad_json``/``broken_json`` spoil either; a prefill: only its
+   continuation): 400/404/422/500/501 errors.
 6. Engine faults, for valid requests only: ``500`` is answered now (so is ``stream_error`` when the
    request does not stream); ``hang`` waits ``hang_seconds`` (without holding a concurrency slot) and
    then goes on normally.

@@ -16,6 +16,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "reset",
     "malformed",
     "bad_json",
+    "broken_json",
     "stream_error",
 )
 FAULT_MODES: tuple[str, ...] = ("any", "first_attempt")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 LOG_SIZE = 20_000
+FEATURES = ("with_tools", "tool_calls", "continued", "thinking_on", "thinking_off")
 
 
 class Stats:
@@ -16,6 +18,13 @@ class Stats:
     A status is an HTTP code, ``"reset"`` (connection dropped on purpose) or ``"cancelled"`` (the
     client went away before the answer, e.g. its timeout fired during a ``hang`` or mid-stream).
     ``by_route`` counts arrivals per route path, ``streamed`` the answers sent as event streams.
+
+    What the requests used, counted once a request's body is valid (whatever its outcome then), each
+    also listed in its log entry's ``features``: ``with_tools`` (function tools offered, chat or
+    Responses), ``tool_calls`` (answers that call a function), ``continued`` (a final assistant message
+    continued: ``continue_final_message``), ``thinking_on`` (``enable_thinking`` truthy, or the
+    Responses API's ``reasoning``) and ``thinking_off`` (``enable_thinking`` given and falsy, e.g.
+    ``false``; absent counts as neither).
     """
 
     def __init__(self) -> None:
@@ -29,6 +38,7 @@ class Stats:
         self.per_item: dict[str, int] = {}
         self.by_route: dict[str, int] = {}
         self.streamed = 0
+        self.features: dict[str, int] = dict.fromkeys(FEATURES, 0)
         self.faults: dict[str, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
@@ -60,10 +70,22 @@ class Stats:
         *,
         route: str = "/v1/chat/completions",
         streamed: bool = False,
+        features: Iterable[str] = (),
     ) -> None:
         key = str(status)
-        entry = {"item": item, "status": status, "t": round(arrived, 6), "fault": fault, "route": route}
+        given = set(features)
+        used = [name for name in FEATURES if name in given]
+        entry = {
+            "item": item,
+            "status": status,
+            "t": round(arrived, 6),
+            "fault": fault,
+            "route": route,
+            "features": used,
+        }
         with self._lock:
+            for name in used:
+                self.features[name] += 1
             self.in_flight -= 1
             self.by_status[key] = self.by_status.get(key, 0) + 1
             if fault is not None:
@@ -98,6 +120,7 @@ class Stats:
                 "per_item": dict(self.per_item),
                 "by_route": dict(self.by_route),
                 "streamed": self.streamed,
+                **self.features,
                 "max_in_flight": self.max_in_flight,
                 "max_processing": self.max_processing,
                 "in_flight": self.in_flight,

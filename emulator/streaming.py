@@ -6,6 +6,11 @@ both, as ``reasoning_field`` says); the content in pieces of :data:`PIECE_CHARS`
 with an empty delta and the ``finish_reason``; with ``stream_options.include_usage`` a last chunk with
 ``choices: []`` and ``usage``; then ``data: [DONE]``. Joined, the pieces are the non-streamed texts.
 
+A function call, as vLLM streams one, replaces the content pieces: a chunk whose delta is
+``{"tool_calls": [{"index": 0, "id", "type": "function", "function": {"name", "arguments": ""}}]}``,
+then the arguments in pieces, ``{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}``;
+the finish chunk says ``"tool_calls"``.
+
 Faults: ``stream_error`` sends at most two content pieces, then ``data: {"error": {...}}`` (a 500
 InternalServerError, as vLLM reports an engine failure after the 200) and ends without ``[DONE]``;
 ``malformed`` cuts the JSON of one event in the middle of the stream in half.
@@ -62,7 +67,16 @@ def events(
     out = [chunk({"role": "assistant", "content": ""})]
     if result.reasoning is not None and include_reasoning:
         out += [chunk(reasoning_fields(piece, reasoning_field)) for piece in pieces(result.reasoning)]
-    content = [chunk({"content": piece}) for piece in pieces(result.content or "")]
+    call = result.tool_call
+    if call is not None:
+        opening = {"index": 0, "id": call.id, "type": "function"}
+        content = [chunk({"tool_calls": [{**opening, "function": {"name": call.name, "arguments": ""}}]})]
+        content += [
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            for piece in pieces(call.arguments)
+        ]
+    else:
+        content = [chunk({"content": piece}) for piece in pieces(result.content or "")]
     if fault == "stream_error":
         error = error_body(ApiError(500, STREAM_ERROR), flat=flat_errors)
         return [*out, *content[:2], _event(error if not flat_errors else {"error": error})]

@@ -9,7 +9,10 @@ The Responses API's ``text.format`` goes through :func:`parse_format` too.
 A schema is checked against its meta-schema with ``jsonschema`` (an invalid one is a 400, worded like
 vLLM's "Failed to transform json schema into a grammar: ..."), the document is built by
 :mod:`emulator.schema_output` and checked against the schema before it is sent, so a 200 always
-validates, unless the ``bad_json`` fault asks for content that does not.
+validates, unless a JSON fault asks for content that does not: ``bad_json`` gives JSON that breaks the
+schema (a required property missing, ...; not JSON at all when the schema accepts any JSON),
+``broken_json`` JSON cut in half. :func:`schema_document` serves function-call arguments too
+(:mod:`emulator.tools`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from emulator.schema_output import Facts, SchemaProblem, build
 
 GRAMMAR_ERROR = "Failed to transform json schema into a grammar: "
 UNSUPPORTED_KINDS = ("regex", "grammar", "structural_tag")
+JSON_FAULTS = frozenset({"bad_json", "broken_json"})  # faults that spoil JSON content or arguments
 ONE_KIND = "You can only use one kind of structured outputs constraint but multiple are specified."
 
 
@@ -115,24 +119,43 @@ def _structured_outputs(value: Any) -> OutputFormat | None:
     return OutputFormat("json_schema", schema)
 
 
-def render(wanted: OutputFormat, caption: str, prompt: str, images: Sequence[ImageInfo], *, bad: bool) -> str:
-    """The content for ``wanted``: valid, or (``bad``) a 200's content that does not validate."""
+def render(
+    wanted: OutputFormat, caption: str, prompt: str, images: Sequence[ImageInfo], *, fault: str | None = None
+) -> str:
+    """The content for ``wanted``: valid, or (``fault`` one of :data:`JSON_FAULTS`) a 200's content
+    that does not validate."""
     facts = Facts.of(caption, prompt, images)
     if wanted.kind == "choice":
         member = _choice(wanted.choices, facts)
-        return member + "?" if bad else member
+        return {"bad_json": member + "?", "broken_json": member[: len(member) // 2]}.get(fault or "", member)
     if wanted.kind == "json_object":
         document = {"caption": caption, "colours": list(facts.colours), "width": facts.width}
         text = json.dumps(document, ensure_ascii=False)
-        return text[: len(text) // 2] if bad else text
-    validator = _validator(_key(wanted.schema))
+        return text[: len(text) // 2] if fault in JSON_FAULTS else text
+    return schema_document(wanted.schema, facts, fault=fault)
+
+
+def schema_document(schema: Any, facts: Facts, *, fault: str | None = None) -> str:
+    """JSON for ``schema`` built from ``facts`` and checked against it (ApiError 400 when the schema is
+    invalid or cannot be built); ``bad_json``: JSON that does not validate; ``broken_json``: cut JSON."""
+    validator = _validator(_key(schema))
     try:
-        document = build(wanted.schema, facts)
+        document = build(schema, facts)
     except SchemaProblem as exc:
         raise ApiError(400, GRAMMAR_ERROR + str(exc)) from None
     if not validator.is_valid(document):
         raise ApiError(400, GRAMMAR_ERROR + "the emulator cannot build a document for this schema.")
-    return _invalid(document, validator) if bad else json.dumps(document, ensure_ascii=False)
+    text = json.dumps(document, ensure_ascii=False)
+    if fault == "bad_json":
+        return _invalid(document, validator)
+    if fault == "broken_json":
+        return text[: len(text) // 2]
+    return text
+
+
+def check_schema(schema: Any) -> None:
+    """ApiError 400 (vLLM's grammar message) unless ``schema`` is a valid JSON Schema."""
+    _validator(_key(schema))
 
 
 def _choice(choices: tuple[str, ...], facts: Facts) -> str:

@@ -3,10 +3,26 @@
 Everything checked here needs no image decoding; images are checked by :mod:`emulator.images` and the
 context length by :func:`check_context` once the image sizes are known. Unknown fields are ignored.
 
-Conversations: system messages first, then user/assistant alternating, starting and ending with user
-(a final assistant only with ``continue_final_message``). The answer is to the last user message; the
-images of every message count toward ``max_images_per_prompt``, as in vLLM, where the whole
-conversation is one multimodal prompt.
+Conversations: system messages first, then user/assistant alternating, starting and ending with user.
+The answer is to the last user message; the images of every message count toward
+``max_images_per_prompt``, as in vLLM, where the whole conversation is one multimodal prompt.
+
+Continuing a final assistant message (a prefill): ``"continue_final_message": true`` with
+``"add_generation_prompt": false``, the conversation ending in an assistant message (its text is the
+prefill; the answer continues it, see :func:`emulator.answers.continuation`). Refused with 400 as vLLM
+refuses them: both flags true (``add_generation_prompt`` defaults to true, so ``continue_final_message``
+alone is a 400) and ``continue_final_message`` when the last message is not an assistant one; a final
+assistant message without ``continue_final_message`` breaks the alternation (400), as before.
+
+Thinking: ``chat_template_kwargs.enable_thinking`` is passed to the template unchecked by vLLM, whose
+template tests its truthiness; so here: absent, ``false``, ``null``, ``0`` or ``""`` is off (no reasoning,
+no reasoning tokens: Gemma 4's default), any other JSON value on, including the string ``"false"`` (a
+client bug the emulator reproduces rather than hides; :attr:`ChatRequest.features` tells them apart).
+
+Tools: ``tools`` and ``tool_choice`` are checked by :mod:`emulator.tools`.
+
+:attr:`ChatRequest.features` names what the request used, for the stats: ``with_tools``, ``continued``
+(a prefill), ``thinking_on`` and ``thinking_off`` (``enable_thinking`` given and falsy).
 """
 
 from __future__ import annotations
@@ -18,9 +34,15 @@ from typing import Any
 from emulator.errors import ApiError
 from emulator.settings import EmulatorSettings
 from emulator.structured import OutputFormat, chat_output_format
+from emulator.tools import Tools, parse_tools
 
 ROLES = frozenset({"system", "user", "assistant"})
 ALTERNATION = "Conversation roles must alternate user/assistant/user/assistant/..."
+BOTH_FLAGS = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+NOTHING_TO_CONTINUE = (
+    "`continue_final_message` continues the final assistant message, but the last message is not from "
+    "the assistant."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +61,9 @@ class ChatRequest:
     include_usage: bool = False  # stream_options.include_usage
     effort: str = "medium"  # the Responses API's reasoning.effort
     previous_answer: str | None = None  # the last assistant turn's text, in a multi-turn conversation
+    prefill: str | None = None  # the final assistant message's text, continued (continue_final_message)
+    tools: Tools | None = None  # the functions offered (None: none, or tool_choice "none" without tools)
+    features: frozenset[str] = frozenset()  # for the stats: with_tools, continued, thinking_on/_off
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -56,22 +81,25 @@ def validate_chat(body: dict[str, Any], settings: EmulatorSettings) -> ChatReque
     model = body.get("model")
     if not isinstance(model, str) or model not in settings.models:
         raise ApiError(404, f"The model `{model}` does not exist.", param="model")
-    _check_flags(body)
+    continue_final = _check_flags(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "`messages` must be a non-empty list of messages.", param="messages")
-    continue_final = body.get("continue_final_message") is True
     _check_roles(messages, continue_final)
+    tools = parse_tools(body)
     images: list[str] = []
-    text_chars = 0
+    text_chars = tools.chars if tools is not None else 0
     prompt = ""
     previous: str | None = None
-    for message in messages:
+    prefill: str | None = None
+    for position, message in enumerate(messages, 1):
         texts, urls = _content_parts(message)
         images.extend(urls)
         text_chars += sum(len(text) for text in texts)
         if message["role"] == "user":
             prompt = " ".join(texts)
+        elif continue_final and position == len(messages):
+            prefill = "\n".join(texts)  # vLLM joins text parts with newlines
         elif message["role"] == "assistant":
             previous = " ".join(texts)
     limit = settings.max_images_per_prompt
@@ -83,6 +111,11 @@ def validate_chat(body: dict[str, Any], settings: EmulatorSettings) -> ChatReque
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "`stream_options` must be an object.", param="stream_options")
+    features = {"with_tools"} if tools is not None else set()
+    if prefill is not None:
+        features.add("continued")
+    if "enable_thinking" in kwargs:
+        features.add("thinking_on" if kwargs["enable_thinking"] else "thinking_off")
     return ChatRequest(
         model=model,
         image_urls=tuple(images),
@@ -95,6 +128,9 @@ def validate_chat(body: dict[str, Any], settings: EmulatorSettings) -> ChatReque
         stream=body.get("stream") is True,
         include_usage=stream_options.get("include_usage") is True,
         previous_answer=previous,
+        prefill=prefill,
+        tools=tools,
+        features=frozenset(features),
     )
 
 
@@ -121,13 +157,26 @@ def _too_large(max_tokens: int, max_model_len: int, prompt_tokens: int) -> str:
     )
 
 
-def _check_flags(body: dict[str, Any]) -> None:
-    if body.get("add_generation_prompt") is True and body.get("continue_final_message") is True:
-        raise ApiError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+def _check_flags(body: dict[str, Any]) -> bool:
+    """Checks of the top-level flags; returns ``continue_final_message``."""
+    continue_final = _flag(body, "continue_final_message", False)
+    generation_prompt = _flag(body, "add_generation_prompt", True)
+    if continue_final and generation_prompt:
+        raise ApiError(400, BOTH_FLAGS)
     if body.get("tools") == []:
         raise ApiError(400, "`tools` must not be an empty list; omit it instead.", param="tools")
     if body.get("stream_options") is not None and body.get("stream") is not True:
         raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+    return continue_final
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"`{name}` must be a boolean, got {value!r}.", param=name)
+    return value
 
 
 def _check_roles(messages: list[Any], continue_final: bool) -> None:
@@ -142,7 +191,11 @@ def _check_roles(messages: list[Any], continue_final: bool) -> None:
     rest = roles[start:]
     expected = ("user", "assistant")
     alternates = all(role == expected[index % 2] for index, role in enumerate(rest))
-    if not rest or not alternates or (rest[-1] != "user" and not continue_final):
+    if not rest or not alternates:
+        raise ApiError(400, ALTERNATION)
+    if continue_final and rest[-1] != "assistant":
+        raise ApiError(400, NOTHING_TO_CONTINUE, param="continue_final_message")
+    if not continue_final and rest[-1] != "user":
         raise ApiError(400, ALTERNATION)
 
 

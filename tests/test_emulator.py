@@ -345,8 +345,13 @@ def test_validation_errors(server: EmulatorServer, body: Any, status: int, text:
 
 
 def test_continue_final_message_allows_a_final_assistant(server: EmulatorServer) -> None:
-    body = {**chat_body(), "messages": _messages("user", "assistant"), "continue_final_message": True}
-    assert message(chat(server, body))["content"] == 'No image. After: "assistant text". Prompt: "user text"'
+    """Continuing a final assistant message needs add_generation_prompt false (vLLM refuses both true,
+    and it defaults to true); the reply is the continuation alone."""
+    messages = _messages("user", "assistant")
+    body = {**chat_body(), "messages": messages, "continue_final_message": True}
+    assert chat(server, body).status == 400
+    body["add_generation_prompt"] = False
+    assert message(chat(server, body))["content"] == ' No image. Prompt: "user text"'
 
 
 def test_http_image_urls_are_fetched(make_server: Callable[..., EmulatorServer], image_host: str) -> None:
