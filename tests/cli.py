@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.app import app
 
 
 @dataclass

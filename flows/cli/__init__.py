@@ -1,24 +1,33 @@
-"""The ``vlmbatch`` command line: one module per command, put together here.
+"""The ``vlmbatch`` command line (flows/cli/app.py puts its commands together).
 
-``common`` holds what they share (exit statuses, error printing, Prefect's setup). Commands that run a
-flow import Prefect only when they run; ``inspect``, ``export``, ``--help`` and ``--version`` never do.
+``main`` starts Prefect's temporary server before anything else, when the command line asks for a
+flow run and no Prefect server is configured: the server needs 2–3 s to come up, and it does so on the
+other core while the commands' modules are imported (half a second) and the run is validated and
+planned. The command finds the server already on its way (``flows.prefect_server``), and stops it if
+the run turns out not to need it (a dry run set in the environment or a config file, a usage error).
 """
 
 from __future__ import annotations
 
-import typer
+import sys
 
-from flows.cli import backfill, demo, emulate, outputs, run, serve
+from flows.prefect_server import start_temporary_server
 
-app = typer.Typer(
-    add_completion=False,
-    rich_markup_mode=None,
-    no_args_is_help=True,
-    help="Batch captioning and visual Q&A over Parquet manifests against OpenAI-compatible VLM endpoints.",
-)
-for command in (run, demo, emulate, outputs, backfill, serve):
-    command.register(app)
+FLOW_COMMANDS = ("run", "demo", "backfill")
+NO_FLOW_FLAGS = ("--dry-run", "--deployment", "--help", "-h")
+
+
+def wants_a_flow_run(args: list[str]) -> bool:
+    """Whether this command line will run a flow here (a guess from the words alone, which the command
+    corrects: it stops a server it turns out not to need)."""
+    words = [a for a in args if not a.startswith("-")]
+    return bool(words) and words[0] in FLOW_COMMANDS and not any(a in NO_FLOW_FLAGS for a in args)
 
 
 def main() -> None:
+    if wants_a_flow_run(sys.argv[1:]):
+        start_temporary_server()
+    # The commands' modules (half a second to import) come after the server is on its way.
+    from flows.cli.app import app
+
     app()

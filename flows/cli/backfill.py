@@ -18,9 +18,15 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli.common import fail, prepare_prefect
+from flows.cli.common import EXIT_CRASHED, EXIT_SIGINT, fail, prepare_prefect
 from flows.cli.run import run
-from flows.prefect_server import server_url
+from flows.prefect_server import (
+    ServerFailed,
+    prefect_api,
+    server_url,
+    start_temporary_server,
+    stop_temporary_server,
+)
 from tasks.config import SECTIONS, RunConfig, build_config
 from tasks.errors import ConfigError, UsageError
 from tasks.partitions import parse_date, select_partitions
@@ -98,8 +104,9 @@ def execute_backfill(
     config_file: Path | None = None,
     verbose: bool = False,
 ) -> int:
-
     prepare_prefect(log_level="INFO" if verbose else None)
+    # Prefect's temporary server first (when none is configured): it comes up while the rest is checked
+    server = start_temporary_server() if deployment is None else None
     try:
         cfg = build_config(flags, config_file=config_file)
         if max_parallel is not None and max_parallel < 1:
@@ -115,13 +122,21 @@ def execute_backfill(
         if not verbose:
             hide_expected_stops(BackfillIncomplete)  # the table of partitions below says what happened
         try:
-            outcomes = asyncio.run(
-                backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), **parallel)
-            )
+            with prefect_api(server):
+                outcomes = asyncio.run(
+                    backfill(cfg, parse_date(start, "--start"), parse_date(end, "--end"), **parallel)
+                )
         except BackfillIncomplete as exc:
             outcomes = exc.outcomes
     except UsageError as exc:
+        stop_temporary_server()  # unless a flow already ran against it
         raise fail(str(exc)) from None
+    except ServerFailed as exc:
+        raise fail(str(exc), EXIT_CRASHED) from None
+    except KeyboardInterrupt:  # Ctrl-C before the backfill took over the signals (waiting for Prefect)
+        raise fail(
+            "interrupted by SIGINT; what was done is written, a rerun continues", EXIT_SIGINT
+        ) from None
     print_outcomes(outcomes)
     if outcomes and all(o.outcome == "missing input" for o in outcomes):
         typer.echo("warning: no date had its input: check the manifest path's {date} template", err=True)

@@ -13,10 +13,9 @@ import os
 import click
 import typer
 
-from flows.prefect_server import own_process_group
-
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS = 0, 1, 2
 EXIT_CRASHED = 70  # EX_SOFTWARE: vlmbatch itself failed; what was written is kept
+EXIT_SIGINT = 130
 
 # A bad flag is a usage error: exit 1 like every other one (click's own default, 2, means "rows failed"
 # here). Recent typer versions carry their own copy of click, so set it on whichever classes are in use.
@@ -36,12 +35,9 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 
 def prepare_prefect(*, log_level: str | None = None) -> None:
-    """Defaults for Prefect in a CLI process (the user's own settings win), before its first flow runs:
-    no analytics, WARNING logs (or ``log_level``), patience for a slow temporary server, and that server
-    in a process group of its own (a terminal's Ctrl-C must reach vlmbatch alone)."""
+    """Defaults for Prefect in a CLI process (the user's own settings win), before Prefect is imported:
+    no analytics, WARNING logs (or ``log_level``)."""
     if log_level is not None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", log_level)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    own_process_group()

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from flows.annotate import add_row_listener
 from tasks.row import ResultRow
+from tasks.run.job import add_row_listener
 
 
 @contextmanager

@@ -9,16 +9,27 @@ from __future__ import annotations
 import asyncio
 import sys
 import traceback
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from flows.cli.common import EXIT_CRASHED, Opt, fail, prepare_prefect
+from flows.cli.common import EXIT_CRASHED, EXIT_SIGINT, Opt, fail, prepare_prefect
+from flows.cli.progress import progress_bar
 from flows.cli.summary_table import print_summary
-from tasks.config import build_config
+from flows.prefect_server import (
+    ServerFailed,
+    TemporaryServer,
+    prefect_api,
+    start_temporary_server,
+    stop_temporary_server,
+)
+from tasks.config import RunConfig, build_config
 from tasks.errors import RunStopped, UsageError
-from tasks.run.plan import plan_run
+from tasks.outputs.summary import RunSummary
+from tasks.run.job import Job, add_row_listener
+from tasks.run.plan import RunPlan, plan_run
 
 DRY_RUN_SHOWN = 20  # failures a dry run lists
 
@@ -146,26 +157,32 @@ def run(
 
 
 def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: bool = False) -> int:
-    """Validate, run the annotate flow in-process, print the summary; returns the exit status."""
+    """Validate, run the annotate flow in-process (a dry run: the job alone, no Prefect), print the
+    summary; returns the exit status."""
     prepare_prefect(log_level="INFO" if verbose else None)
-    # The flow's modules, and these two fed by it, import Prefect (a second or more): only commands
-    # that run a flow load them.
-    from flows.annotate import add_row_listener, annotate
-    from flows.cli.progress import progress_bar
-    from flows.cli.quiet_stops import hide_expected_stops
-
     try:
         cfg = build_config(flags, config_file=config_file)
-        plan = plan_run(cfg)  # fail fast (exit 1) before a flow run even starts
     except UsageError as exc:
         raise fail(str(exc)) from None
+    # First of all, Prefect's temporary server (when no server is configured): it comes up on the other
+    # core while this process plans the run and imports the flow.
+    if cfg.dry_run:
+        stop_temporary_server()  # started on a guess from the command line: a dry run needs none
+    server = None if cfg.dry_run else start_temporary_server()
+    try:
+        plan = plan_run(cfg)  # fail fast (exit 1) before a flow run even starts
+    except UsageError as exc:
+        stop_temporary_server()  # nothing will run against it
+        raise fail(str(exc)) from None
 
-    what = "dry run: " if cfg.dry_run else ""
     images = f" over {plan.num_images} images" if plan.images is not None else " (text only)"
-    typer.echo(f"{what}{plan.work_items} work items{images}; starting the annotate flow", err=True)
+    if cfg.dry_run:
+        typer.echo(
+            f"dry run: {plan.work_items} work items{images}; loading every image, sending nothing", err=True
+        )
+    else:
+        typer.echo(f"{plan.work_items} work items{images}; starting the annotate flow", err=True)
 
-    if not verbose:
-        hide_expected_stops()  # an expected stop gets its one error line below, not a traceback
     would_fail: list[Any] = []  # a dry run writes no rows: its first failures are listed instead
 
     def keep_failure(row: Any) -> None:
@@ -175,7 +192,13 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     stop_listening = add_row_listener(keep_failure) if cfg.dry_run else lambda: None
     try:
         with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
-            summary = asyncio.run(annotate(cfg))
+            summary = _dry_run(plan) if cfg.dry_run else _run_flow(cfg, server, verbose)
+    except KeyboardInterrupt:  # Ctrl-C before the run took over the signals (e.g. waiting for Prefect)
+        typer.echo("error: interrupted by SIGINT; what was done is written, a rerun continues", err=True)
+        return EXIT_SIGINT
+    except ServerFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return EXIT_CRASHED
     except UsageError as exc:
         raise fail(str(exc)) from None
     except RunStopped as stopped:
@@ -204,3 +227,27 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
 
 def register(app: typer.Typer) -> None:
     app.command()(run)
+
+
+def _run_flow(cfg: RunConfig, server: TemporaryServer | None, verbose: bool) -> RunSummary:
+    # The flow's modules import Prefect (a second or more): only a run that starts a flow loads them.
+    from flows.annotate import annotate
+    from flows.cli.quiet_stops import hide_expected_stops
+
+    if not verbose:
+        hide_expected_stops()  # an expected stop gets its one error line, not a traceback
+    with prefect_api(server):
+        return asyncio.run(annotate(cfg))
+
+
+def _dry_run(plan: RunPlan) -> RunSummary:
+    """Every image loaded and every request built, nothing sent, nothing written: the job alone, with
+    no Prefect flow (nothing is orchestrated), so a dry run takes about a second plus its images."""
+
+    async def dry() -> RunSummary:
+        job = Job(plan, run_id=str(uuid.uuid4()))
+        result = await job.run()
+        job.raise_if_stopped(result)
+        return result
+
+    return asyncio.run(dry())

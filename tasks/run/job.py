@@ -1,0 +1,247 @@
+"""A run of a plan, without any orchestrator: OUT locked and indexed, shards run a few at once, rows written.
+
+The annotate flow (flows/annotate.py) drives a ``Job`` with each shard inside a Prefect task; a dry run
+drives it directly, with no Prefect at all (``vlmbatch run --dry-run`` starts in a second). Either way
+the job is the same: the manifest is read off the event loop in shards, a few shards overlap so the
+endpoint never idles at a shard boundary, every finished row goes to the output store (and to
+``on_row``), and a stop — a signal, an outage — ends it cleanly with what was done written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+from tasks.config import RunConfig
+from tasks.endpoint.preflight import PreflightFailed, PreflightStopped, preflight
+from tasks.errors import EndpointUnusable, RunInterrupted
+from tasks.inputs.work_items import Shard
+from tasks.outputs.layout import prepare_out_dir, remove_temporaries
+from tasks.outputs.lock import OutLock
+from tasks.outputs.store import OutputStore, read_index, run_tag
+from tasks.outputs.summary import RunSummary, SummaryBuilder
+from tasks.outputs.writer import AsyncWriter
+from tasks.row import ResultRow
+from tasks.run.plan import RunPlan
+from tasks.run.shard_runner import ShardRunner
+from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
+
+log = logging.getLogger("vlmbatch")
+
+RowListener = Callable[[ResultRow | None], None]
+_row_listeners: list[RowListener] = []  # the CLI's progress bar subscribes here (same process)
+
+
+def add_row_listener(listener: RowListener) -> Callable[[], None]:
+    """Call ``listener`` for every finished row (``None`` for an item skipped as already done) of runs
+    in this process; returns an unsubscribe."""
+    _row_listeners.append(listener)
+    return lambda: _row_listeners.remove(listener)
+
+
+# How one shard is run: the runner's rows for it, then its file finished. The flow wraps this in a
+# Prefect task; ``skipped_before`` counts its items found done before the shard started.
+ShardCall = Callable[[Shard, ShardRunner, "AsyncWriter | None", int], Awaitable[object]]
+
+
+async def run_shard(
+    shard: Shard,
+    runner: ShardRunner,
+    writer: AsyncWriter | None,
+    skipped_before: int,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
+) -> Path | None:
+    """One shard: its work items concurrently, its rows written to OUT as they finish; returns its file."""
+    started = time.perf_counter()
+    skipped = await runner.run(shard)
+    path = await writer.finish(shard.index) if writer is not None else None
+    logger.info(
+        "shard %d: %d work items (%d skipped as done) in %.1f s%s",
+        shard.index,
+        shard.num_items + skipped_before,
+        skipped + skipped_before,
+        time.perf_counter() - started,
+        f" → {path.name}" if path else "",
+    )
+    return path
+
+
+def shards_in_flight(config: RunConfig) -> int:
+    """Enough overlapping shards to keep every request slot busy across shard boundaries."""
+    return max(2, min(64, math.ceil(2 * config.endpoint.in_flight_cap / config.shard_size)))
+
+
+class Job:
+    """One run of ``plan`` in this event loop (create it inside the loop that runs it)."""
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        *,
+        run_id: str,
+        api_key: str | None = None,
+        config: RunConfig | None = None,
+        on_row: RowListener | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        started: float | None = None,
+    ) -> None:
+        self.plan = plan
+        self.config = config or plan.config  # the flow's may be bound to a share of a global limit
+        self.run_id = run_id
+        self.api_key = api_key  # held in memory only
+        self.stop = StopSwitch()
+        self.summary = SummaryBuilder()
+        self.on_row = on_row
+        self.log = logger or log
+        self.started = started if started is not None else time.perf_counter()  # the run's elapsed time
+        self.runner: ShardRunner | None = None
+
+    async def preflight(self) -> None:
+        """Check the endpoint before anything is sent (``--preflight``; not in a dry run)."""
+        config = self.config
+        if not config.endpoint.preflight or config.dry_run:
+            return
+        with signals_stop(self.stop, on_second=hard_exit):  # it may wait up to --outage-window
+            try:
+                await preflight(config.endpoint, self.api_key, stop=self.stop)
+            except PreflightFailed as exc:
+                raise EndpointUnusable(f"preflight: {exc}", None) from None
+            except PreflightStopped:
+                reason = self.stop.reason or "SIGINT"
+                message = f"interrupted by {reason} during the preflight; nothing was sent"
+                raise RunInterrupted(message, None, EXIT_CODES[reason]) from None
+
+    def _row(self, row: ResultRow | None) -> None:
+        if row is not None:
+            self.summary.add(row)
+        if self.on_row is not None:
+            self.on_row(row)
+        for listener in _row_listeners:
+            listener(row)
+
+    async def run(
+        self,
+        call: ShardCall = run_shard,
+        on_shard_done: Callable[[Shard], Awaitable[None]] | None = None,
+    ) -> RunSummary:
+        """Every shard through ``call``; returns the run's summary (``raise_if_stopped`` says whether the
+        run ended early)."""
+        config, plan = self.config, self.plan
+        out = Path(config.out)
+        with signals_stop(self.stop, on_second=hard_exit), contextlib.ExitStack() as cleanup:
+            store = None
+            if config.dry_run:
+                index, hashes = read_index(out)
+            else:
+                prepare_out_dir(out)
+                lock = OutLock(out, self.run_id)
+                lock.acquire()
+                cleanup.callback(lock.release)
+                remove_temporaries(out)
+                index, hashes = read_index(out)
+                store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index)
+                if healed := store.heal_duplicates():
+                    self.log.warning("removed %d duplicate rows left by an interrupted run", healed)
+                    index = store.index
+            if len(index) and not config.force:
+                self.log.info(
+                    "%s already holds %d rows: items ok with the same request key are skipped",
+                    out,
+                    len(index),
+                )
+            runner = self.runner = ShardRunner(
+                config,
+                image_root=plan.image_root,
+                manifest_dir=plan.base_dir,
+                run_id=self.run_id,
+                stop=self.stop,
+                store=store,
+                index=index,
+                hashes=hashes,
+                on_row=self._row,
+                api_key=self.api_key,
+            )
+            try:
+                async with contextlib.AsyncExitStack() as flushing:
+                    writer = None if store is None else await flushing.enter_async_context(AsyncWriter(store))
+
+                    async def one(shard: Shard) -> None:
+                        left, done = await runner.drop_done(shard)  # resuming: a finished shard needs no call
+                        if left.jobs:
+                            await call(left, runner, writer, done)
+                        if on_shard_done is not None:
+                            await on_shard_done(shard)
+
+                    with _long_lived_objects_frozen():
+                        await _run_shards(plan.shards(), one, shards_in_flight(config), self.stop)
+                if store is not None:
+                    store.keep_columns()
+            finally:
+                await runner.aclose()
+        return self.summary.build(
+            work_items=plan.work_items,
+            skipped=runner.skipped,
+            elapsed_s=time.perf_counter() - self.started,
+            out=None if config.dry_run else str(config.out),
+            dry_run=config.dry_run,
+        )
+
+    def raise_if_stopped(self, result: RunSummary) -> None:
+        """RunStopped when the run ended early: exit 3 for an outage, 130/143 for a signal."""
+        stop, runner = self.stop, self.runner
+        if stop.reason == "outage":
+            raise EndpointUnusable(f"aborted: {stop.message}", result)
+        sender = runner.sender if runner is not None else None
+        if stop.reason is None and sender and (verdict := sender.detector.final_verdict()):
+            raise EndpointUnusable(f"aborted: {verdict}", result)
+        if stop.reason in EXIT_CODES:
+            raise RunInterrupted(
+                f"interrupted by {stop.reason}; rerun to continue", result, EXIT_CODES[stop.reason]
+            )
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen() -> Iterator[None]:
+    """Keep the garbage collector's full passes off the request path while shards run.
+
+    Prefect, pyarrow and friends leave a few hundred thousand long-lived objects; each full collection
+    walks them all, stalling the event loop 0.2–0.3 s a few times a minute at hundreds of requests a
+    second (measured at C=256: no request is sent or answered meanwhile). Frozen, they are skipped;
+    young garbage is still collected as usual. No collection first (it would cost a full pass, about
+    0.15 s, per run): whatever cyclic garbage exists right now is simply kept, once.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+async def _run_shards(
+    shards: Iterator[Shard], start: Callable[[Shard], Awaitable[object]], limit: int, stop: StopSwitch
+) -> None:
+    """Run shards with at most ``limit`` at once, reading the manifest off the event loop."""
+    pending: set[asyncio.Future[object]] = set()
+    try:
+        while not stop.is_set:
+            shard = await asyncio.to_thread(next, shards, None)
+            if shard is None:
+                break
+            while len(pending) >= limit:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in finished:
+                    fut.result()  # a bug in a shard stops the run
+            pending.add(asyncio.ensure_future(start(shard)))
+        for fut in asyncio.as_completed(pending):
+            await fut
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise

@@ -1,0 +1,135 @@
+"""The temporary Prefect server vlmbatch starts itself (``prefect server start``, Prefect's public CLI),
+and what each command imports: the CLI process never imports ``prefect.server``, and the commands that
+run no flow never import Prefect at all.
+
+These tests start real servers and real CLI processes. If a Prefect release changes the command's
+flags or the health route, ``test_the_temporary_server_comes_up_answers_and_stops`` fails here, loudly,
+rather than every run failing in the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from emulator import EmulatorServer
+from flows.cli import wants_a_flow_run
+from flows.prefect_server import ServerFailed, TemporaryServer
+from tests.builders import images_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_which_command_lines_start_the_server_early() -> None:
+    assert wants_a_flow_run(["run", "images.parquet", "--out", "o"])
+    assert wants_a_flow_run(["demo"])
+    assert wants_a_flow_run(["backfill", "i/{date}.parquet", "--start", "2024-01-01", "--end", "2024-01-02"])
+    assert not wants_a_flow_run(["run", "images.parquet", "--out", "o", "--dry-run"])
+    assert not wants_a_flow_run(["backfill", "x", "--deployment", "backfill/backfill"])
+    assert not wants_a_flow_run(["run", "--help"])
+    assert not wants_a_flow_run(["inspect", "o"])
+    assert not wants_a_flow_run(["--version"])
+    assert not wants_a_flow_run([])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_the_temporary_server_comes_up_answers_and_stops() -> None:
+    server = TemporaryServer()
+    try:
+        url = server.wait_ready()
+        assert url == f"http://127.0.0.1:{server.port}/api"
+        with urllib.request.urlopen(f"{url}/admin/version", timeout=10) as reply:
+            assert json.loads(reply.read())  # Prefect's version string
+        assert server.process is not None
+        guard = server.process.pid
+        command = Path(f"/proc/{guard}/cmdline").read_bytes().split(b"\0")
+        assert b"server_guard.py" in command[2] and command[6:10] == [b"-m", b"prefect", b"server", b"start"]
+        assert b"--no-services" in command and os.getpgid(guard) == guard  # a process group of its own
+    finally:
+        server.stop()
+    deadline = time.monotonic() + 15
+    while _alive(guard) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(guard)
+
+
+def test_a_server_that_cannot_start_is_a_clear_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(
+        "PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/dir/x.db"
+    )
+    server = TemporaryServer()
+    with pytest.raises(ServerFailed, match="exited with status"):
+        server.wait_ready()
+    assert server.starts == 1  # not a lost port: not tried again
+
+
+IMPORT_PROBE = """
+import atexit, json, sys
+def report():
+    prefect = sorted(m for m in sys.modules if m.split(".")[0] == "prefect")
+    sys.stderr.write("\\nMODULES " + json.dumps(prefect) + "\\n")
+atexit.register(report)
+sys.argv = ["vlmbatch", *sys.argv[1:]]
+from flows.cli import main
+main()
+"""
+
+
+def _cli(args: list[object], cwd: Path, env: dict[str, str]) -> tuple[int, str, list[str]]:
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    marker = done.stderr.rsplit("\nMODULES ", 1)
+    assert len(marker) == 2, done.stderr[-3000:]
+    return done.returncode, done.stdout + marker[0], json.loads(marker[1])
+
+
+@pytest.fixture()
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "VLMBATCH_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env
+
+
+def test_a_run_never_imports_prefects_server_and_the_rest_never_import_prefect(
+    tmp_path: Path, emulator: EmulatorServer, cli_env: dict[str, str]
+) -> None:
+    images = images_manifest(tmp_path, {f"i{k}": ((16, 16), "red") for k in range(3)})
+    out = tmp_path / "out"
+    code, output, modules = _cli(
+        ["run", images, "--out", out, "--base-url", emulator.base_url], tmp_path, cli_env
+    )
+    assert code == 0, output
+    assert "prefect.flow_engine" in modules and not [m for m in modules if m.startswith("prefect.server")]
+    for args in (
+        ["run", images, "--out", tmp_path / "dry", "--dry-run"],
+        ["inspect", out],
+        ["export", out, tmp_path / "all.parquet"],
+        ["--help"],
+        ["--version"],
+    ):
+        code, output, modules = _cli(args, tmp_path, cli_env)
+        assert code == 0, (args, output)
+        assert modules == [], (args, modules)
