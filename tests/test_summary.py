@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pyarrow as pa
 from rich.console import Console
 
 from flows.cli.summary_table import print_summary
@@ -23,6 +24,19 @@ def test_histogram_percentiles_are_within_one_percent_of_the_exact_ones() -> Non
         assert got is not None and abs(got - exact) <= 0.01 * exact + 0.1, (q, got, exact)
     assert len(histogram.counts) < 1_500  # buckets, not values
     assert LatencyHistogram().percentile(50) is None
+
+
+def test_a_whole_column_at_once_counts_as_each_value_would() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(5, 1.5) for _ in range(5_000)] + [0.0, -1.0, 0.004, 1e6]
+    one_by_one, at_once = LatencyHistogram(), LatencyHistogram()
+    for value in values:
+        one_by_one.add(value)
+    at_once.add_many(pa.chunked_array([pa.array(values[:100]), pa.array([None, *values[100:]])]))
+    at_once.add_many(pa.array([], pa.float64()))
+    assert at_once.total == one_by_one.total == len(values)
+    assert at_once.counts == one_by_one.counts
+    assert [n for _, n in at_once.buckets()] == [n for _, n in sorted(one_by_one.counts.items())]
 
 
 def test_one_value() -> None:
