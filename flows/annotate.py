@@ -39,7 +39,7 @@ from tasks.inputs.work_items import (
 from tasks.outputs.layout import prepare_out_dir, remove_temporaries
 from tasks.outputs.lock import OutLock
 from tasks.outputs.store import OutputStore, read_index, run_tag
-from tasks.outputs.summary import RunSummary, SummaryBuilder
+from tasks.outputs.summary import AnswerSample, RunSummary, SummaryBuilder
 from tasks.outputs.writer import AsyncWriter
 from tasks.partitions import needs_date
 from tasks.row import ResultRow
@@ -128,6 +128,7 @@ async def annotate(config: RunConfig) -> RunSummary:
                 message = f"interrupted by {reason} during the preflight; nothing was sent"
                 raise RunInterrupted(message, None, EXIT_CODES[reason]) from None
     summary = SummaryBuilder()
+    answers = AnswerSample()  # a few answers per prompt for the summary artifact, bounded
     limit = None if config.dry_run else await EndpointLimit.connect(config)
     lease = None if limit is None else SlotLease(limit.hold)
     if limit is not None:
@@ -143,6 +144,7 @@ async def annotate(config: RunConfig) -> RunSummary:
     def on_row(row: ResultRow | None) -> None:
         if row is not None:
             summary.add(row)
+            answers.add(row)
         for listener in _row_listeners:
             listener(row)
 
@@ -212,7 +214,9 @@ async def annotate(config: RunConfig) -> RunSummary:
         "done: %d ok, %d failed, %d skipped %s", result.ok, result.failed, result.skipped, result.errors or ""
     )
     title = f"annotate {config.date}" if config.date else "annotate"
-    await publish_summary(result, key=artifact_key("annotate-summary", config.date), title=title)
+    await publish_summary(
+        result, key=artifact_key("annotate-summary", config.date), title=title, sample=answers.rows
+    )
     if stop.reason == "outage":
         raise EndpointUnusable(f"aborted: {stop.message}", result)
     if stop.reason is None and runner.sender and (verdict := runner.sender.detector.final_verdict()):

@@ -8,7 +8,8 @@ import pyarrow as pa
 from rich.console import Console
 
 from flows.cli.summary_table import print_summary
-from tasks.outputs.summary import LatencyHistogram, RunSummary, percentile
+from tasks.outputs.summary import AnswerSample, LatencyHistogram, RunSummary, percentile
+from tasks.row import ResultRow
 
 
 def test_histogram_percentiles_are_within_one_percent_of_the_exact_ones() -> None:
@@ -69,3 +70,22 @@ def test_latency_percentiles_are_of_answers_not_of_failures() -> None:
     assert built.latency_p95_ms is not None and abs(built.latency_p95_ms - 100) <= 1.5
     read = summarize_table(rows_to_table([ok, failed], OUTPUT_SCHEMA), out="o")
     assert read.latency_p95_ms == 100.0 and read.failed == 1
+
+
+def test_the_answer_sample_keeps_a_few_first_answers_per_prompt_whatever_the_run_size() -> None:
+    sample = AnswerSample(per_prompt=2, prompts=3, words=5)
+    for i in range(10_000):
+        prompt = f"p{i % 7}"
+        sample.add(
+            ResultRow(image_id=f"img{i}", prompt_id=prompt, task="qa", status="ok", text=f"answer {i} " * 4)
+        )
+    sample.add(ResultRow(image_id="x", prompt_id="p0", task="qa", status="failed", error_type="timeout"))
+    rows = sample.rows
+    assert [(r.prompt_id, r.image_id) for r in rows] == [
+        ("p0", "img0"), ("p0", "img7"), ("p1", "img1"), ("p1", "img8"), ("p2", "img2"), ("p2", "img9"),
+    ]  # fmt: skip
+    assert rows[0].answer == "answer 0 answer 0 answer…"
+    short = AnswerSample(words=5)
+    short.add(ResultRow(image_id=None, prompt_id="j", task="qa", status="ok", text="", json='{"a": 1}'))
+    short.add(ResultRow(image_id=None, prompt_id="u", task="qa", status="ok", text="x" * 500))
+    assert [r.answer for r in short.rows] == ['{"a": 1}', "x" * 50 + "…"]
