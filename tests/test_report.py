@@ -69,10 +69,15 @@ def test_the_sample_shows_every_prompt_and_error_type_and_shares_the_rest(big_ou
     assert len(sample) == 40
     assert {r.prompt_id for r in sample} == set(data.prompts)
     assert {r.outcome for r in sample} == {OK, *data.errors}
+    assert sum(r.status == "failed" for r in sample) == 20  # half for failed rows, half for ok ones
     strata = Counter((r.prompt_id, r.outcome) for r in sample)
     assert strata[("rare", OK)] == 3 and strata[("text-0", OK)] == 1  # small strata whole
-    big = [n for (p, o), n in strata.items() if p in ("caption", "qa") and o == OK]
-    assert max(big) - min(big) <= 1  # the large strata share what is left evenly
+    big = [n for (p, o), n in strata.items() if p in ("caption", "qa", "json") and o == OK]
+    assert len(big) == 3 and max(big) - min(big) <= 1  # the large strata share what is left evenly
+    failed = [n for (_, o), n in strata.items() if o != OK]
+    assert max(failed) - min(failed) <= 1
+    few = collect_report(big_out, sample=400)  # more than the failed rows: the ok side takes the rest
+    assert sum(r.status == "failed" for r in few.sample) == data.failed < 200 and len(few.sample) == 400
     assert len({(r.image_id, r.prompt_id) for r in sample}) == 40
     texts = {r.text for r in sample if r.status == "ok"}
     assert None not in texts  # the answers were read back from the files
@@ -97,8 +102,8 @@ def test_the_same_output_gives_the_same_sample_and_page_however_its_files_are_cu
 
 def test_the_sampler_keeps_few_candidates_and_chooses_as_if_it_kept_all() -> None:
     rng = random.Random(5)
-    strata = [(f"p{i}", o) for i in range(6) for o in (OK, "timeout")]
-    weights = [50 if o == OK else 1 for _, o in strata]
+    strata = [(f"p{i}", o) for i in range(6) for o in (OK, "timeout", "bad_image")]
+    weights = [50 if o == OK else 1 if o == "timeout" else 0.01 for _, o in strata]
     rows = [(rng.choices(strata, weights)[0], rng.getrandbits(64)) for _ in range(20_000)]
     for n in (1, 5, 30, 200):
         pruned, kept_all = _Sampler(n), _Sampler(n)

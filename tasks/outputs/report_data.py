@@ -9,15 +9,19 @@ sampled rows' answers are read from their files at the end.
 The sample is **stratified** by prompt and outcome (``ok``, or the row's error type): a stratum is a
 (prompt, outcome) pair. Within a stratum rows are ranked by a hash of their identity (image_id and
 prompt_id), not by chance or file order, so the same OUT gives the same sample however its files were
-written. The ``n`` rows are taken as: first, for every outcome (each error type, then ``ok``), its
-lowest-ranked row, so every error type shows up; then a round over the strata taking each one's
-lowest-ranked row not yet taken, then a second round, and so on (within a round, by rank), until ``n``
-rows are taken or none are left. Every prompt and every outcome is therefore in the sample when ``n``
-allows, and the strata share it evenly (a stratum of 3 rows gives its 3; the large ones share the rest).
+written. Half of the ``n`` rows go to failed rows and half to ok ones (a side with fewer rows gives the
+rest to the other): a run with 2 % failures shows enough of them to see why, and enough answers to
+judge. Each side is taken as: on the failed side first, for every error type, its lowest-ranked row
+(so every error type shows up); then a round over the side's strata taking each one's lowest-ranked
+row not yet taken, then a second round, and so on (within a round, by rank), until the side's share is
+taken. Every prompt and every error type is therefore in the sample when ``n`` allows, and the strata
+of a side share it evenly (a stratum of 3 rows gives its 3; the large ones share the rest).
 
-Keeping a stratum's lowest ``n`` ranks would need memory for ``n`` per stratum; but the rounds never go
-past the level ``L`` at which ``sum(min(count, L))`` over the strata reaches ``n``, which only falls as
-rows arrive. Each stratum keeps ``L + 1`` candidates (one when there are more strata than ``n``).
+Keeping a stratum's lowest ``n`` ranks would need memory for ``n`` per stratum; but a side's rounds
+never go past the level ``L`` at which ``sum(min(count, L))`` over its strata reaches its share, and
+that level only falls as rows arrive. Each stratum keeps ``L + 1`` candidates (one when there are more
+strata than rows to show).
+
 At most ``MAX_PROMPTS`` prompts are told apart (charts and strata); rows of any further prompt count
 as one prompt, ``OTHER_PROMPTS``.
 """
@@ -162,7 +166,7 @@ class _Sampler:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.level = n  # the rounds never go past level + 1
+        self.level = {True: n, False: n}  # by side (ok or not): the rounds never go past level + 1
         self.counts: Counter[tuple[str, str]] = Counter()
         self.heaps: dict[tuple[str, str], list[Candidate]] = {}
 
@@ -171,37 +175,47 @@ class _Sampler:
         if self.n <= 0:
             return
         heap = self.heaps.setdefault(stratum, [])
-        if len(heap) <= self.level:
+        if len(heap) <= self.level[stratum[1] == OK]:
             heapq.heappush(heap, (-rank, file, row))
         elif -heap[0][0] > rank:
             heapq.heapreplace(heap, (-rank, file, row))
 
+    def budgets(self) -> dict[bool, int]:
+        """Rows for the ok side and the failed side: half each, a side's unused half to the other."""
+        ok = sum(c for (_, outcome), c in self.counts.items() if outcome == OK)
+        failed = self.counts.total() - ok
+        for_failed = min(failed, max(self.n // 2, self.n - ok))
+        return {True: min(ok, self.n - for_failed), False: for_failed}
+
     def prune(self) -> None:
-        """Lower the level to what the counts so far allow, and drop candidates above it."""
-        while self.level > 0 and sum(min(c, self.level) for c in self.counts.values()) > self.n:
-            self.level -= 1
-        for heap in self.heaps.values():
-            while len(heap) > self.level + 1:
+        """Lower each side's level to what the counts so far allow, and drop candidates above it."""
+        budgets = self.budgets()
+        for side, budget in budgets.items():
+            counts = [c for (_, outcome), c in self.counts.items() if (outcome == OK) == side]
+            while self.level[side] > 0 and sum(min(c, self.level[side]) for c in counts) > budget:
+                self.level[side] -= 1
+        for (_, outcome), heap in self.heaps.items():
+            while len(heap) > self.level[outcome == OK] + 1:
                 heapq.heappop(heap)
 
     def choose(self) -> list[Candidate]:
-        """The sample: one per outcome (error types first), then rounds over the strata."""
+        """The sample: failed rows (one per error type first), then ok rows, each side in rounds."""
         ranked = {s: sorted((-c[0], c[1], c[2]) for c in heap) for s, heap in self.heaps.items()}
-        strata = sorted(ranked)
-        chosen: dict[tuple[int, int], Candidate] = {}
-        outcomes = sorted({o for _, o in strata}, key=lambda o: (o == OK, o))
-        for outcome in outcomes:
-            if len(chosen) >= self.n:
-                break
-            best = min(ranked[s][0] for s in strata if s[1] == outcome and ranked[s])
-            chosen.setdefault(best[1:], best)
-        depth = max((len(c) for c in ranked.values()), default=0)
-        for level in range(depth):
-            for candidate in sorted(ranked[s][level] for s in strata if len(ranked[s]) > level):
-                if len(chosen) >= self.n:
-                    return list(chosen.values())
-                chosen.setdefault(candidate[1:], candidate)
-        return list(chosen.values())
+        chosen: list[Candidate] = []
+        for side, budget in sorted(self.budgets().items()):  # failed (False) first
+            strata = sorted(s for s in ranked if (s[1] == OK) == side)
+            picked: dict[tuple[int, int], Candidate] = {}
+            for outcome in sorted({o for _, o in strata}):
+                if len(picked) < budget:
+                    best = min(ranked[s][0] for s in strata if s[1] == outcome)
+                    picked.setdefault(best[1:], best)
+            depth = max((len(ranked[s]) for s in strata), default=0)
+            for level in range(depth):
+                for candidate in sorted(ranked[s][level] for s in strata if len(ranked[s]) > level):
+                    if len(picked) < budget:
+                        picked.setdefault(candidate[1:], candidate)
+            chosen += picked.values()
+        return chosen
 
 
 def collect_report(out: Path, *, sample: int = 200) -> ReportData:

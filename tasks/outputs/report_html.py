@@ -34,6 +34,15 @@ def _n(value: int) -> str:
     return f"{value:,}"
 
 
+def _short(value: int) -> str:
+    """A count for an axis: 1,234 · 135k · 1.2M."""
+    if value < 10_000:
+        return _n(value)
+    if value < 1_000_000:
+        return f"{value / 1000:.0f}k"
+    return f"{value / 1_000_000:.1f}M"
+
+
 def _ms(value: float | None) -> str:
     if value is None:
         return "–"
@@ -63,7 +72,8 @@ body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica
   color:var(--ink);background:var(--bg)}
 main{max-width:1240px;margin:0 auto;padding:18px 22px 40px}h1{font-size:22px;margin:0 0 2px}
 h2{font-size:16px;margin:26px 0 10px}.sub{color:var(--mute);margin:0 0 16px;overflow-wrap:anywhere}
-.stats{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
+.stats{display:grid;grid-template-columns:repeat(auto-fill,minmax(175px,1fr));gap:10px}
+.facts{margin:10px 0 0;overflow-wrap:anywhere}
 .stat{background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px 12px}
 .stat b{display:block;font-size:18px;font-weight:600}.stat span{color:var(--mute);font-size:12px}
 .stat ul{margin:4px 0 0;padding-left:16px;font-size:12px}.stat.bad b{color:var(--bad)}
@@ -177,11 +187,7 @@ def _stat(value: str, label: str, extra: str = "", kind: str = "") -> str:
 
 def _figures(data: ReportData) -> str:
     errors = "".join(f"<li>{_e(kind)}: {_n(n)}</li>" for kind, n in data.errors.items())
-    span = ""
-    if data.first and data.last:
-        span = f"{_e(_when(data.first))} → {_e(_when(data.last))}"
     rate = data.rows_per_s
-    models = "".join(f"<li>{_e(model)}: {_n(n)}</li>" for model, n in data.models.items())
     boxes = [
         _stat(_n(data.rows), "work items (rows)"),
         _stat(_n(data.ok), f"ok ({_pct(data.ok, data.rows)})", kind="good"),
@@ -197,20 +203,21 @@ def _figures(data: ReportData) -> str:
         ),
         _stat(f"{_ms(data.latency_p50_ms)} / {_ms(data.latency_p95_ms)}", "latency p50 / p95 (ok rows)"),
         _stat("–" if rate is None else f"{rate:,.2f}", "rows per second (while the runs ran)"),
-        _stat(
-            _n(len(data.models)),
-            "model" if len(data.models) == 1 else "models",
-            f"<ul>{models}</ul>" if models else "",
-        ),
-        _stat(
-            _n(len(data.runs)),
-            "run" if len(data.runs) == 1 else "runs",
-            f"<ul><li>{span}</li></ul>" if span else "",
-        ),
     ]
-    reasons = ", ".join(f"{_e(k)}: {_n(v)}" for k, v in data.finish_reasons.items())
-    finish = f'<p class="sub">finish reasons: {reasons}</p>' if reasons else ""
-    return f'<section class="stats">{"".join(boxes)}</section>{finish}'
+    facts = [
+        ("model" if len(data.models) == 1 else "models")
+        + ": "
+        + (", ".join(f"{_e(model)} ({_n(n)})" for model, n in data.models.items()) or "–")
+    ]
+    if data.first and data.last:
+        span = _duration((data.last - data.first).total_seconds())
+        runs = f"{_n(len(data.runs))} run{'s' if len(data.runs) != 1 else ''}"
+        facts.append(f"{runs} from {_e(_when(data.first))} to {_e(_when(data.last))} ({span})")
+    if data.finish_reasons:
+        facts.append(
+            "finish reasons: " + ", ".join(f"{_e(k)}: {_n(v)}" for k, v in data.finish_reasons.items())
+        )
+    return f'<section class="stats">{"".join(boxes)}</section><p class="facts">{" · ".join(facts)}</p>'
 
 
 def _runs(data: ReportData) -> str:
@@ -232,7 +239,7 @@ def _runs(data: ReportData) -> str:
 
 # --- charts ---------------------------------------------------------------------------------------------
 
-W, H = 520, 220
+W, H = 520, 180
 LEFT, RIGHT, TOP, BOTTOM = 48, 12, 14, 34
 BINS = 30
 
@@ -307,7 +314,9 @@ def _histogram(bins: Sequence[tuple[str, str, int]], markers: Sequence[tuple[flo
     )
     for frac in (0.0, 0.5, 1.0):
         y = TOP + plot_h * (1 - frac)
-        out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_n(round(top * frac))}</text>')
+        out.append(
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_short(round(top * frac))}</text>'
+        )
     labels_every = max(1, math.ceil(len(bins) / 6))
     for i, (label, tip, n) in enumerate(bins):
         h = plot_h * n / top
@@ -354,7 +363,7 @@ def _failures_by_prompt(data: ReportData) -> str:
     for prompt_id, counts in failing:
         kinds = ", ".join(f"{k}: {_n(v)}" for k, v in counts.errors.most_common())
         tip = f"{prompt_id}: {_n(counts.failed)} of {_n(counts.rows)} rows failed ({kinds})"
-        items.append((prompt_id, counts.failed, tip, f"{_n(counts.failed)} of {_n(counts.rows)}"))
+        items.append((prompt_id, counts.failed, tip, f"{_n(counts.failed)} of {_short(counts.rows)}"))
     return _hbars(items, colour="#dd6b20")
 
 
@@ -364,16 +373,16 @@ MAX_BARS = 15
 def _hbars(items: Sequence[tuple], *, colour: str) -> str:
     """Horizontal bars: (label, value, tooltip[, value text]) each, the first MAX_BARS."""
     shown = list(items[:MAX_BARS])
-    label_w, row_h = 170, 22
+    label_w, row_h = 150, 22
     height = TOP + row_h * len(shown) + 8
-    plot_w = W - label_w - RIGHT - 70
+    plot_w = W - label_w - RIGHT - 130  # room for "12,345 of 1,000,000" after the longest bar
     top = max(item[1] for item in shown) or 1
     out = [f'<svg viewBox="0 0 {W} {height}" role="img">']
     for i, item in enumerate(shown):
         label, value, tip = item[0], item[1], item[2]
         text = item[3] if len(item) > 3 else _n(value)
         y = TOP + i * row_h
-        short = label if len(label) <= 26 else label[:25] + "…"
+        short = label if len(label) <= 22 else label[:21] + "…"
         w = max(1.0, plot_w * value / top)
         out.append(
             f"<g><title>{_e(tip)}</title>"
@@ -446,7 +455,7 @@ def _card(row: SampledRow, thumbnails: dict[str, Thumbnail] | None) -> str:
     meta = (
         f'<div class="meta"><span class="badge {status}">{_e(row.outcome)}</span>'
         f"<b>{_e(row.prompt_id)}</b><span class=id>{_e(image)}</span>"
-        f"<span class=id>{_e(row.task or '')}</span></div>"
+        f"<span class=id>{_e(f'task {row.task}' if row.task else '')}</span></div>"
     )
     body = []
     if row.text is not None:
