@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -237,3 +238,17 @@ def test_the_report_command(tmp_path: Path, images: Path) -> None:
     assert res.code == 1 and "--sample" in res.err
     res = vlmbatch("report", out, "--images", tmp_path / "nope.parquet", "-o", page)
     assert res.code == 1 and "does not exist" in res.err
+
+
+def test_an_empty_output_and_one_written_before_a_column_existed(tmp_path: Path) -> None:
+    empty = write_out(tmp_path / "empty", [], files=1)
+    data = collect_report(empty)
+    assert (data.rows, data.sample, data.runs, data.latency_p50_ms) == (0, [], [], None)
+    page = render_report(data, {})
+    assert "OUT holds no rows." in page and "No answered rows with a latency." in page
+    old = write_out(tmp_path / "old", make_rows(30), files=1)
+    part = next(old.glob("part-*.parquet"))
+    pq.write_table(pq.read_table(part).drop_columns(["reasoning", "completion_tokens"]), part)
+    data = collect_report(old, sample=10)
+    assert data.rows == 35 and data.completion_tokens == 0 and len(data.sample) == 10
+    assert all(r.reasoning is None for r in data.sample)
