@@ -69,7 +69,7 @@ def test_the_report_in_headless_chromium(tmp_path: Path) -> None:
     assert found["filtered_ok"]
     # nothing fetched, no script error, no content-security-policy complaint
     assert found["requests"] == [page_path.as_uri()]
-    assert found["exceptions"] == [] and found["security"] == []
+    assert found["exceptions"] == [] and found["security"] == [] and found["styled"] == "flex"
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
 
 
@@ -83,6 +83,9 @@ async def _look(executable: str, page_path: Path, profile: Path, screenshot: Pat
         )
         found["placeholders"] = await page.evaluate(
             "Array.from(document.querySelectorAll('.thumb.none')).map(e => e.textContent)"
+        )
+        found["styled"] = await page.evaluate(  # the inline style applied (its CSP hash matches)
+            "getComputedStyle(document.querySelector('.card')).display"
         )
         found["pwned"] = await page.evaluate("typeof window.__pwned")
         found["script_answer"], found["script_answer_visible"] = await page.evaluate(
