@@ -27,9 +27,10 @@ from flows.schedule import scheduled_date
 from flows.states import with_failed_rows
 from tasks.config import RunConfig
 from tasks.inputs.work_items import Shard
-from tasks.outputs.summary import RunSummary
+from tasks.outputs.summary import AnswerSample, RunSummary
 from tasks.outputs.writer import AsyncWriter
 from tasks.partitions import needs_date
+from tasks.row import ResultRow
 from tasks.run.job import Job, run_shard
 from tasks.run.plan import plan_run
 from tasks.run.shard_runner import ShardRunner
@@ -80,11 +81,18 @@ async def annotate(config: RunConfig) -> RunSummary:
             limit.slots,
             limit.share,
         )
+    answers = AnswerSample()  # a few answers per prompt for the summary artifact, bounded
+
+    def on_row(row: ResultRow | None) -> None:
+        if row is not None:
+            answers.add(row)
+
     job = Job(
         plan,
         run_id=str(flow_run.id or uuid.uuid4()),
         api_key=key,
         config=config if limit is None else limit.bound(config),
+        on_row=on_row,
         logger=logger,
         started=started,
     )
@@ -107,7 +115,9 @@ async def annotate(config: RunConfig) -> RunSummary:
         "done: %d ok, %d failed, %d skipped %s", result.ok, result.failed, result.skipped, result.errors or ""
     )
     title = f"annotate {config.date}" if config.date else "annotate"
-    await publish_summary(result, key=artifact_key("annotate-summary", config.date), title=title)
+    await publish_summary(
+        result, key=artifact_key("annotate-summary", config.date), title=title, sample=answers.rows
+    )
     job.raise_if_stopped(result)
     if result.exit_code == 2 and not config.dry_run:  # the CLI's exit 2, where a deployment's run shows it
         message = (

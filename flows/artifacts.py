@@ -1,4 +1,5 @@
-"""Prefect artifacts of a run: progress updated per shard, a summary at the end, a backfill table.
+"""Prefect artifacts of a run: progress updated per shard, a summary (and a few answers) at the end, a
+backfill table.
 
 Artifacts are a view, never a reason to lose a run: a failure to publish one is logged and ignored.
 Keys (which group an artifact's versions on the Artifacts page) may hold only lowercase letters,
@@ -7,6 +8,7 @@ digits and dashes.
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 import time
@@ -23,7 +25,7 @@ from prefect.artifacts import (
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import Artifact
 
-from tasks.outputs.summary import RunSummary
+from tasks.outputs.summary import RunSummary, SampleAnswer
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,21 @@ def artifact_key(*parts: str | None) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
 
 
-def summary_markdown(summary: RunSummary, *, title: str = "vlmbatch run") -> str:
-    """Counts by status and error type, tokens, latency percentiles, throughput, output location."""
+def markdown_cell(text: str | None) -> str:
+    """``text`` as one cell of a markdown table: on one line, its pipes, markdown and HTML as plain text
+    (None: a dash)."""
+    if text is None:
+        return "–"
+    text = " ".join(text.split()).replace("\\", "\\\\")
+    text = html.escape(text, quote=False)
+    return re.sub(r"([|`*_\[\]~])", r"\\\1", text)
+
+
+def summary_markdown(
+    summary: RunSummary, *, title: str = "vlmbatch run", sample: Sequence[SampleAnswer] = ()
+) -> str:
+    """Counts by status and error type, tokens, latency percentiles, throughput, output location; then
+    a few answers, the first words of each."""
 
     def ms(value: float | None) -> str:
         return "–" if value is None else f"{value:.0f} ms"
@@ -58,13 +73,21 @@ def summary_markdown(summary: RunSummary, *, title: str = "vlmbatch run") -> str
         reasons = ", ".join(f"{k}: {v}" for k, v in summary.finish_reasons.items())
         rows.insert(-4, ("finish reasons", reasons))
     lines = [f"## {title}", "", "| | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)]
+    if sample:
+        lines += ["", "### Sample answers", "", "| prompt | image | answer (first words) |", "|---|---|---|"]
+        lines += [
+            f"| {markdown_cell(a.prompt_id)} | {markdown_cell(a.image_id)} | {markdown_cell(a.answer)} |"
+            for a in sample
+        ]
     return "\n".join(lines) + "\n"
 
 
-async def publish_summary(summary: RunSummary, *, key: str, title: str) -> UUID | None:
+async def publish_summary(
+    summary: RunSummary, *, key: str, title: str, sample: Sequence[SampleAnswer] = ()
+) -> UUID | None:
     try:
         return await acreate_markdown_artifact(
-            summary_markdown(summary, title=title), key=key, description=f"{title}: summary"
+            summary_markdown(summary, title=title, sample=sample), key=key, description=f"{title}: summary"
         )
     except Exception as exc:  # a view only: never fail a run over it
         log.warning("could not publish the summary artifact: %s", exc)

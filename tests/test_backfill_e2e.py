@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,8 @@ def test_backfill_resumes_partial_skips_complete_and_reports_missing(
     assert outcomes[D1]["ok"] == 4 and outcomes[D1]["skipped"] == 2 and outcomes[D3]["skipped"] == 3
     summary = asyncio.run(read_artifacts(key=f"annotate-summary-{D1}"))[0]
     assert "| ok | 4 |" in summary.data and f"date={D1}" in summary.data
+    assert "| prompt | image | answer (first words) |" in summary.data  # and what was answered
+    assert re.search(rf"\| caption \| {D1}-\d \| A 1\d×12 image", summary.data), summary.data
 
     # --force re-runs a complete partition
     emulator.reset()

@@ -22,6 +22,9 @@ from tasks.errors import ImageFailure
 from tasks.images.object_store import ObjectStore, ObjectURL, parse_object_url
 from tasks.images.prepare import prepare_image
 from tasks.images.sources import is_http, parse_image_value, read_image_bytes
+from tasks.inputs.manifests import read_images_manifest
+from tasks.outputs.report_images import make_thumbnails
+from tests.builders import write_parquet
 
 BUCKET = "vlmbatch-images"
 KEY_ID, SECRET = "AKIAVLMBATCHTESTKEY1", "vlmbatch-test-secret-value"
@@ -190,3 +193,13 @@ def test_gcs_emulator_setting_gives_an_anonymous_filesystem() -> None:
     filesystem = store.filesystem("gs", "bucket")
     assert isinstance(filesystem, pafs.GcsFileSystem)
     assert store.filesystem("gs", "bucket") is filesystem
+
+
+def test_report_thumbnails_read_object_store_images(env: dict[str, str], tmp_path: Path) -> None:
+    path = write_parquet(
+        tmp_path / "images.parquet",
+        {"image_id": ["cat", "gone"], "image": [f"s3://{BUCKET}/a/cat.jpg", f"s3://{BUCKET}/nowhere.jpg"]},
+    )
+    thumbs = make_thumbnails(read_images_manifest(path), ["cat", "gone"], ImageConfig(), image_root=tmp_path)
+    assert (thumbs["cat"].url or "").startswith("data:image/jpeg;base64,")
+    assert (thumbs["gone"].note or "").startswith("missing_image:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from flows.artifacts import artifact_key, summary_markdown
 from tasks.config import RunConfig, build_config
 from tasks.errors import ConfigError
-from tasks.outputs.summary import RunSummary
+from tasks.outputs.summary import RunSummary, SampleAnswer
 from tasks.partitions import (
     date_range,
     day_before,
@@ -161,3 +162,24 @@ def test_summary_artifact_and_keys() -> None:
         assert needle in text
     assert artifact_key("annotate-summary", "2024-05-01") == "annotate-summary-2024-05-01"
     assert artifact_key("Backfill", "A_B") == "backfill-a-b"
+
+
+def test_the_summary_artifact_shows_a_few_answers_that_cannot_break_its_table() -> None:
+    sample = [
+        SampleAnswer(prompt_id="caption", image_id="cat", answer="A grey cat on a sofa."),
+        SampleAnswer(prompt_id="a|b", image_id=None, answer="x | y\n\n## no heading <script>f()</script>"),
+        SampleAnswer(prompt_id="md", image_id="i_1", answer="*bold* `code` [link](http://x) \\| ~~x~~ &amp;"),
+    ]
+    text = summary_markdown(RunSummary(work_items=3, ok=3), title="annotate", sample=sample)
+    table = text.split("### Sample answers\n\n")[1].splitlines()
+    assert table[:2] == ["| prompt | image | answer (first words) |", "|---|---|---|"]
+    assert table[2] == "| caption | cat | A grey cat on a sofa. |"
+    assert len(table) == 5  # one line per answer: the newlines are gone
+    for line in table:
+        assert len(re.findall(r"(?<!\\)\|", line.replace("\\\\", ""))) == 4  # only the table's own pipes
+    assert table[3] == "| a\\|b | – | x \\| y ## no heading &lt;script&gt;f()&lt;/script&gt; |"
+    assert table[4] == (
+        "| md | i\\_1 | \\*bold\\* \\`code\\` \\[link\\](http://x) \\\\\\| \\~\\~x\\~\\~ &amp;amp; |"
+    )
+    assert "<script>" not in text
+    assert "Sample answers" not in summary_markdown(RunSummary(), title="annotate")

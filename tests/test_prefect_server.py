@@ -127,6 +127,7 @@ def test_a_run_never_imports_prefects_server_and_the_rest_never_import_prefect(
         ["run", images, "--out", tmp_path / "dry", "--dry-run"],
         ["inspect", out],
         ["export", out, tmp_path / "all.parquet"],
+        ["report", out, "--images", images, "-o", tmp_path / "report.html"],
         ["--help"],
         ["--version"],
     ):

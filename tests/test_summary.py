@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 
+import pyarrow as pa
 from rich.console import Console
 
 from flows.cli.summary_table import print_summary
-from tasks.outputs.summary import LatencyHistogram, RunSummary, percentile
+from tasks.outputs.summary import AnswerSample, LatencyHistogram, RunSummary, percentile
+from tasks.row import ResultRow
 
 
 def test_histogram_percentiles_are_within_one_percent_of_the_exact_ones() -> None:
@@ -23,6 +25,19 @@ def test_histogram_percentiles_are_within_one_percent_of_the_exact_ones() -> Non
         assert got is not None and abs(got - exact) <= 0.01 * exact + 0.1, (q, got, exact)
     assert len(histogram.counts) < 1_500  # buckets, not values
     assert LatencyHistogram().percentile(50) is None
+
+
+def test_a_whole_column_at_once_counts_as_each_value_would() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(5, 1.5) for _ in range(5_000)] + [0.0, -1.0, 0.004, 1e6]
+    one_by_one, at_once = LatencyHistogram(), LatencyHistogram()
+    for value in values:
+        one_by_one.add(value)
+    at_once.add_many(pa.chunked_array([pa.array(values[:100]), pa.array([None, *values[100:]])]))
+    at_once.add_many(pa.array([], pa.float64()))
+    assert at_once.total == one_by_one.total == len(values)
+    assert at_once.counts == one_by_one.counts
+    assert [n for _, n in at_once.buckets()] == [n for _, n in sorted(one_by_one.counts.items())]
 
 
 def test_one_value() -> None:
@@ -55,3 +70,22 @@ def test_latency_percentiles_are_of_answers_not_of_failures() -> None:
     assert built.latency_p95_ms is not None and abs(built.latency_p95_ms - 100) <= 1.5
     read = summarize_table(rows_to_table([ok, failed], OUTPUT_SCHEMA), out="o")
     assert read.latency_p95_ms == 100.0 and read.failed == 1
+
+
+def test_the_answer_sample_keeps_a_few_first_answers_per_prompt_whatever_the_run_size() -> None:
+    sample = AnswerSample(per_prompt=2, prompts=3, words=5)
+    for i in range(10_000):
+        prompt = f"p{i % 7}"
+        sample.add(
+            ResultRow(image_id=f"img{i}", prompt_id=prompt, task="qa", status="ok", text=f"answer {i} " * 4)
+        )
+    sample.add(ResultRow(image_id="x", prompt_id="p0", task="qa", status="failed", error_type="timeout"))
+    rows = sample.rows
+    assert [(r.prompt_id, r.image_id) for r in rows] == [
+        ("p0", "img0"), ("p0", "img7"), ("p1", "img1"), ("p1", "img8"), ("p2", "img2"), ("p2", "img9"),
+    ]  # fmt: skip
+    assert rows[0].answer == "answer 0 answer 0 answer…"
+    short = AnswerSample(words=5)
+    short.add(ResultRow(image_id=None, prompt_id="j", task="qa", status="ok", text="", json='{"a": 1}'))
+    short.add(ResultRow(image_id=None, prompt_id="u", task="qa", status="ok", text="x" * 500))
+    assert [r.answer for r in short.rows] == ['{"a": 1}', "x" * 50 + "…"]

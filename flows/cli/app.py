@@ -1,7 +1,8 @@
 """The ``vlmbatch`` app: one module per command, put together here.
 
 ``common`` holds what they share (exit statuses, error printing, Prefect's setup). Commands that run a
-flow import Prefect only when they run; ``inspect``, ``export``, ``--help`` and ``--version`` never do.
+flow import Prefect only when they run; ``inspect``, ``export``, ``report``, ``--help`` and
+``--version`` never do.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import backfill, demo, emulate, outputs, run, serve
+from flows.cli import backfill, demo, emulate, outputs, report, run, serve
 
 app = typer.Typer(
     add_completion=False,
@@ -20,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Batch captioning and visual Q&A over Parquet manifests against OpenAI-compatible VLM endpoints.",
 )
-for command in (run, demo, emulate, outputs, backfill, serve):
+for command in (run, demo, emulate, outputs, report, backfill, serve):
     command.register(app)
 
 

@@ -13,11 +13,13 @@ one level on average), so the request key does not depend on which one ran.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import struct
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from math import isqrt
 from pathlib import Path
@@ -124,11 +126,45 @@ def prepare_image(data: bytes, config: ImageConfig, sha256: str | None = None) -
     ``sha256``: the bytes' hex digest when the caller has it already (it is not computed twice).
     """
     sha256 = sha256 or hashlib.sha256(data).hexdigest()
+    with _decoding(data, config.max_image_pixels) as img:
+        return _prepare(img, data, sha256, config)
+
+
+def thumbnail_jpeg(data: bytes, config: ImageConfig, *, max_side: int = 160, quality: int = 70) -> bytes:
+    """A small JPEG of encoded image bytes, for a person to look at (``vlmbatch report``): the same
+    checks and conversions as ``prepare_image`` (pixel cap before decoding, EXIF orientation, alpha on
+    white, first frame), at most ``max_side`` pixels on its longer side. Raises ImageFailure."""
+    with _decoding(data, config.max_image_pixels) as img:
+        orientation = _orientation(img)
+        if img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (max_side, max_side))  # libjpeg's 1/8 scale is plenty for a thumbnail
+        out = _to_rgb_or_l(img)
+        out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+        if orientation != 1:
+            out = out.transpose(_TRANSPOSE[orientation])
+        if out.mode != "RGB":
+            out = out.convert("RGB")
+        buffer = io.BytesIO()
+        out.save(buffer, "JPEG", quality=quality, optimize=True)
+        return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _decoding(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image's header parsed and its size checked against ``max_pixels``; whatever Pillow raises
+    on corrupt or hostile input, here or in the caller's block, becomes ImageFailure("bad_image")."""
     fmt = ""
     try:
-        with _open(data, config.max_image_pixels) as img:
+        with _open(data, max_pixels) as img:
             fmt = img.format or fmt
-            return _prepare(img, data, sha256, config)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageFailure(
+                    "bad_image",
+                    f"image is {width}x{height} = {width * height:,} pixels, over the cap of "
+                    f"{max_pixels:,} (possible decompression bomb)",
+                )
+            yield img
     except UnidentifiedImageError:
         if (plugin := _PLUGIN_BRANDS.get(data[4:12])) is not None:
             raise ImageFailure(
@@ -163,12 +199,6 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def _prepare(img: Image.Image, data: bytes, sha256: str, config: ImageConfig) -> PreparedImage:
     fmt = img.format or ""
     width, height = img.size
-    if width * height > config.max_image_pixels:
-        raise ImageFailure(
-            "bad_image",
-            f"image is {width}x{height} = {width * height:,} pixels, over the cap of "
-            f"{config.max_image_pixels:,} (possible decompression bomb)",
-        )
     orientation = _orientation(img)
     oriented = (height, width) if orientation >= 5 else (width, height)
     over_budget = width * height > config.max_pixels

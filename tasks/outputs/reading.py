@@ -71,13 +71,15 @@ def output_files(out: Path) -> list[Path]:
 def read_summary_columns(out: Path) -> pa.Table:
     """What ``inspect`` counts, file by file: only these columns in memory, whatever OUT's size, each as
     the contract types it, and null where an older run's file lacks it."""
-    files = output_files(out)
-    wanted = pa.schema([OUTPUT_SCHEMA.field(name) for name in SUMMARY_COLUMNS])
-    tables = []
-    for f in files:
-        present = set(pq.read_schema(f).names)
-        tables.append(conform(pq.read_table(f, columns=[n for n in SUMMARY_COLUMNS if n in present]), wanted))
-    return pa.concat_tables(tables)
+    return pa.concat_tables([read_part(f, SUMMARY_COLUMNS) for f in output_files(out)])
+
+
+def read_part(path: Path, columns: Sequence[str]) -> pa.Table:
+    """Contract columns of one part file, each as the contract types it, and null where an older run's
+    file lacks it."""
+    wanted = pa.schema([OUTPUT_SCHEMA.field(name) for name in columns])
+    present = set(pq.read_schema(path).names)
+    return conform(pq.read_table(path, columns=[n for n in columns if n in present]), wanted)
 
 
 def output_files_schema(files: Sequence[Path]) -> pa.Schema:

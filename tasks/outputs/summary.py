@@ -63,6 +63,28 @@ class LatencyHistogram:
         self.counts[math.floor(math.log(max(ms, self.FLOOR_MS) / self.FLOOR_MS) / self.STEP)] += 1
         self.total += 1
 
+    def add_many(self, values: pa.Array | pa.ChunkedArray) -> None:
+        """``add`` for each non-null value of an Arrow array, the buckets computed by Arrow (a part file of
+        rows in one call, not a Python call per row)."""
+        values = values.drop_null()
+        if not len(values):
+            return
+        clipped = pc.max_element_wise(pc.cast(values, pa.float64()), self.FLOOR_MS)
+        buckets = pc.floor(pc.divide(pc.ln(pc.divide(clipped, self.FLOOR_MS)), self.STEP))
+        found = pc.value_counts(pc.cast(buckets, pa.int64()))
+        for bucket, n in zip(
+            found.field("values").to_pylist(), found.field("counts").to_pylist(), strict=True
+        ):
+            self.counts[bucket] += n
+        self.total += len(values)
+
+    def buckets(self) -> list[tuple[float, int]]:
+        """(the bucket's middle value, its count), smallest first."""
+        return [
+            (self.FLOOR_MS * math.exp((bucket + 0.5) * self.STEP), n)
+            for bucket, n in sorted(self.counts.items())
+        ]
+
     def percentile(self, q: float) -> float | None:
         if not self.total:
             return None
@@ -120,6 +142,48 @@ class SummaryBuilder:
             rows_per_s=round(done / elapsed_s, 2) if elapsed_s > 0 else 0.0,
             dry_run=dry_run,
         )
+
+
+class SampleAnswer(BaseModel):
+    prompt_id: str
+    image_id: str | None
+    answer: str  # its first words
+
+
+class AnswerSample:
+    """The first answers of a run, a few per prompt, for the summary artifact: what was produced, not only
+    how much. Bounded whatever the run's size: at most ``per_prompt`` rows for each of the first
+    ``prompts`` prompts, each answer cut to its first ``words`` words."""
+
+    def __init__(self, *, per_prompt: int = 2, prompts: int = 10, words: int = 12) -> None:
+        self.per_prompt, self.prompts, self.words = per_prompt, prompts, words
+        self._kept: dict[str, list[SampleAnswer]] = {}
+
+    def add(self, row: ResultRow) -> None:
+        answer = row.text if row.text and row.text.strip() else row.json
+        if row.status != "ok" or not answer:
+            return
+        kept = self._kept.get(row.prompt_id)
+        if kept is None:
+            if len(self._kept) >= self.prompts:
+                return
+            kept = self._kept[row.prompt_id] = []
+        if len(kept) < self.per_prompt:
+            kept.append(
+                SampleAnswer(prompt_id=row.prompt_id, image_id=row.image_id, answer=self._first_words(answer))
+            )
+
+    def _first_words(self, text: str) -> str:
+        words = text.split()
+        shown = " ".join(words[: self.words])
+        cut = len(words) > self.words
+        if len(shown) > 10 * self.words:  # long "words": a URL, JSON without spaces
+            shown, cut = shown[: 10 * self.words], True
+        return shown + ("…" if cut else "")
+
+    @property
+    def rows(self) -> list[SampleAnswer]:
+        return [answer for kept in self._kept.values() for answer in kept]
 
 
 def summarize_table(table: pa.Table, out: str) -> RunSummary:
