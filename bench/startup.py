@@ -146,8 +146,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="counted runs of each command (default 5)")
     parser.add_argument("--n", type=int, default=6000, help="work items of the whole-command race")
     parser.add_argument("--quick", action="store_true", help="3 runs each, N=1,500")
+    parser.add_argument("--race-only", action="store_true", help="only the whole-command race (point 4)")
     args = parser.parse_args()
     runs, n = (3, 1500) if args.quick else (args.runs, args.n)
+    if args.race_only:
+        print(f"Whole command, manifest to Parquet: C={C}, L={L} s (ideal {C / L:.0f} requests/s).\n")
+        print(table(["client", "N", "ideal s", "wall s", "ideal ÷ wall"], whole_command(n, runs)))
+        return
 
     fixed: list[list[object]] = []
     quick: list[list[object]] = []
