@@ -84,7 +84,13 @@ def run(
     temperature: Annotated[float | None, Opt(help="Sampling temperature (model default if unset).")] = None,
     top_p: Annotated[float | None, Opt(help="Nucleus sampling (model default if unset).")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
-    reasoning: Annotated[bool | None, Opt("--reasoning/--no-reasoning", help="Gemma 4 thinking.")] = None,
+    reasoning: Annotated[
+        bool | None,
+        Opt(
+            "--reasoning/--no-reasoning",
+            help="Gemma 4 thinking on or off (enable_thinking true/false).  [default: unset, the server's]",
+        ),
+    ] = None,
     hide_reasoning: Annotated[
         bool | None, Opt("--hide-reasoning", help="With --reasoning: ask the server not to return it.")
     ] = None,

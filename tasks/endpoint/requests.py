@@ -41,7 +41,8 @@ def image_ref(sha256: str) -> str:
     return f"sha256:{sha256}"
 
 
-def _thinking(prompt: Prompt, config: RunConfig) -> bool:
+def _thinking(prompt: Prompt, config: RunConfig) -> bool | None:
+    """On, off, or None: not said (nothing is sent, the server's default holds)."""
     return prompt.reasoning if prompt.reasoning is not None else config.generation.reasoning
 
 
@@ -103,9 +104,10 @@ def _chat_body(prompt: Prompt, image_url: Images, config: RunConfig, history: Hi
         "max_completion_tokens": prompt.max_tokens or gen.max_tokens,
         **_sampling(config),
     }
-    if _thinking(prompt, config):
-        body["chat_template_kwargs"] = {"enable_thinking": True}
-        if gen.hide_reasoning:
+    thinking = _thinking(prompt, config)
+    if thinking is not None:  # False too: "off" said explicitly, not left to the server's default
+        body["chat_template_kwargs"] = {"enable_thinking": thinking}
+        if thinking and gen.hide_reasoning:
             body["include_reasoning"] = False
     if prompt.json_schema is not None:
         schema = json.loads(prompt.json_schema)
@@ -141,7 +143,7 @@ def _responses_body(
     system = _system(prompt, history)
     if system:
         body["instructions"] = system
-    if _thinking(prompt, config):
+    if _thinking(prompt, config):  # off: no reasoning, this API's only switch (vLLM takes no template kwargs)
         body["reasoning"] = {"effort": gen.reasoning_effort}
     if prompt.json_schema is not None:
         schema = json.loads(prompt.json_schema)
@@ -232,7 +234,7 @@ def build_request(
     text += "".join(turn.prompt.prompt + turn.answer for turn in history)
     cost = estimate_tokens(text, len(_images(image_url)), config.image.max_soft_tokens, budget)
     key = request_key(prompt, image, config, history) if keys is None else keys.key(prompt, image, history)
-    keep = _thinking(prompt, config) and not config.generation.hide_reasoning
+    keep = bool(_thinking(prompt, config)) and not config.generation.hide_reasoning
     return Request(config.endpoint.api, body, key, cost, keep)
 
 
