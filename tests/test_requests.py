@@ -1,6 +1,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from tasks.config import build_config
 from tasks.endpoint.requests import build_request, repair_request, request_key
 from tasks.inputs.prompt import Prompt
@@ -143,3 +145,20 @@ def test_thinking_off_is_sent_only_when_said() -> None:
     said = build_request(dataclasses.replace(plain, reasoning=False), "u", "h", cfg(reasoning=True)).body
     assert said["chat_template_kwargs"] == {"enable_thinking": False}
     assert "reasoning" not in build_request(plain, "u", "h", cfg(api="responses", reasoning=False)).body
+
+
+def test_a_prefill_ends_the_conversation_and_is_continued() -> None:
+    prompt = Prompt("c", "Describe.", "caption", prefill="Caption:")
+    req = build_request(prompt, "u", "h", cfg())
+    assert req.body["messages"][-1] == {"role": "assistant", "content": "Caption:"}
+    assert (req.body["continue_final_message"], req.body["add_generation_prompt"]) == (True, False)
+    assert req.prefill == "Caption:"
+    fixed = repair_request(req, "Caption: no", "bad")
+    roles = [m["role"] for m in fixed.body["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]  # the prefill last again
+    assert (
+        fixed.body["messages"][1]["content"] == "Caption: no"
+        and fixed.body["messages"][-1]["content"] == "Caption:"
+    )
+    with pytest.raises(ValueError, match="cannot continue a prefill"):
+        build_request(prompt, "u", "h", cfg(api="responses"))

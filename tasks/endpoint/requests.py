@@ -2,13 +2,14 @@
 
 The request key is the sha256 of a canonical JSON form of the body that is sent, with a reference to
 the image in place of its bytes (``sha256:<hex>`` of the original bytes, or ``url:<url>`` for an image
-the server fetches), plus the image preprocessing settings. So it covers the API, model, messages,
-generation parameters and JSON schema; not the manifest, the ids, transport options such as
-streaming, or the code.
+the server fetches), plus the image preprocessing settings. So it covers the API, model, messages (a
+prefill too), generation parameters and JSON schema; not the manifest, the ids, transport options
+such as streaming, or the code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ class Request:
     key: str
     cost: int = 0  # estimated tokens, for --tpm
     keep_reasoning: bool = False  # reasoning on and not hidden: its text is kept (README, "Output")
+    json_schema: str | None = None  # the answer must be JSON valid against it (sent however)
+    prefill: str | None = None  # the answer's opening, continued: the row's text starts with it
 
 
 def image_ref(sha256: str) -> str:
@@ -118,6 +121,10 @@ def _chat_body(prompt: Prompt, image_url: Images, config: RunConfig, history: Hi
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": schema, "strict": True},
             }
+    if prompt.prefill is not None:  # vLLM continues the final assistant message (README, "Prefill")
+        messages.append({"role": "assistant", "content": prompt.prefill})
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
     return body
 
 
@@ -148,6 +155,8 @@ def _responses_body(
     if prompt.json_schema is not None:
         schema = json.loads(prompt.json_schema)
         body["text"] = {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+    if prompt.prefill is not None:  # the run plan refuses it (tasks/run/plan.py): never sent without it
+        raise ValueError(f"prompt {prompt.prompt_id!r}: the Responses API cannot continue a prefill")
     return body
 
 
@@ -230,16 +239,20 @@ def build_request(
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     budget = prompt.max_tokens or config.generation.max_tokens
-    text = (_system(prompt, history) or "") + prompt.prompt
+    text = (_system(prompt, history) or "") + prompt.prompt + (prompt.prefill or "")
     text += "".join(turn.prompt.prompt + turn.answer for turn in history)
     cost = estimate_tokens(text, len(_images(image_url)), config.image.max_soft_tokens, budget)
     key = request_key(prompt, image, config, history) if keys is None else keys.key(prompt, image, history)
     keep = bool(_thinking(prompt, config)) and not config.generation.hide_reasoning
-    return Request(config.endpoint.api, body, key, cost, keep)
+    return Request(
+        config.endpoint.api, body, key, cost, keep, json_schema=prompt.json_schema, prefill=prompt.prefill
+    )
 
 
 def repair_request(request: Request, answer: str | None, error: str) -> Request:
-    """The same request, continued with the invalid answer and what was wrong with it (one retry)."""
+    """The same request, continued with the invalid answer (a prefill's included) and what was wrong
+    with it: one retry. With a prefill the conversation ends with it again, so the retry is continued
+    from the same opening."""
     body = dict(request.body)
     feedback = REPAIR_PROMPT.format(error=error)
     if request.api == "responses":
@@ -249,10 +262,12 @@ def repair_request(request: Request, answer: str | None, error: str) -> Request:
             {"role": "user", "content": [{"type": "input_text", "text": feedback}]},
         ]
     else:
+        messages = body["messages"][:-1] if request.prefill is not None else body["messages"]
         body["messages"] = [
-            *body["messages"],
+            *messages,
             {"role": "assistant", "content": answer or ""},
             {"role": "user", "content": [{"type": "text", "text": feedback}]},
+            *body["messages"][len(messages) :],  # the prefill, continued again
         ]
     cost = request.cost + len(answer or "") // 4 + len(feedback) // 4
-    return Request(request.api, body, request.key, cost, request.keep_reasoning)
+    return dataclasses.replace(request, body=body, cost=cost)

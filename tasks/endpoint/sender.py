@@ -8,8 +8,10 @@ one: tasks/retry.py) and the outage detector, which stops the run when the endpo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+from collections.abc import Iterator
 
 from tasks.config import RunConfig
 from tasks.endpoint.answers import Answer
@@ -51,7 +53,7 @@ class ItemSender:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fill(self, row: ResultRow, request: Request, json_schema: str | None) -> bool:
+    async def fill(self, row: ResultRow, request: Request) -> bool:
         """Send ``request`` with retries and fill ``row`` with its answer or failure.
 
         False when the item is dropped (the run is stopping, or the endpoint is down and the run
@@ -59,12 +61,12 @@ class ItemSender:
         """
         try:
             answer = await self._send(row, request, row_id(row))
-            _fill(row, answer, request.keep_reasoning)
+            _take(row, answer, request)
             # an ok row has its answer (README, "Output": text null only when failed); "" or blanks are none
-            if not (answer.text or "").strip():
+            if not _answered(answer):
                 raise ItemFailure("no_answer", _no_answer(answer), http_status=answer.http_status)
-            if json_schema is not None:
-                row.json = await self._valid_json(row, request, answer, json_schema)
+            if request.json_schema is not None:
+                row.json = await self._valid_json(row, request, request.json_schema)
         except _Dropped:
             return False
         except ItemFailure as failure:
@@ -117,29 +119,46 @@ class ItemSender:
 
         return await self.policy.call(attempt)
 
-    async def _valid_json(self, row: ResultRow, request: Request, answer: Answer, schema: str) -> str:
+    async def _valid_json(self, row: ResultRow, request: Request, schema: str) -> str:
         """The validated JSON of the answer; one repair request (the error fed back) when it is not."""
         try:
-            return validate_json(answer.text, schema)
+            return validate_json(row.text, schema)
         except RequestFailure as failure:
-            repaired = await self._send(
-                row, repair_request(request, answer.text, failure.message), row_id(row)
-            )
+            repaired = await self._repair(row, request, row.text, failure)
+        with _last_status(repaired):
+            return validate_json(row.text, schema)
+
+    async def _repair(
+        self, row: ResultRow, request: Request, given: str | None, failure: RequestFailure
+    ) -> Answer:
+        """Send the one repair request (``given``: the answer as it is given back); the row takes its
+        answer, and counts the tokens of both requests, as both are billed."""
+        again = repair_request(request, given, failure.message)
+        repaired = await self._send(row, again, row_id(row))
         spent = (row.prompt_tokens, row.completion_tokens)
-        _fill(row, repaired, request.keep_reasoning)
-        # both requests are billed: the row counts the tokens of both
+        _take(row, repaired, request)
         row.prompt_tokens = _plus(spent[0], repaired.prompt_tokens)
         row.completion_tokens = _plus(spent[1], repaired.completion_tokens)
-        try:
-            return validate_json(repaired.text, schema)
-        except RequestFailure as failure:
-            failure.http_status = repaired.http_status  # README, "Output": the last HTTP status (200 here)
-            raise
+        return repaired
 
     def _observe(self, failure: RequestFailure) -> None:
         verdict = self.detector.failure(failure)
         if verdict is not None:
             self.stop.set("outage", verdict)
+
+
+@contextlib.contextmanager
+def _last_status(answer: Answer) -> Iterator[None]:
+    """A failure raised inside has the repaired answer's HTTP status (README, "Output": the last one, 200)."""
+    try:
+        yield
+    except RequestFailure as failure:
+        failure.http_status = answer.http_status
+        raise
+
+
+def _answered(answer: Answer) -> bool:
+    return bool((answer.text or "").strip())
 
 
 def _plus(a: int | None, b: int | None) -> int | None:
@@ -160,6 +179,13 @@ def _no_answer(answer: Answer) -> str:
         )
     what = "no answer text" if answer.text is None else f"an empty answer ({answer.text!r})"
     return f"the model gave {what} (finish_reason {answer.finish_reason!r})"
+
+
+def _take(row: ResultRow, answer: Answer, request: Request) -> None:
+    """The row takes the answer: its text is the prefill and its continuation (README, "Prefill")."""
+    _fill(row, answer, request.keep_reasoning)
+    if request.prefill is not None and row.text is not None:
+        row.text = request.prefill + row.text
 
 
 def _fill(row: ResultRow, answer: Answer, keep_reasoning: bool) -> None:

@@ -8,7 +8,8 @@ For each image, a chained prompt is the next user turn of its parent's conversat
 so roles alternate strictly, first and last user, as the endpoint requires. The system prompt is the
 prompt's own ``system``, else its nearest ancestor's. A chain's prompts are asked of the same images:
 a child without ``image_id`` inherits its parent's; a child with one narrows a parent asked of every
-image. Multi-image prompts (``image_ids``) cannot be chained.
+image. Multi-image prompts (``image_ids``) cannot be chained. A prefill is part of the answer its
+children see: the row's text, prefill included.
 
 ``order_chains`` checks all that when the manifest is read and orders prompts parents first, so a job,
 or a ``--limit`` cut of one, never holds a child without its parent. The request key of a child covers

@@ -237,6 +237,7 @@ PROMPT_COLUMNS: dict[str, tuple[object, str, bool, pa.DataType]] = {
         STRINGS,
     ),
     "parent_prompt_id": (_is_id, "string", False, STRING),
+    "prefill": (_is_text, "string", False, STRING),
 }
 
 
@@ -279,6 +280,12 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
         schema = rec.get("json_schema")
         if schema is not None:
             _check_schema(schema, where, row)
+        prefill = rec.get("prefill")
+        if prefill == "":
+            raise ManifestError(
+                f"{where}: column 'prefill' is empty in row {row} (prompt {rec['prompt_id']!r}); leave it "
+                "null for no prefill"
+            )
         image_id = rec.get("image_id")
         image_ids = rec.get("image_ids")
         if image_ids is not None:
@@ -297,6 +304,7 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
                 reasoning=rec.get("reasoning"),
                 image_ids=image_ids,
                 parent_prompt_id=rec.get("parent_prompt_id"),
+                prefill=prefill,
             )
         )
     if empty:

@@ -20,6 +20,7 @@ class Prompt:
     reasoning: bool | None = None  # None: the run's --reasoning
     image_ids: tuple[str, ...] | None = None  # several images in one message, in this order
     parent_prompt_id: str | None = None  # asked after this prompt, with its conversation (a chain)
+    prefill: str | None = None  # the answer's opening: the request ends with it, continued
 
 
 DEFAULT_PROMPT = Prompt(

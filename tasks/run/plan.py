@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tasks.config import RunConfig
-from tasks.errors import ConfigError, ManifestError, UsageError
+from tasks.errors import MAX_LISTED, ConfigError, ManifestError, UsageError
 from tasks.inputs.manifests import (
     ImagesManifest,
     check_prompt_images,
@@ -131,6 +131,8 @@ def _plan(config: RunConfig) -> RunPlan:
             raise ConfigError(f"--image-root {image_root} is not a directory")
     else:
         image_root = images.base_dir if images is not None else Path.cwd()
+    if prompts is not None:
+        _check_prompt_features(config, prompts)
     schema = _output_schema(config, images, prompts)
     return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema)
 
@@ -142,6 +144,22 @@ def _output_schema(
     if not (config.json_columns and prompts):
         return output_schema(carry)
     return output_schema(carry, json_fields(prompts, [*OUTPUT_SCHEMA.names, *(carry.names if carry else [])]))
+
+
+def _check_prompt_features(config: RunConfig, prompts: list[Prompt]) -> None:
+    """What a prompt asks that this run's options cannot send (README.md, "Prefill")."""
+    prefilled = [p.prompt_id for p in prompts if p.prefill is not None]
+    if prefilled and config.endpoint.api == "responses":
+        raise ManifestError(
+            f"{config.prompts}: column 'prefill' is set for prompts {_names(prefilled)}, but --api responses "
+            "cannot continue an assistant message (vLLM's Responses API has no continue_final_message); "
+            "use --api chat, or leave 'prefill' null"
+        )
+
+
+def _names(ids: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:MAX_LISTED])
+    return shown + (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")
 
 
 def _check_text_only(config: RunConfig, prompts: list[Prompt] | None) -> None:
