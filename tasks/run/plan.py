@@ -8,7 +8,7 @@ nothing it was made from has changed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,7 +94,10 @@ def plan_run(config: RunConfig) -> RunPlan:
             _PLANS[key] = plan
     if not config.dry_run:  # OUT may change between two plans: checked every time
         check_out_dir(config.out)
-        check_schema(config.out, plan.output_schema)
+        # an OUT written before tool_calls keeps its columns
+        schema = check_schema(config.out, plan.output_schema)
+        if schema is not plan.output_schema:
+            plan = replace(plan, output_schema=schema)
     return plan
 
 
