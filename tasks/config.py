@@ -129,9 +129,10 @@ class GenerationConfig(_Section):
     reasoning_effort: Literal["low", "medium", "high"] = Field(
         "medium", description="with --api responses: reasoning.effort when reasoning is on"
     )
-    structured_output: Literal["openai", "vllm"] = Field(
+    structured_output: Literal["openai", "vllm", "tools"] = Field(
         "openai",
-        description="send a prompt's json_schema as response_format (openai) or structured_outputs (vllm)",
+        description="send a prompt's json_schema as response_format (openai), structured_outputs (vllm) "
+        "or one function the model must call (tools)",
     )
 
 

@@ -93,6 +93,14 @@ def test_what_a_prefill_cannot_go_with_stops_the_run_before_anything_is_sent(
     res = _run(tmp_path, emulator, [CAPTION], "--api", "responses")
     assert res.code == 1
     assert "column 'prefill' is set for prompts 'cap', but --api responses cannot continue" in res.err
+    schema = {
+        "prompt_id": "meta",
+        "prompt": "Tag it.",
+        "json_schema": json.dumps(TAGS_SCHEMA),
+        "prefill": "{",
+    }
+    res = _run(tmp_path, emulator, [schema], "--structured-output", "tools")
+    assert res.code == 1 and "--structured-output tools answers them with a function call" in res.err
     res = _run(tmp_path, emulator, [{**CAPTION, "prefill": ""}])
     assert res.code == 1 and "column 'prefill' is empty in row 0 (prompt 'cap')" in res.err
     assert emulator.stats()["requests_total"] == 0

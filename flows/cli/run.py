@@ -55,8 +55,8 @@ def run(
     structured_output: Annotated[
         str | None,
         Opt(
-            help="openai (response_format) or vllm (structured_outputs) for json_schema prompts."
-            "  [default: openai]"
+            help="openai (response_format), vllm (structured_outputs) or tools (one function to call) for "
+            "json_schema prompts.  [default: openai]"
         ),
     ] = None,
     concurrency: Annotated[

@@ -47,6 +47,7 @@ class RunPlan:
     prompts: PromptPlan
     image_root: Path
     output_schema: pa.Schema  # the contract's columns, carried ones, typed JSON ones
+    calls_tools: bool = False  # a prompt has tools: OUT needs the tool_calls column
 
     @property
     def num_images(self) -> int:
@@ -94,8 +95,8 @@ def plan_run(config: RunConfig) -> RunPlan:
             _PLANS[key] = plan
     if not config.dry_run:  # OUT may change between two plans: checked every time
         check_out_dir(config.out)
-        # an OUT written before tool_calls keeps its columns
-        schema = check_schema(config.out, plan.output_schema)
+        # an OUT written before tool_calls keeps its columns unless this run needs them
+        schema = check_schema(config.out, plan.output_schema, plan.calls_tools)
         if schema is not plan.output_schema:
             plan = replace(plan, output_schema=schema)
     return plan
@@ -137,7 +138,8 @@ def _plan(config: RunConfig) -> RunPlan:
     if prompts is not None:
         _check_prompt_features(config, prompts)
     schema = _output_schema(config, images, prompts)
-    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema)
+    calls = any(p.tools is not None for p in prompts or ())
+    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema, calls)
 
 
 def _output_schema(
@@ -157,6 +159,13 @@ def _check_prompt_features(config: RunConfig, prompts: list[Prompt]) -> None:
             f"{config.prompts}: column 'prefill' is set for prompts {_names(prefilled)}, but --api responses "
             "cannot continue an assistant message (vLLM's Responses API has no continue_final_message); "
             "use --api chat, or leave 'prefill' null"
+        )
+    forced = [p.prompt_id for p in prompts if p.prefill is not None and p.json_schema is not None]
+    if forced and config.generation.structured_output == "tools":
+        raise ManifestError(
+            f"{config.prompts}: column 'prefill' is set for json_schema prompts {_names(forced)}, but "
+            "--structured-output tools answers them with a function call, which has no text to continue; "
+            "use --structured-output openai or vllm, or leave 'prefill' null"
         )
 
 
