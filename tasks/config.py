@@ -120,14 +120,19 @@ class GenerationConfig(_Section):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
-    reasoning: bool = Field(False, description="ask Gemma 4 to think (enable_thinking)")
+    reasoning: bool | None = Field(
+        None,
+        description="Gemma 4 thinking: true/false sends enable_thinking true/false; unset sends nothing "
+        "(the server's default)",
+    )
     hide_reasoning: bool = Field(False, description="ask the server not to return the reasoning text")
     reasoning_effort: Literal["low", "medium", "high"] = Field(
         "medium", description="with --api responses: reasoning.effort when reasoning is on"
     )
-    structured_output: Literal["openai", "vllm"] = Field(
+    structured_output: Literal["openai", "vllm", "tools"] = Field(
         "openai",
-        description="send a prompt's json_schema as response_format (openai) or structured_outputs (vllm)",
+        description="send a prompt's json_schema as response_format (openai), structured_outputs (vllm) "
+        "or one function the model must call (tools)",
     )
 
 

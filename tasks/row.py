@@ -23,6 +23,7 @@ class ResultRow:
     text: str | None = None
     reasoning: str | None = None
     json: str | None = None
+    tool_calls: str | None = None  # JSON: [{"name", "arguments"}] of the answer's validated function calls
     finish_reason: str | None = None
     error_type: str | None = None
     error_message: str | None = None
@@ -45,7 +46,7 @@ class ResultRow:
     def fail(self, failure: ItemFailure) -> ResultRow:
         """Mark this row failed with a classified failure; returns self."""
         self.status = "failed"
-        self.text = self.reasoning = self.json = None
+        self.text = self.reasoning = self.json = self.tool_calls = None
         self.error_type = failure.error_type
         self.error_message = failure.message
         self.http_status = failure.http_status
@@ -62,6 +63,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("reasoning", pa.string()),
         ("json", pa.string()),
+        ("tool_calls", pa.string()),
         ("finish_reason", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
@@ -82,6 +84,10 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 
+# Contract columns added after OUTs were written without them: a run into such an OUT keeps its columns
+# unless it needs these (tasks/outputs/reading.py, check_schema), and then adds them to its older files.
+LATER_COLUMNS = ("tool_calls",)
+
 ROW_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "carry"]
 if OUTPUT_SCHEMA.names != ROW_FIELDS:  # pragma: no cover - a programming error, caught at import
     raise RuntimeError(f"ResultRow fields {ROW_FIELDS} do not match OUTPUT_SCHEMA {OUTPUT_SCHEMA.names}")
@@ -93,3 +99,8 @@ def output_schema(carry_schema: pa.Schema | None = None, extra: Sequence[pa.Fiel
     if not carried and not extra:
         return OUTPUT_SCHEMA
     return pa.schema([*OUTPUT_SCHEMA, *carried, *extra])
+
+
+def without_later_columns(schema: pa.Schema) -> pa.Schema:
+    """``schema`` as an OUT written before the ``LATER_COLUMNS`` existed has it."""
+    return pa.schema([f for f in schema if f.name not in LATER_COLUMNS], metadata=schema.metadata)

@@ -73,7 +73,7 @@ def prompts_manifest(tmp: Path, rows: list[dict[str, Any]], name: str = "prompts
     names = list(dict.fromkeys(k for row in rows for k in row))
     for key in names:
         values = [row.get(key) for row in rows]
-        typ = pa.int64() if key == "max_tokens" else pa.string()
+        typ = {"max_tokens": pa.int64(), "reasoning": pa.bool_()}.get(key, pa.string())
         columns[key] = pa.array(values, type=typ)
     return write_parquet(tmp / name, columns)
 

@@ -16,7 +16,7 @@ def test_defaults_match_the_contract() -> None:
     assert cfg.endpoint.api == "chat"
     assert cfg.endpoint.concurrency == 32
     assert cfg.endpoint.max_retries == 6
-    assert cfg.generation.reasoning is False
+    assert cfg.generation.reasoning is None  # unset: nothing is sent, the server's default holds
     assert cfg.image.max_soft_tokens == 280
     assert cfg.image.max_pixels == 2304 * 280
     assert cfg.image.image_urls == "fetch"
@@ -40,6 +40,19 @@ def test_every_option_has_an_env_variable() -> None:
     cfg = build_config(BASE, environ={"VLMBATCH_CARRY": "a, b", "VLMBATCH_REASONING": "true"})
     assert cfg.carry == ("a", "b")
     assert cfg.generation.reasoning is True
+
+
+def test_reasoning_off_given_anywhere_is_told_from_reasoning_unset(tmp_path: Path) -> None:
+    """--no-reasoning, VLMBATCH_REASONING=false and reasoning = false in TOML all say "off" (sent as
+    enable_thinking false); only an unset option leaves the server's default."""
+    toml = tmp_path / "vlmbatch.toml"
+    toml.write_text("reasoning = false\n")
+    assert build_config({**BASE, "reasoning": False}, environ={}).generation.reasoning is False
+    assert build_config(BASE, environ={"VLMBATCH_REASONING": "false"}).generation.reasoning is False
+    assert build_config(BASE, environ={}, config_file=toml).generation.reasoning is False
+    on = build_config({**BASE, "reasoning": True}, environ={}, config_file=toml)
+    assert on.generation.reasoning is True  # the flag beats the file
+    assert build_config(BASE, environ={"VLMBATCH_REASONING": ""}).generation.reasoning is None
 
 
 def test_bad_value_names_the_option_and_where_it_came_from() -> None:

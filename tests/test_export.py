@@ -260,9 +260,13 @@ def test_export_names_a_column_whose_types_in_older_files_cannot_meet(tmp_path: 
 def test_an_export_written_before_the_mark_is_still_replaced(
     tmp_path: Path, plain_and_typed: tuple[Path, Path, Path]
 ) -> None:
-    from tasks.row import OUTPUT_SCHEMA
+    from tasks.row import OUTPUT_SCHEMA, without_later_columns
 
     plain, _, _ = plain_and_typed
     older = write_parquet(tmp_path / "nightly.parquet", OUTPUT_SCHEMA.empty_table())  # no export mark
     assert vlmbatch("export", plain, older).code == 0
     assert pq.read_table(older).num_rows > 0
+    # and one written before the tool_calls column, too
+    oldest = write_parquet(tmp_path / "weekly.parquet", without_later_columns(OUTPUT_SCHEMA).empty_table())
+    assert vlmbatch("export", plain, oldest).code == 0
+    assert pq.read_table(oldest).num_rows > 0

@@ -190,7 +190,7 @@ def test_an_images_original_bytes_are_let_go_before_its_request_is_sent(
     all_out = asyncio.Event()
     held: list[int] = []
 
-    async def fill(self: ItemSender, row: ResultRow, request: Any, json_schema: str | None) -> bool:
+    async def fill(self: ItemSender, row: ResultRow, request: Any) -> bool:
         in_flight.append(row)
         if len(in_flight) == 7:  # every request is out at once: no image is being read or prepared
             gc.collect()

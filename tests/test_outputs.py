@@ -249,3 +249,39 @@ def test_a_readers_probe_of_the_lock_does_not_stop_a_run_from_starting(tmp_path:
     run = OutLock(tmp_path / "out", "second")
     run.acquire()  # waits out the probe instead of failing
     run.release()
+
+
+def test_an_out_written_before_tool_calls_is_written_with_its_own_columns(tmp_path: Path) -> None:
+    """tasks/outputs/reading.py, ``check_schema``: OUT's older columns unless the run needs tool_calls;
+    then the store's rows carry them, and ``add_later_columns`` gives them (null) to the older files."""
+    import pyarrow.parquet as pq
+
+    from tasks.outputs.reading import check_schema
+    from tasks.outputs.store import add_later_columns
+    from tasks.row import without_later_columns
+
+    out = tmp_path / "out"
+    carry = pa.schema([pa.field("lbl", pa.string())])
+    full, older = output_schema(carry), without_later_columns(output_schema(carry))
+    old = store(out, "old", older)
+    old.add(0, row("a"))
+    old.flush()
+    assert check_schema(out, full).names == older.names  # no tools: OUT keeps its columns
+    assert check_schema(out, full, needs_later=True) is full
+    with pytest.raises(UsageError, match=r"its files also have lbl\)") as refused:
+        check_schema(out, without_later_columns(OUTPUT_SCHEMA))  # a real difference is still refused
+    assert "tool_calls" not in str(refused.value)
+
+    again = store(out, "new", older)  # a rerun without tools: rows written without the column
+    tooled = row("b")
+    tooled.tool_calls = '[{"name":"f","arguments":{}}]'
+    again.add(0, tooled)
+    again.flush()
+    assert all("tool_calls" not in pq.read_schema(p).names for p in out.glob("part-*.parquet"))
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert add_later_columns(out, full) == 2 and add_later_columns(out, full) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+    assert ds.dataset(out).schema.names == full.names
+    assert read_output(out)["tool_calls"].to_pylist() == [None, None]
+    assert check_schema(out, full) is full

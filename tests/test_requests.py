@@ -1,4 +1,7 @@
+import dataclasses
 import json
+
+import pytest
 
 from tasks.config import build_config
 from tasks.endpoint.requests import build_request, repair_request, request_key
@@ -130,3 +133,32 @@ def test_reasoning_text_is_kept_only_where_reasoning_is_on_and_not_hidden() -> N
     assert not hidden.keep_reasoning and hidden.body["include_reasoning"] is False
     kept = build_request(P, "data:x", "sha256:h", cfg(api="responses", reasoning=True))
     assert kept.keep_reasoning and repair_request(kept, "{", "not JSON").keep_reasoning
+
+
+def test_thinking_off_is_sent_only_when_said() -> None:
+    plain = Prompt("c", "Describe.", "caption")
+    assert "chat_template_kwargs" not in build_request(plain, "u", "h", cfg()).body
+    off = build_request(plain, "u", "h", cfg(reasoning=False))
+    assert off.body["chat_template_kwargs"] == {"enable_thinking": False} and not off.keep_reasoning
+    hidden = build_request(plain, "u", "h", cfg(reasoning=False, hide_reasoning=True)).body
+    assert "include_reasoning" not in hidden  # nothing to hide
+    said = build_request(dataclasses.replace(plain, reasoning=False), "u", "h", cfg(reasoning=True)).body
+    assert said["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "reasoning" not in build_request(plain, "u", "h", cfg(api="responses", reasoning=False)).body
+
+
+def test_a_prefill_ends_the_conversation_and_is_continued() -> None:
+    prompt = Prompt("c", "Describe.", "caption", prefill="Caption:")
+    req = build_request(prompt, "u", "h", cfg())
+    assert req.body["messages"][-1] == {"role": "assistant", "content": "Caption:"}
+    assert (req.body["continue_final_message"], req.body["add_generation_prompt"]) == (True, False)
+    assert req.prefill == "Caption:"
+    fixed = repair_request(req, "Caption: no", "bad")
+    roles = [m["role"] for m in fixed.body["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]  # the prefill last again
+    assert (
+        fixed.body["messages"][1]["content"] == "Caption: no"
+        and fixed.body["messages"][-1]["content"] == "Caption:"
+    )
+    with pytest.raises(ValueError, match="cannot continue a prefill"):
+        build_request(prompt, "u", "h", cfg(api="responses"))

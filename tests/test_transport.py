@@ -618,7 +618,7 @@ def test_each_attempt_has_its_own_request_id_naming_its_item() -> None:
         ]
         for sender in senders:
             row = ResultRow("img1", "cap", "caption", "ok")
-            assert await sender.fill(row, chat_request(), None) and row.status == "ok"
+            assert await sender.fill(row, chat_request()) and row.status == "ok"
             await sender.aclose()
 
     async def no_sleep(_: float) -> None:
@@ -647,7 +647,7 @@ def test_an_empty_answer_is_no_answer_not_an_ok_row(content: str) -> None:
         )
         sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=2), None)
         row = ResultRow("img1", "cap", "caption", "ok")
-        assert await sender.fill(row, chat_request(), None)
+        assert await sender.fill(row, chat_request())
         await sender.aclose()
         assert (row.status, row.error_type, row.text) == ("failed", "no_answer", None)
         assert row.error_message is not None and "output budget ran out" in row.error_message
@@ -666,7 +666,7 @@ def test_reasoning_is_stored_only_when_it_was_asked_for(keep: bool, stored: str 
         sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=0), None)
         row = ResultRow("img1", "cap", "caption", "ok")
         request = dataclasses.replace(chat_request(), keep_reasoning=keep)
-        assert await sender.fill(row, request, None)
+        assert await sender.fill(row, request)
         await sender.aclose()
         assert (row.status, row.text, row.reasoning) == ("ok", "a cat", stored)
 
@@ -711,7 +711,7 @@ def test_a_failed_row_has_the_latency_of_its_last_attempt() -> None:
         run = RunConfig(out="o", endpoint={"base_url": base_url, "model": "m"})
         sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=0), None)
         row = ResultRow("img1", "cap", "caption", "ok")
-        assert await sender.fill(row, chat_request(), None)
+        assert await sender.fill(row, chat_request())
         await sender.aclose()
         assert (row.status, row.http_status, row.attempts) == ("failed", 503, 1)
         assert row.latency_ms is not None and 50 <= row.latency_ms < 5000
@@ -734,7 +734,7 @@ def test_a_repaired_json_answer_counts_the_tokens_of_both_requests() -> None:
         run = RunConfig(out="o", endpoint={"base_url": base_url, "model": "m"})
         sender = ItemSender(run, StopSwitch(), RetryPolicy(max_retries=0), None)
         row = ResultRow("img1", "meta", "qa", "ok")
-        assert await sender.fill(row, chat_request(), '{"type": "object"}')
+        assert await sender.fill(row, dataclasses.replace(chat_request(), json_schema='{"type": "object"}'))
         await sender.aclose()
         assert (row.status, row.json, row.attempts) == ("ok", '{"a":1}', 2)
         assert (row.prompt_tokens, row.completion_tokens) == (40, 12)

@@ -66,8 +66,8 @@ def run(
     structured_output: Annotated[
         str | None,
         Opt(
-            help="openai (response_format) or vllm (structured_outputs) for json_schema prompts."
-            "  [default: openai]"
+            help="openai (response_format), vllm (structured_outputs) or tools (one function to call) for "
+            "json_schema prompts.  [default: openai]"
         ),
     ] = None,
     concurrency: Annotated[
@@ -95,7 +95,13 @@ def run(
     temperature: Annotated[float | None, Opt(help="Sampling temperature (model default if unset).")] = None,
     top_p: Annotated[float | None, Opt(help="Nucleus sampling (model default if unset).")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
-    reasoning: Annotated[bool | None, Opt("--reasoning/--no-reasoning", help="Gemma 4 thinking.")] = None,
+    reasoning: Annotated[
+        bool | None,
+        Opt(
+            "--reasoning/--no-reasoning",
+            help="Gemma 4 thinking on or off (enable_thinking true/false).  [default: unset, the server's]",
+        ),
+    ] = None,
     hide_reasoning: Annotated[
         bool | None, Opt("--hide-reasoning", help="With --reasoning: ask the server not to return it.")
     ] = None,

@@ -1,7 +1,9 @@
 """Parse the endpoint's answers — Chat Completions, streamed chunks, Responses — into one Answer.
 
 Anything unparseable is a transient ``invalid_response`` (retried); an error event inside a 200
-stream is a transient ``server_error``.
+stream is a transient ``server_error``. Function calls are read from ``tool_calls`` (Chat, streamed as
+pieces) or ``function_call`` output items (Responses), never inferred from ``finish_reason``: vLLM
+answers a named ``tool_choice`` with ``finish_reason`` ``stop``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.errors import RequestFailure
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call of an answer, its arguments as the server sent them (JSON text, unchecked)."""
+
+    name: str
+    arguments: str
 
 
 @dataclass(slots=True)
@@ -23,6 +33,7 @@ class Answer:
     model: str | None
     http_status: int
     latency_ms: float
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 _TOKENS_MAX = 2**31 - 1  # the token columns are int32
@@ -51,6 +62,22 @@ def _text(value: Any, what: str) -> str | None:
     raise _Malformed(f"{what} is {type(value).__name__}, not text")
 
 
+def _call(name: Any, arguments: Any) -> ToolCall:
+    """A function call: a string name; arguments as JSON text (an object some servers send is encoded)."""
+    if not isinstance(name, str):
+        raise _Malformed(f"a function call's name is {type(name).__name__}, not text")
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    if arguments is not None and not isinstance(arguments, str):
+        raise _Malformed(f"a function call's arguments are {type(arguments).__name__}, not JSON text")
+    return ToolCall(name, arguments or "")
+
+
+def _chat_calls(message: dict[str, Any]) -> tuple[ToolCall, ...]:
+    calls = message.get("tool_calls") or []
+    return tuple(_call(c["function"].get("name"), c["function"].get("arguments")) for c in calls)
+
+
 def _label(value: Any) -> str | None:
     """finish_reason, model: a string, else nothing (a label of another type is not worth failing on)."""
     return value if isinstance(value, str) else None
@@ -76,6 +103,7 @@ def _answer(
     status: int,
     latency_ms: float,
     token_keys: tuple[str, str] = ("prompt_tokens", "completion_tokens"),
+    tool_calls: tuple[ToolCall, ...] = (),
 ) -> Answer:
     """The Answer (text and reasoning joined from their pieces, token counts from ``usage``'s
     ``token_keys``), unless the server gave up on the generation: then a transient failure (retried)."""
@@ -94,6 +122,7 @@ def _answer(
         model=model,
         http_status=status,
         latency_ms=latency_ms,
+        tool_calls=tool_calls,
     )
 
 
@@ -120,6 +149,7 @@ def parse_chat_answer(content: bytes, *, status: int, latency_ms: float) -> Answ
             _label(data.get("model")),
             status=status,
             latency_ms=latency_ms,
+            tool_calls=_chat_calls(message),
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise _unparseable(content, status, exc) from None
@@ -131,6 +161,7 @@ def parse_responses_answer(content: bytes, *, status: int, latency_ms: float) ->
         data = json.loads(content)
         texts: list[str] = []
         reasoning: list[str] = []
+        calls: list[ToolCall] = []
         for item in data["output"]:
             if item.get("type") == "message":
                 parts = item.get("content") or []
@@ -142,6 +173,8 @@ def parse_responses_answer(content: bytes, *, status: int, latency_ms: float) ->
                 reasoning += [
                     _text(c["text"], "a reasoning text") or "" for c in parts if c.get("text") is not None
                 ]
+            elif item.get("type") == "function_call":
+                calls.append(_call(item.get("name"), item.get("arguments")))
         if data.get("status") == "failed":
             error = data.get("error") or {}
             raise RequestFailure(
@@ -158,6 +191,7 @@ def parse_responses_answer(content: bytes, *, status: int, latency_ms: float) ->
             status=status,
             latency_ms=latency_ms,
             token_keys=("input_tokens", "output_tokens"),
+            tool_calls=tuple(calls),
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise _unparseable(content, status, exc) from None
@@ -172,6 +206,7 @@ class StreamAggregator:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] = {}
         self.model: str | None = None
+        self.calls: dict[int, tuple[str, list[str]]] = {}  # by index: the name, the argument pieces
 
     def feed(self, line: str) -> None:
         if not line.startswith("data:"):
@@ -205,7 +240,19 @@ class StreamAggregator:
                 delta.get("reasoning") or delta.get("reasoning_content"), "a reasoning delta"
             ):
                 self.reasoning.append(thought)
+            for piece in delta.get("tool_calls") or []:
+                self._call_piece(piece)
             self.finish_reason = _label(choice.get("finish_reason")) or self.finish_reason
+
+    def _call_piece(self, piece: dict[str, Any]) -> None:
+        """A streamed call arrives in pieces under its ``index``: the name first, then argument text."""
+        index = piece.get("index", 0)
+        function = piece.get("function") or {}
+        name, arguments = self.calls.setdefault(index, ("", []))
+        if isinstance(function.get("name"), str):
+            self.calls[index] = (name + function["name"], arguments)
+        if function.get("arguments") is not None:
+            arguments.append(_call("", function["arguments"]).arguments)
 
     def answer(self, *, status: int, latency_ms: float) -> Answer:
         if self.finish_reason is None:  # [DONE] or not: without a finish_reason the answer may be cut
@@ -220,4 +267,5 @@ class StreamAggregator:
             self.model,
             status=status,
             latency_ms=latency_ms,
+            tool_calls=tuple(_call(name, "".join(parts)) for _, (name, parts) in sorted(self.calls.items())),
         )

@@ -2,13 +2,14 @@
 
 The request key is the sha256 of a canonical JSON form of the body that is sent, with a reference to
 the image in place of its bytes (``sha256:<hex>`` of the original bytes, or ``url:<url>`` for an image
-the server fetches), plus the image preprocessing settings. So it covers the API, model, messages,
-generation parameters and JSON schema; not the manifest, the ids, transport options such as
-streaming, or the code.
+the server fetches), plus the image preprocessing settings. So it covers the API, model, messages (a
+prefill too), generation parameters, JSON schema and tools; not the manifest, the ids, transport
+options such as streaming, or the code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 from tasks.config import RunConfig
 from tasks.endpoint.concurrency import estimate_tokens
+from tasks.endpoint.tools import SCHEMA_FUNCTION, chat_tools, responses_tools, schema_tools
 from tasks.images.data_url import DataUrl
 from tasks.inputs.chains import Turn
 from tasks.inputs.prompt import Prompt
@@ -35,13 +37,17 @@ class Request:
     key: str
     cost: int = 0  # estimated tokens, for --tpm
     keep_reasoning: bool = False  # reasoning on and not hidden: its text is kept (README, "Output")
+    json_schema: str | None = None  # the answer must be JSON valid against it (sent however)
+    tools: str | None = None  # the prompt's function tools: calls are checked against their parameters
+    prefill: str | None = None  # the answer's opening, continued: the row's text starts with it
 
 
 def image_ref(sha256: str) -> str:
     return f"sha256:{sha256}"
 
 
-def _thinking(prompt: Prompt, config: RunConfig) -> bool:
+def _thinking(prompt: Prompt, config: RunConfig) -> bool | None:
+    """On, off, or None: not said (nothing is sent, the server's default holds)."""
     return prompt.reasoning if prompt.reasoning is not None else config.generation.reasoning
 
 
@@ -103,19 +109,28 @@ def _chat_body(prompt: Prompt, image_url: Images, config: RunConfig, history: Hi
         "max_completion_tokens": prompt.max_tokens or gen.max_tokens,
         **_sampling(config),
     }
-    if _thinking(prompt, config):
-        body["chat_template_kwargs"] = {"enable_thinking": True}
-        if gen.hide_reasoning:
+    thinking = _thinking(prompt, config)
+    if thinking is not None:  # False too: "off" said explicitly, not left to the server's default
+        body["chat_template_kwargs"] = {"enable_thinking": thinking}
+        if thinking and gen.hide_reasoning:
             body["include_reasoning"] = False
     if prompt.json_schema is not None:
         schema = json.loads(prompt.json_schema)
         if gen.structured_output == "vllm":
             body["structured_outputs"] = {"json": schema}
+        elif gen.structured_output == "tools":
+            body.update(chat_tools(schema_tools(prompt.json_schema), SCHEMA_FUNCTION))
         else:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": schema, "strict": True},
             }
+    if prompt.tools is not None:
+        body.update(chat_tools(prompt.tools, prompt.tool_choice))
+    if prompt.prefill is not None:  # vLLM continues the final assistant message (README, "Prefill")
+        messages.append({"role": "assistant", "content": prompt.prefill})
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
     return body
 
 
@@ -141,11 +156,17 @@ def _responses_body(
     system = _system(prompt, history)
     if system:
         body["instructions"] = system
-    if _thinking(prompt, config):
+    if _thinking(prompt, config):  # off: no reasoning, this API's only switch (vLLM takes no template kwargs)
         body["reasoning"] = {"effort": gen.reasoning_effort}
-    if prompt.json_schema is not None:
+    if prompt.json_schema is not None and gen.structured_output == "tools":
+        body.update(responses_tools(schema_tools(prompt.json_schema), SCHEMA_FUNCTION))
+    elif prompt.json_schema is not None:
         schema = json.loads(prompt.json_schema)
         body["text"] = {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+    if prompt.tools is not None:
+        body.update(responses_tools(prompt.tools, prompt.tool_choice))
+    if prompt.prefill is not None:  # the run plan refuses it (tasks/run/plan.py): never sent without it
+        raise ValueError(f"prompt {prompt.prompt_id!r}: the Responses API cannot continue a prefill")
     return body
 
 
@@ -228,18 +249,31 @@ def build_request(
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     budget = prompt.max_tokens or config.generation.max_tokens
-    text = (_system(prompt, history) or "") + prompt.prompt
+    text = (_system(prompt, history) or "") + prompt.prompt + (prompt.tools or "") + (prompt.prefill or "")
     text += "".join(turn.prompt.prompt + turn.answer for turn in history)
     cost = estimate_tokens(text, len(_images(image_url)), config.image.max_soft_tokens, budget)
     key = request_key(prompt, image, config, history) if keys is None else keys.key(prompt, image, history)
-    keep = _thinking(prompt, config) and not config.generation.hide_reasoning
-    return Request(config.endpoint.api, body, key, cost, keep)
+    keep = bool(_thinking(prompt, config)) and not config.generation.hide_reasoning
+    return Request(
+        config.endpoint.api,
+        body,
+        key,
+        cost,
+        keep,
+        json_schema=prompt.json_schema,
+        tools=prompt.tools,
+        prefill=prompt.prefill,
+    )
 
 
-def repair_request(request: Request, answer: str | None, error: str) -> Request:
-    """The same request, continued with the invalid answer and what was wrong with it (one retry)."""
+def repair_request(
+    request: Request, answer: str | None, error: str, feedback: str = REPAIR_PROMPT
+) -> Request:
+    """The same request, continued with the invalid answer (a prefill's included, or a function call as
+    text) and what was wrong with it (``feedback`` with the ``error``): one retry. With a prefill the
+    conversation ends with it again, so the retry is continued from the same opening."""
     body = dict(request.body)
-    feedback = REPAIR_PROMPT.format(error=error)
+    feedback = feedback.format(error=error)
     if request.api == "responses":
         body["input"] = [
             *body["input"],
@@ -247,10 +281,12 @@ def repair_request(request: Request, answer: str | None, error: str) -> Request:
             {"role": "user", "content": [{"type": "input_text", "text": feedback}]},
         ]
     else:
+        messages = body["messages"][:-1] if request.prefill is not None else body["messages"]
         body["messages"] = [
-            *body["messages"],
+            *messages,
             {"role": "assistant", "content": answer or ""},
             {"role": "user", "content": [{"type": "text", "text": feedback}]},
+            *body["messages"][len(messages) :],  # the prefill, continued again
         ]
     cost = request.cost + len(answer or "") // 4 + len(feedback) // 4
-    return Request(request.api, body, request.key, cost, request.keep_reasoning)
+    return dataclasses.replace(request, body=body, cost=cost)

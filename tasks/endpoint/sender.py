@@ -1,4 +1,5 @@
-"""Send one work item's request: rate limit, a request slot, retries, and structured-output repair.
+"""Send one work item's request: rate limit, a request slot, retries, and the repair of a JSON answer or a
+function call that does not validate.
 
 One ``ItemSender`` per run, shared by all its shards: it owns the endpoint client, the limiter that
 bounds requests in flight across the run (a slot is held while a request waits for its rate permit
@@ -8,16 +9,19 @@ one: tasks/retry.py) and the outage detector, which stops the run when the endpo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+from collections.abc import Iterator
 
 from tasks.config import RunConfig
 from tasks.endpoint.answers import Answer
 from tasks.endpoint.client import EndpointClient
 from tasks.endpoint.concurrency import OVERLOAD_STATUS, InFlightLimiter, rate_limiter
 from tasks.endpoint.outage import OutageDetector, is_outage_failure
-from tasks.endpoint.requests import Request, repair_request
+from tasks.endpoint.requests import REPAIR_PROMPT, Request, repair_request
 from tasks.endpoint.structured import validate_json
+from tasks.endpoint.tools import CALL_REPAIR_PROMPT, calls_text, checked_calls, schema_document
 from tasks.errors import ItemFailure, RequestFailure
 from tasks.inputs.work_items import item_id
 from tasks.retry import RetryPolicy
@@ -51,7 +55,7 @@ class ItemSender:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fill(self, row: ResultRow, request: Request, json_schema: str | None) -> bool:
+    async def fill(self, row: ResultRow, request: Request) -> bool:
         """Send ``request`` with retries and fill ``row`` with its answer or failure.
 
         False when the item is dropped (the run is stopping, or the endpoint is down and the run
@@ -59,12 +63,15 @@ class ItemSender:
         """
         try:
             answer = await self._send(row, request, row_id(row))
-            _fill(row, answer, request.keep_reasoning)
-            # an ok row has its answer (README, "Output": text null only when failed); "" or blanks are none
-            if not (answer.text or "").strip():
+            _take(row, answer, request)
+            # an ok row has its answer (README, "Output": text null only when failed or a function call);
+            # "" or blanks are none
+            if not _answered(answer):
                 raise ItemFailure("no_answer", _no_answer(answer), http_status=answer.http_status)
-            if json_schema is not None:
-                row.json = await self._valid_json(row, request, answer, json_schema)
+            if request.json_schema is not None:
+                row.json = await self._valid_json(row, request, answer, request.json_schema)
+            elif request.tools is not None and answer.tool_calls:
+                row.tool_calls = await self._valid_calls(row, request, answer, request.tools)
         except _Dropped:
             return False
         except ItemFailure as failure:
@@ -120,26 +127,61 @@ class ItemSender:
     async def _valid_json(self, row: ResultRow, request: Request, answer: Answer, schema: str) -> str:
         """The validated JSON of the answer; one repair request (the error fed back) when it is not."""
         try:
-            return validate_json(answer.text, schema)
+            return validate_json(row.text, schema)
         except RequestFailure as failure:
-            repaired = await self._send(
-                row, repair_request(request, answer.text, failure.message), row_id(row)
-            )
+            given: str | None = row.text
+            feedback = REPAIR_PROMPT
+            if answer.tool_calls:  # --structured-output tools: the call given back, to be made again
+                given, feedback = calls_text(answer.tool_calls), CALL_REPAIR_PROMPT
+            repaired = await self._repair(row, request, given, failure, feedback)
+        with _last_status(repaired):
+            return validate_json(row.text, schema)
+
+    async def _valid_calls(self, row: ResultRow, request: Request, answer: Answer, tools: str) -> str | None:
+        """The answer's calls checked against their functions' parameters (the ``tool_calls`` column);
+        one repair request, as for a JSON answer, when they are not. Null when the repaired answer
+        is text instead of a call (a prompt whose tool_choice lets the model answer in text)."""
+        try:
+            return checked_calls(answer.tool_calls, tools)
+        except RequestFailure as failure:
+            given = calls_text(answer.tool_calls)
+            repaired = await self._repair(row, request, given, failure, CALL_REPAIR_PROMPT)
+        with _last_status(repaired):
+            if not _answered(repaired):
+                raise RequestFailure("invalid_json", "the repair got neither a function call nor text")
+            return checked_calls(repaired.tool_calls, tools) if repaired.tool_calls else None
+
+    async def _repair(
+        self, row: ResultRow, request: Request, given: str | None, failure: RequestFailure, feedback: str
+    ) -> Answer:
+        """Send the one repair request (``given``: the answer as it is given back); the row takes its
+        answer, and counts the tokens of both requests, as both are billed."""
+        again = repair_request(request, given, failure.message, feedback)
+        repaired = await self._send(row, again, row_id(row))
         spent = (row.prompt_tokens, row.completion_tokens)
-        _fill(row, repaired, request.keep_reasoning)
-        # both requests are billed: the row counts the tokens of both
+        _take(row, repaired, request)
         row.prompt_tokens = _plus(spent[0], repaired.prompt_tokens)
         row.completion_tokens = _plus(spent[1], repaired.completion_tokens)
-        try:
-            return validate_json(repaired.text, schema)
-        except RequestFailure as failure:
-            failure.http_status = repaired.http_status  # README, "Output": the last HTTP status (200 here)
-            raise
+        return repaired
 
     def _observe(self, failure: RequestFailure) -> None:
         verdict = self.detector.failure(failure)
         if verdict is not None:
             self.stop.set("outage", verdict)
+
+
+@contextlib.contextmanager
+def _last_status(answer: Answer) -> Iterator[None]:
+    """A failure raised inside has the repaired answer's HTTP status (README, "Output": the last one, 200)."""
+    try:
+        yield
+    except RequestFailure as failure:
+        failure.http_status = answer.http_status
+        raise
+
+
+def _answered(answer: Answer) -> bool:
+    return bool((answer.text or "").strip() or answer.tool_calls)
 
 
 def _plus(a: int | None, b: int | None) -> int | None:
@@ -160,6 +202,19 @@ def _no_answer(answer: Answer) -> str:
         )
     what = "no answer text" if answer.text is None else f"an empty answer ({answer.text!r})"
     return f"the model gave {what} (finish_reason {answer.finish_reason!r})"
+
+
+def _take(row: ResultRow, answer: Answer, request: Request) -> None:
+    """The row takes the answer: its text is the JSON document of a json_schema prompt (the call's
+    arguments with --structured-output tools), the prefill and its continuation, or null beside a
+    function call when blank (vLLM sends "")."""
+    _fill(row, answer, request.keep_reasoning)
+    if request.json_schema is not None:
+        row.text = schema_document(answer)
+    if answer.tool_calls and not (row.text or "").strip():
+        row.text = None
+    if request.prefill is not None and row.text is not None:
+        row.text = request.prefill + row.text
 
 
 def _fill(row: ResultRow, answer: Answer, keep_reasoning: bool) -> None:

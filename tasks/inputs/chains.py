@@ -8,7 +8,9 @@ For each image, a chained prompt is the next user turn of its parent's conversat
 so roles alternate strictly, first and last user, as the endpoint requires. The system prompt is the
 prompt's own ``system``, else its nearest ancestor's. A chain's prompts are asked of the same images:
 a child without ``image_id`` inherits its parent's; a child with one narrows a parent asked of every
-image. Multi-image prompts (``image_ids``) cannot be chained.
+image. Multi-image prompts (``image_ids``) cannot be chained, and a prompt with ``tools`` cannot have
+children (a function call is continued only with the function's result). A prefill is part of the
+answer its children see: the row's text, prefill included.
 
 ``order_chains`` checks all that when the manifest is read and orders prompts parents first, so a job,
 or a ``--limit`` cut of one, never holds a child without its parent. The request key of a child covers
@@ -59,6 +61,14 @@ def order_chains(prompts: list[Prompt], where: str | Path) -> list[Prompt]:
         raise ManifestError(
             f"{where}: column 'parent_prompt_id': a multi-image prompt (image_ids) cannot be part of a "
             f"chain; see {rows_phrase(multi)}"
+        )
+    calling = [row for row, p in enumerate(prompts) if p.tools is not None and p.prompt_id in parents]
+    if calling:
+        names = ", ".join(repr(prompts[row].prompt_id) for row in calling[:MAX_LISTED])
+        raise ManifestError(
+            f"{where}: column 'parent_prompt_id': a prompt with tools cannot have chained prompts after it "
+            "(its answer may be a function call, which a conversation continues only with the function's "
+            f"result, and vlmbatch runs no functions): {names} in {rows_phrase(calling)}"
         )
     resolved: dict[str, Prompt] = {}
     ordered: list[Prompt] = []

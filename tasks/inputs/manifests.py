@@ -11,17 +11,17 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
 
 from tasks.errors import MAX_LISTED, ManifestError
 from tasks.errors import rows_phrase as _rows
 from tasks.inputs.chains import order_chains
 from tasks.inputs.prompt import Prompt
+from tasks.inputs.tools import check_tool_choice, check_tools, schema_problem
 from tasks.row import OUTPUT_SCHEMA
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -237,6 +237,9 @@ PROMPT_COLUMNS: dict[str, tuple[object, str, bool, pa.DataType]] = {
         STRINGS,
     ),
     "parent_prompt_id": (_is_id, "string", False, STRING),
+    "tools": (_is_text, "string (a JSON list of function tools)", False, STRING),
+    "tool_choice": (_is_text, "string", False, STRING),
+    "prefill": (_is_text, "string", False, STRING),
 }
 
 
@@ -279,6 +282,8 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
         schema = rec.get("json_schema")
         if schema is not None:
             _check_schema(schema, where, row)
+        tools, prefill = _tools(rec, where, row), rec.get("prefill")
+        _check_combination(rec, tools, where, row)
         image_id = rec.get("image_id")
         image_ids = rec.get("image_ids")
         if image_ids is not None:
@@ -297,6 +302,9 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
                 reasoning=rec.get("reasoning"),
                 image_ids=image_ids,
                 parent_prompt_id=rec.get("parent_prompt_id"),
+                tools=tools,
+                tool_choice=rec.get("tool_choice"),
+                prefill=prefill,
             )
         )
     if empty:
@@ -319,15 +327,47 @@ def _default_task(image_id: str | None, image_ids: object, parent: str | None) -
 
 def _check_schema(text: str, where: Path, row: int) -> None:
     try:
-        schema = json.loads(text)
-        if not isinstance(schema, dict):
-            raise ValueError("a JSON Schema must be a JSON object")
-        validator_for(schema).check_schema(schema)
-    except (ValueError, SchemaError) as exc:
-        reason = exc.message if isinstance(exc, SchemaError) else str(exc)
+        reason = schema_problem(json.loads(text))
+    except ValueError as exc:
+        reason = str(exc)
+    if reason is not None:
         raise ManifestError(
             f"{where}: column 'json_schema' in row {row} is not a valid JSON Schema: {reason}"
-        ) from None
+        )
+
+
+def _tools(rec: dict[str, Any], where: Path, row: int) -> str | None:
+    """The prompt's checked tools (tasks/inputs/tools.py), and its tool_choice checked against them."""
+    tools, choice = rec.get("tools"), rec.get("tool_choice")
+    prompt = f"row {row} (prompt {rec['prompt_id']!r})"
+    try:
+        tools = check_tools(tools) if tools is not None else None
+    except ValueError as exc:
+        raise ManifestError(f"{where}: column 'tools' in {prompt}: {exc}") from None
+    try:
+        if choice is not None:
+            check_tool_choice(choice, tools)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: column 'tool_choice' in {prompt}: {exc}") from None
+    return tools
+
+
+def _check_combination(rec: dict[str, Any], tools: str | None, where: Path, row: int) -> None:
+    """Columns that do not go together in one prompt."""
+    prompt = f"row {row} (prompt {rec['prompt_id']!r})"
+    prefill = rec.get("prefill")
+    if tools is not None and rec.get("json_schema") is not None:
+        raise ManifestError(
+            f"{where}: {prompt} has both 'tools' and 'json_schema': give one (a json_schema is sent as a "
+            "function with --structured-output tools)"
+        )
+    if prefill is not None and tools is not None:
+        raise ManifestError(
+            f"{where}: {prompt} has both 'prefill' and 'tools': a prefill opens a text answer, and a "
+            "function call has none"
+        )
+    if prefill == "":
+        raise ManifestError(f"{where}: column 'prefill' is empty in {prompt}; leave it null for no prefill")
 
 
 def check_prompt_images(

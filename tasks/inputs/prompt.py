@@ -20,6 +20,9 @@ class Prompt:
     reasoning: bool | None = None  # None: the run's --reasoning
     image_ids: tuple[str, ...] | None = None  # several images in one message, in this order
     parent_prompt_id: str | None = None  # asked after this prompt, with its conversation (a chain)
+    tools: str | None = None  # JSON: OpenAI-style function tools, checked (tasks/inputs/tools.py)
+    tool_choice: str | None = None  # auto, required, none or a function's name (None: the server's, auto)
+    prefill: str | None = None  # the answer's opening: the request ends with it, continued
 
 
 DEFAULT_PROMPT = Prompt(

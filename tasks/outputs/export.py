@@ -27,7 +27,7 @@ from tasks.outputs.layout import STATE_DIR
 from tasks.outputs.lock import writer_of
 from tasks.outputs.reading import conform, output_files, output_files_schema
 from tasks.outputs.table import column_array
-from tasks.row import OUTPUT_SCHEMA
+from tasks.row import OUTPUT_SCHEMA, without_later_columns
 
 
 def export_output(
@@ -173,4 +173,5 @@ def _is_export(path: Path) -> bool:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException):
         return False
-    return EXPORT_KEY in (schema.metadata or {}) or set(OUTPUT_SCHEMA.names) <= set(schema.names)
+    contract = without_later_columns(OUTPUT_SCHEMA).names  # such an export predates tool_calls too
+    return EXPORT_KEY in (schema.metadata or {}) or set(contract) <= set(schema.names)

@@ -14,19 +14,48 @@ import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
 from tasks.outputs.layout import part_files
-from tasks.row import OUTPUT_SCHEMA
+from tasks.row import LATER_COLUMNS, OUTPUT_SCHEMA, without_later_columns
 
 
-def check_schema(out: str | Path, schema: pa.Schema) -> None:
-    """OUT's existing files must have this run's columns, or pyarrow.dataset(OUT) would read them
-    inconsistently: raise UsageError naming the difference (other --carry or --json-columns)."""
+def check_schema(out: str | Path, schema: pa.Schema, needs_later: bool = False) -> pa.Schema:
+    """The columns this run writes into OUT: ``schema``, if OUT's files have them (or OUT has none).
+
+    An OUT written before the contract's ``LATER_COLUMNS`` (``tool_calls``) keeps its columns, so a
+    rerun without ``tools`` prompts leaves it as it was: the schema without them is returned. With
+    ``needs_later`` (a prompt has ``tools``), or when some file already has them (a run that added them
+    was stopped half way), ``schema`` is returned and the run adds them to the older files
+    (tasks/outputs/store.py, ``add_later_columns``). Otherwise OUT's files must have this run's columns,
+    or pyarrow.dataset(OUT) would read them inconsistently: raise UsageError naming the difference
+    (other --carry or --json-columns)."""
     path = Path(out)
     files = part_files(path) if path.is_dir() else []
     if not files:
-        return
+        return schema
     existing = pq.read_schema(files[-1])
-    if [(f.name, f.type) for f in existing] == [(f.name, f.type) for f in schema]:
-        return  # nullability aside: a carried column is nullable now, and was not always
+    if _same_columns(existing, schema):
+        return schema
+    older = without_later_columns(schema)
+    if _same_columns(existing, older):
+        if needs_later or any(_has_later_columns(f) for f in files[:-1]):
+            return schema
+        return older
+    raise _other_columns(path, existing, schema if _has_later(existing) else older)
+
+
+def _same_columns(a: pa.Schema, b: pa.Schema) -> bool:
+    """Names and types in order; nullability aside (a carried column is nullable now, and was not always)."""
+    return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
+
+
+def _has_later(schema: pa.Schema) -> bool:
+    return any(name in schema.names for name in LATER_COLUMNS)
+
+
+def _has_later_columns(file: Path) -> bool:
+    return _has_later(pq.read_schema(file))
+
+
+def _other_columns(path: Path, existing: pa.Schema, schema: pa.Schema) -> UsageError:
     ours, theirs = set(schema.names), set(existing.names)
     missing, extra = sorted(theirs - ours), sorted(ours - theirs)
     changed = sorted(n for n in ours & theirs if not schema.field(n).type.equals(existing.field(n).type))
@@ -39,7 +68,7 @@ def check_schema(out: str | Path, schema: pa.Schema) -> None:
         )
         if part
     )
-    raise UsageError(
+    return UsageError(
         f"--out {path} holds rows with other columns ({detail or 'column order differs'}); rerun with the "
         "same --carry and --json-columns options, or write to a new --out (`vlmbatch export --json-columns` "
         "adds typed JSON columns to an existing output)"
@@ -84,7 +113,7 @@ def read_part(path: Path, columns: Sequence[str]) -> pa.Table:
 
 def output_files_schema(files: Sequence[Path]) -> pa.Schema:
     """One schema for files that older runs may have written with other columns (one without
-    ``reasoning``, one with a column since dropped): every column of any of them, each with a type
+    ``tool_calls``, one with a column since dropped): every column of any of them, each with a type
     they all fit (pyarrow's permissive promotion); UsageError naming a column whose types cannot meet."""
     fields: dict[str, list[tuple[pa.Field, Path]]] = {}
     for f in files:
@@ -101,7 +130,8 @@ def output_files_schema(files: Sequence[Path]) -> pa.Schema:
                 f"{found[0][1].name} and {found[-1][1].name}); export those files separately"
             ) from None
         unified.append(one.field(name))
-    return pa.schema(unified)
+    contract = {name: i for i, name in enumerate(OUTPUT_SCHEMA.names)}  # in its order, the others after
+    return pa.schema(sorted(unified, key=lambda f: contract.get(f.name, len(contract))))
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -8,6 +8,7 @@ moment does OUT hold two rows for one item — at worst, after a crash, none, an
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 from tasks.outputs.index import HashCache, OutputIndex, identity_hash
 from tasks.outputs.layout import STATE_DIR, fsync_dir, part_files, write_atomic
 from tasks.outputs.table import rows_to_table
-from tasks.row import ResultRow
+from tasks.row import LATER_COLUMNS, OUTPUT_SCHEMA, ResultRow
 
 
 def read_index(out: Path) -> tuple[OutputIndex, HashCache]:
@@ -147,3 +148,33 @@ def remove_rows(path: Path, identities: set[int]) -> None:
         fsync_dir(path.parent)
     else:
         write_atomic(kept, path)
+
+
+def add_later_columns(out: Path, schema: pa.Schema) -> int:
+    """Give OUT's files written before the contract's later columns (``tool_calls``) those columns, all
+    null, when this run writes them (tasks/outputs/reading.py, ``check_schema``): then every file has
+    the same columns, and pyarrow.dataset(OUT) reads one schema whichever file it looks at first. Each
+    file is rewritten atomically and keeps its modification time, by which the index orders files (on
+    duplicate rows the newest wins). Call holding OUT's lock. Returns how many files were rewritten."""
+    wanted = [schema.field(name) for name in LATER_COLUMNS if name in schema.names]
+    rewritten = 0
+    for path in part_files(out) if wanted else []:
+        names = pq.read_schema(path).names
+        missing = [column for column in wanted if column.name not in names]
+        if not missing:
+            continue
+        table = pq.read_table(path)
+        for column in missing:
+            at = _contract_position(table.column_names, column.name)
+            table = table.add_column(at, column, pa.nulls(table.num_rows, column.type))
+        stat = path.stat()
+        write_atomic(table, path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        rewritten += 1
+    return rewritten
+
+
+def _contract_position(names: list[str], name: str) -> int:
+    """Where the contract puts column ``name`` among ``names``: after the last contract column before it."""
+    before = set(OUTPUT_SCHEMA.names[: OUTPUT_SCHEMA.names.index(name)])
+    return max((i + 1 for i, present in enumerate(names) if present in before), default=len(names))

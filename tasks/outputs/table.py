@@ -9,13 +9,18 @@ import pyarrow as pa
 from tasks.outputs.json_columns import PROPERTY_KEY, json_object, json_value
 from tasks.row import ROW_FIELDS, ResultRow
 
+_CONTRACT = frozenset(ROW_FIELDS)  # carried and typed JSON columns never take these names
+
 
 def rows_to_table(rows: list[ResultRow], schema: pa.Schema) -> pa.Table:
+    """``schema``: the run's (tasks/row.py, ``output_schema``), or that without the contract's later
+    columns for an OUT written before them (tasks/outputs/reading.py, ``check_schema``)."""
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
-    extras = list(schema)[len(ROW_FIELDS) :]
+    contract = [name for name in ROW_FIELDS if name in columns]
+    extras = [field for field in schema if field.name not in _CONTRACT]
     typed = any(extra.metadata and PROPERTY_KEY in extra.metadata for extra in extras)
     for row in rows:
-        for name in ROW_FIELDS:
+        for name in contract:
             columns[name].append(getattr(row, name))
         document = json_object(row.json) if typed else None
         for extra in extras:

@@ -24,7 +24,7 @@ from tasks.errors import EndpointUnusable, RunInterrupted
 from tasks.inputs.work_items import Shard
 from tasks.outputs.layout import prepare_out_dir, remove_temporaries
 from tasks.outputs.lock import OutLock
-from tasks.outputs.store import OutputStore, read_index, run_tag
+from tasks.outputs.store import OutputStore, add_later_columns, read_index, run_tag
 from tasks.outputs.summary import RunSummary, SummaryBuilder
 from tasks.outputs.writer import AsyncWriter
 from tasks.row import ResultRow
@@ -144,6 +144,8 @@ class Job:
                 lock.acquire()
                 cleanup.callback(lock.release)
                 remove_temporaries(out)
+                if added := add_later_columns(out, plan.output_schema):
+                    self.log.info("added the tool_calls column (null) to %d files written before it", added)
                 index, hashes = read_index(out)
                 store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index)
                 if healed := store.heal_duplicates():

@@ -8,13 +8,13 @@ nothing it was made from has changed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from tasks.config import RunConfig
-from tasks.errors import ConfigError, ManifestError, UsageError
+from tasks.errors import MAX_LISTED, ConfigError, ManifestError, UsageError
 from tasks.inputs.manifests import (
     ImagesManifest,
     check_prompt_images,
@@ -47,6 +47,7 @@ class RunPlan:
     prompts: PromptPlan
     image_root: Path
     output_schema: pa.Schema  # the contract's columns, carried ones, typed JSON ones
+    calls_tools: bool = False  # a prompt has tools: OUT needs the tool_calls column
 
     @property
     def num_images(self) -> int:
@@ -94,7 +95,10 @@ def plan_run(config: RunConfig) -> RunPlan:
             _PLANS[key] = plan
     if not config.dry_run:  # OUT may change between two plans: checked every time
         check_out_dir(config.out)
-        check_schema(config.out, plan.output_schema)
+        # an OUT written before tool_calls keeps its columns unless this run needs them
+        schema = check_schema(config.out, plan.output_schema, plan.calls_tools)
+        if schema is not plan.output_schema:
+            plan = replace(plan, output_schema=schema)
     return plan
 
 
@@ -131,8 +135,11 @@ def _plan(config: RunConfig) -> RunPlan:
             raise ConfigError(f"--image-root {image_root} is not a directory")
     else:
         image_root = images.base_dir if images is not None else Path.cwd()
+    if prompts is not None:
+        _check_prompt_features(config, prompts)
     schema = _output_schema(config, images, prompts)
-    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema)
+    calls = any(p.tools is not None for p in prompts or ())
+    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema, calls)
 
 
 def _output_schema(
@@ -142,6 +149,29 @@ def _output_schema(
     if not (config.json_columns and prompts):
         return output_schema(carry)
     return output_schema(carry, json_fields(prompts, [*OUTPUT_SCHEMA.names, *(carry.names if carry else [])]))
+
+
+def _check_prompt_features(config: RunConfig, prompts: list[Prompt]) -> None:
+    """What a prompt asks that this run's options cannot send (README.md, "Prefill")."""
+    prefilled = [p.prompt_id for p in prompts if p.prefill is not None]
+    if prefilled and config.endpoint.api == "responses":
+        raise ManifestError(
+            f"{config.prompts}: column 'prefill' is set for prompts {_names(prefilled)}, but --api responses "
+            "cannot continue an assistant message (vLLM's Responses API has no continue_final_message); "
+            "use --api chat, or leave 'prefill' null"
+        )
+    forced = [p.prompt_id for p in prompts if p.prefill is not None and p.json_schema is not None]
+    if forced and config.generation.structured_output == "tools":
+        raise ManifestError(
+            f"{config.prompts}: column 'prefill' is set for json_schema prompts {_names(forced)}, but "
+            "--structured-output tools answers them with a function call, which has no text to continue; "
+            "use --structured-output openai or vllm, or leave 'prefill' null"
+        )
+
+
+def _names(ids: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:MAX_LISTED])
+    return shown + (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")
 
 
 def _check_text_only(config: RunConfig, prompts: list[Prompt] | None) -> None:

@@ -378,7 +378,7 @@ class ShardRunner:
         if self.sender is None:  # dry run: everything but the request (status stays "ok": ready)
             self._emit(shard_index, row)
             return row
-        if not await self.sender.fill(row, request, prompt.json_schema):
+        if not await self.sender.fill(row, request):
             return None  # the run is stopping: the item is left for the rerun
         self._emit(shard_index, row)
         return row
