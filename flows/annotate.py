@@ -23,6 +23,7 @@ from prefect.utilities.annotations import quote
 from flows.api_key import load_api_key
 from flows.artifacts import Progress, artifact_key, publish_summary
 from flows.endpoint_limit import EndpointLimit, SlotLease
+from flows.prefect_server import temporary_server_lost
 from flows.schedule import scheduled_date
 from flows.states import with_failed_rows
 from tasks.config import RunConfig
@@ -107,17 +108,19 @@ async def annotate(config: RunConfig) -> RunSummary:
         )
 
     async def advance(shard: Shard) -> None:
-        await progress.advance(shard.num_items)
+        if not temporary_server_lost():
+            await progress.advance(shard.num_items)
 
     result = await job.run(shard_task, on_shard_done=advance)
-    await progress.publish()  # where the run got to (updates come at most once a second)
     logger.info(
         "done: %d ok, %d failed, %d skipped %s", result.ok, result.failed, result.skipped, result.errors or ""
     )
-    title = f"annotate {config.date}" if config.date else "annotate"
-    await publish_summary(
-        result, key=artifact_key("annotate-summary", config.date), title=title, sample=answers.rows
-    )
+    if not temporary_server_lost():  # gone with a signal to every process: nothing to publish to
+        await progress.publish()  # where the run got to (updates come at most once a second)
+        title = f"annotate {config.date}" if config.date else "annotate"
+        await publish_summary(
+            result, key=artifact_key("annotate-summary", config.date), title=title, sample=answers.rows
+        )
     job.raise_if_stopped(result)
     if result.exit_code == 2 and not config.dry_run:  # the CLI's exit 2, where a deployment's run shows it
         message = (

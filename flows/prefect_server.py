@@ -40,6 +40,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from tasks.stopping import signal_received
+
 GUARD = Path(__file__).with_name("server_guard.py")
 STARTUP_TIMEOUT_S = 120.0  # a new database's migrations take ~10 s on 2 cores; a loaded machine more
 STARTS = 3  # tries, each on a fresh port (another process may take a free port before the server does)
@@ -114,10 +116,11 @@ class TemporaryServer:
             process_group=0,  # the terminal's Ctrl-C is vlmbatch's to handle
         )
 
-    def _answers(self, route: str) -> bool:
+    def answers(self, route: str, timeout: float = 5) -> bool:
+        """Whether the server answers ``route`` with 200."""
         with (
             contextlib.suppress(OSError, urllib.error.URLError),
-            _DIRECT.open(f"{self.api_url}{route}", timeout=5) as reply,
+            _DIRECT.open(f"{self.api_url}{route}", timeout=timeout) as reply,
         ):
             return bool(reply.status == 200)
         return False
@@ -140,8 +143,8 @@ class TemporaryServer:
                 )
                 self.stop()
                 break
-            elif self._answers("/health"):
-                self._answers("/admin/version")  # its first API request: the warm-up
+            elif self.answers("/health"):
+                self.answers("/admin/version")  # its first API request: the warm-up
                 break
             else:
                 time.sleep(0.05)
@@ -192,6 +195,18 @@ def stop_temporary_server() -> None:
         _SERVER.stop()
 
 
+def temporary_server_lost() -> bool:
+    """Whether the temporary server that runs used has gone while this process needed it (e.g. a
+    SIGTERM sent to every process of the job by systemd or Slurm): calls to it can only fail now."""
+    server = _SERVER
+    if server is None or not server.used or server.process is None:
+        return False
+    if server.process.poll() is not None:
+        return True
+    # stopping with the run (it closed its port, then waits for its connections): ask it, after a signal
+    return signal_received() is not None and not server.answers("/health", timeout=0.5)
+
+
 def server_url() -> str | None:
     """The Prefect API URL when runs talk to a shared server; None for a temporary server."""
     from prefect.settings import get_current_settings  # Prefect's settings: only once a command needs them
@@ -206,7 +221,11 @@ def server_url() -> str | None:
 def prefect_api(server: TemporaryServer | None) -> Iterator[None]:
     """Runs inside talk to the temporary ``server`` (once it is up), or to the configured server when
     there is one (a profile's ``PREFECT_API_URL`` wins over a server started before it was seen)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings  # Prefect: only for flow runs
+    from prefect.settings import (  # Prefect: only for flow runs
+        PREFECT_API_URL,
+        PREFECT_CLIENT_MAX_RETRIES,
+        temporary_settings,
+    )
 
     if server is None:
         yield
@@ -218,7 +237,10 @@ def prefect_api(server: TemporaryServer | None) -> Iterator[None]:
     _warm_up()
     url = server.wait_ready()
     server.used = True
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    # One retry, not five with exponential backoff (a minute per call): a loopback server that does not
+    # answer is gone, typically stopped by the same SIGTERM as the run (systemd, Slurm), and the run
+    # should end in seconds with what it wrote, not retry for minutes.
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 1}):
         yield
 
 

@@ -39,6 +39,20 @@ class StopSwitch:
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: list[str] = []  # the signals a run of this process took, in order (reset by forget_signals)
+
+
+def signal_received() -> str | None:
+    """The first SIGINT/SIGTERM a run of this process took since ``forget_signals``, if any: a caller
+    that sees the run fail afterwards (e.g. Prefect's server went down with the same signal) can tell
+    an interruption from a crash."""
+    return _received[0] if _received else None
+
+
+def forget_signals() -> None:
+    _received.clear()
+
+
 Watcher = tuple[StopSwitch, Callable[[int], None]]
 _watching: dict[asyncio.AbstractEventLoop, list[Watcher]] = {}  # the runs inside signals_stop, by loop
 
@@ -82,6 +96,7 @@ def _install(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 def _handle(loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> None:
+    _received.append(sig.name)
     watchers = list(_watching.get(loop, ()))
     for switch, on_second in watchers:
         if switch.reason in EXIT_CODES:

@@ -288,3 +288,30 @@ def test_demo_runs_through_the_installed_command(tmp_path: Path, sub_env: dict[s
     got = rows(tmp_path / "demo")
     assert len(got) == 7 and all(r["status"] == "ok" for r in got)
     assert {r["title"] for r in got} >= {"Chelsea the cat", "A coffee cup"}
+
+
+def test_sigterm_to_every_process_of_the_run_exits_143_in_seconds(
+    tmp_path: Path, emulator: EmulatorServer, start: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """systemd's control-group kill and Slurm's scancel send SIGTERM to every process of the job, the
+    temporary Prefect server too: the run still writes what it did and exits 143, in seconds (the flow
+    run's end cannot be recorded on a server that is gone; it used to retry that for about 4 minutes,
+    then exit 70 with a traceback)."""
+    emulator.configure(latency=LATENCY)
+    args = run_args(tmp_path, emulator)
+    proc = start(args)
+    wait_for(lambda: emulator.stats()["requests_total"] >= 10, proc)
+    everyone = [proc.pid, *_descendants(proc.pid)]
+    assert len(everyone) >= 3  # the run, the guard, the server
+    signalled = time.monotonic()
+    for pid in everyone:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - signalled
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    assert took < 30, took
+    kept = rows(tmp_path / "out")
+    assert all(r["status"] == "ok" for r in kept) and len(kept) < N
+    finish_and_check(tmp_path, emulator, args, kept)

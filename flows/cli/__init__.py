@@ -9,9 +9,10 @@ the run turns out not to need it (a dry run set in the environment or a config f
 
 from __future__ import annotations
 
+import os
 import sys
 
-from flows.prefect_server import start_temporary_server
+from flows.prefect_server import start_temporary_server, temporary_server_lost
 
 FLOW_COMMANDS = ("run", "demo", "backfill")
 NO_FLOW_FLAGS = ("--dry-run", "--deployment", "--help", "-h")
@@ -30,4 +31,13 @@ def main() -> None:
     # The commands' modules (half a second to import) come after the server is on its way.
     from flows.cli.app import app
 
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if temporary_server_lost():
+            # Prefect's server went with the signal that stopped the run: what was done is written and
+            # the run said so; Prefect's exit handlers would only retry it, for seconds per queued event.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(done.code if isinstance(done.code, int) else 1)
+        raise

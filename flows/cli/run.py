@@ -30,6 +30,7 @@ from tasks.errors import RunStopped, UsageError
 from tasks.outputs.summary import RunSummary
 from tasks.run.job import Job, add_row_listener
 from tasks.run.plan import RunPlan, plan_run
+from tasks.stopping import EXIT_CODES, forget_signals, signal_received
 
 DRY_RUN_SHOWN = 20  # failures a dry run lists
 
@@ -196,6 +197,7 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
             would_fail.append(row)
 
     stop_listening = add_row_listener(keep_failure) if cfg.dry_run else lambda: None
+    forget_signals()
     try:
         with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
             summary = _dry_run(plan) if cfg.dry_run else _run_flow(cfg, server, verbose)
@@ -213,6 +215,9 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
         typer.echo(f"error: {stopped}", err=True)
         return stopped.exit_code
     except Exception as exc:  # a bug: not exit 1, which promises that nothing was sent or written
+        if (interrupted := _interruption(exc)) is not None:
+            typer.echo(f"error: {interrupted}", err=True)
+            return EXIT_CODES[signal_received() or "SIGINT"]
         traceback.print_exc()
         typer.echo(
             f"error: vlmbatch crashed ({type(exc).__name__}: {exc}); the rows written so far are kept, "
@@ -257,3 +262,22 @@ def _dry_run(plan: RunPlan) -> RunSummary:
         return result
 
     return asyncio.run(dry())
+
+
+def _interruption(exc: BaseException) -> str | None:
+    """What to say when the run failed because it was being interrupted: a signal reached the run
+    (and, sent to every process, Prefect's temporary server too, so the flow run's end could not be
+    recorded), or a Ctrl-C came while Prefect was importing and a library wrapped it. None for a crash."""
+    if (name := signal_received()) is not None:
+        return (
+            f"interrupted by {name}; what was done is written, a rerun continues "
+            f"(then: {type(exc).__name__}: {exc})"
+        )
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return "interrupted by SIGINT; what was done is written, a rerun continues"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
