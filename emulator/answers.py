@@ -18,7 +18,6 @@ continuation, as vLLM returns only the new tokens (:func:`continuation`), and th
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 import uuid
@@ -118,32 +117,14 @@ def answer(
 def continuation(prefill: str, text: str, *, structured: bool) -> str:
     """What continues ``prefill`` towards ``text`` (the content the request would get without it).
 
-    Structured output: the rest of ``text`` (or of the same JSON document spaced another way: compact,
-    or indented by 2 or 4) after the prefill, its trailing whitespace aside, so that prefill +
-    continuation is the document (``{`` continues with the rest of the object); a prefill that starts
-    none of them gets the whole of ``text``, as vLLM's grammar constrains only the new tokens. Plain
-    text: ``text`` after a space (none when the prefill is empty or ends in whitespace).
+    Structured output: the whole of ``text``, as on vLLM, whose grammar constrains only the new tokens:
+    the model starts a document of its own after the prefill (so a ``{`` prefill and the answer do not
+    make one JSON document together). Plain text: ``text`` after a space (none when the prefill is
+    empty or ends in whitespace).
     """
-    if not structured:
-        return text if not prefill or prefill[-1].isspace() else " " + text
-    head = prefill.rstrip()
-    candidates = [text]
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError:  # a JSON fault's content: continued as it is
-        pass
-    else:
-        candidates += [
-            json.dumps(document, ensure_ascii=False, separators=(",", ":")),
-            json.dumps(document, ensure_ascii=False, indent=2),
-            json.dumps(document, ensure_ascii=False, indent=4),
-        ]
-    tail = prefill[len(head) :]  # the prefill's trailing whitespace: not repeated
-    for candidate in candidates:
-        if candidate.startswith(head):
-            rest = candidate[len(head) :]
-            return rest[len(tail) :] if rest.startswith(tail) else rest
-    return text
+    if structured:
+        return text
+    return text if not prefill or prefill[-1].isspace() else " " + text
 
 
 def completion_body(

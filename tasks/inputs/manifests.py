@@ -366,6 +366,12 @@ def _check_combination(rec: dict[str, Any], tools: str | None, where: Path, row:
             f"{where}: {prompt} has both 'prefill' and 'tools': a prefill opens a text answer, and a "
             "function call has none"
         )
+    if prefill is not None and rec.get("json_schema") is not None:
+        raise ManifestError(
+            f"{where}: {prompt} has both 'prefill' and 'json_schema': the server holds only what the "
+            "model writes after a prefill to the schema, so prefill and answer would not be one JSON "
+            "document; give the json_schema alone (its answer is JSON already), or a prefill without it"
+        )
     if prefill == "":
         raise ManifestError(f"{where}: column 'prefill' is empty in {prompt}; leave it null for no prefill")
 

@@ -160,13 +160,6 @@ def _check_prompt_features(config: RunConfig, prompts: list[Prompt]) -> None:
             "cannot continue an assistant message (vLLM's Responses API has no continue_final_message); "
             "use --api chat, or leave 'prefill' null"
         )
-    forced = [p.prompt_id for p in prompts if p.prefill is not None and p.json_schema is not None]
-    if forced and config.generation.structured_output == "tools":
-        raise ManifestError(
-            f"{config.prompts}: column 'prefill' is set for json_schema prompts {_names(forced)}, but "
-            "--structured-output tools answers them with a function call, which has no text to continue; "
-            "use --structured-output openai or vllm, or leave 'prefill' null"
-        )
 
 
 def _names(ids: list[str]) -> str:
