@@ -4,8 +4,10 @@ every kind of image cell, escaping, and the command's checks. (tests/test_report
 from __future__ import annotations
 
 import base64
+import html
 import http.server
 import io
+import json
 import random
 import re
 import threading
@@ -145,6 +147,21 @@ def test_every_value_is_escaped_and_nothing_is_fetched(tmp_path: Path) -> None:
     assert "<link" not in page and "@import" not in page and "url(" not in page
 
 
+def test_an_answer_that_is_only_a_function_call_is_shown_pretty_printed_and_escaped(tmp_path: Path) -> None:
+    rows = make_rows(10)
+    arguments = {"count": 3, "label": "<script>window.__pwned=5</script>"}
+    calls = json.dumps([{"name": "record_detections", "arguments": arguments}], separators=(",", ":"))
+    rows[0].text, rows[0].tool_calls = None, calls
+    out = write_out(tmp_path / "out", rows, files=1)
+    data = collect_report(out, sample=100)
+    (called,) = [r for r in data.sample if r.tool_calls is not None]
+    assert (called.text, called.tool_calls) == (None, calls)
+    card = next(c for c in render_report(data, None).split("<article")[1:] if "record_detections" in c)
+    shown = html.unescape(re.search(r'<pre class="calls"[^>]*>(.*?)</pre>', card, re.S).group(1))
+    assert json.loads(shown) == json.loads(calls) and shown == json.dumps(json.loads(calls), indent=2)
+    assert "<script>" not in card and "&lt;script&gt;window.__pwned=5&lt;/script&gt;" in card
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     return every_kind_manifest(tmp_path)
@@ -248,7 +265,8 @@ def test_an_empty_output_and_one_written_before_a_column_existed(tmp_path: Path)
     assert "OUT holds no rows." in page and "No answered rows with a latency." in page
     old = write_out(tmp_path / "old", make_rows(30), files=1)
     part = next(old.glob("part-*.parquet"))
-    pq.write_table(pq.read_table(part).drop_columns(["reasoning", "completion_tokens"]), part)
+    dropped = ["reasoning", "tool_calls", "completion_tokens"]
+    pq.write_table(pq.read_table(part).drop_columns(dropped), part)
     data = collect_report(old, sample=10)
     assert data.rows == 35 and data.completion_tokens == 0 and len(data.sample) == 10
-    assert all(r.reasoning is None for r in data.sample)
+    assert all(r.reasoning is None and r.tool_calls is None for r in data.sample)

@@ -52,8 +52,8 @@ FIGURE_COLUMNS = [
     "completion_tokens", "attempts", "model", "run_id", "finished_at",
 ]  # fmt: skip
 SAMPLE_COLUMNS = [
-    "image_id", "prompt_id", "task", "status", "text", "reasoning", "json", "finish_reason", "error_type",
-    "error_message", "http_status", "latency_ms", "prompt_tokens", "completion_tokens", "model",
+    "image_id", "prompt_id", "task", "status", "text", "reasoning", "json", "tool_calls", "finish_reason",
+    "error_type", "error_message", "http_status", "latency_ms", "prompt_tokens", "completion_tokens", "model",
 ]  # fmt: skip
 
 
@@ -76,6 +76,7 @@ class SampledRow:
     text: str | None
     reasoning: str | None
     json: str | None
+    tool_calls: str | None  # JSON [{"name", "arguments"}]; null in an OUT written before the column
     finish_reason: str | None
     error_type: str | None
     error_message: str | None

@@ -462,6 +462,8 @@ def _card(row: SampledRow, thumbnails: dict[str, Thumbnail] | None) -> str:
         body.append(f'<div class="answer">{_e(row.text)}</div>')
     if row.json is not None:
         body.append(f'<pre class="json">{_e(_pretty_json(row.json))}</pre>')
+    if row.tool_calls is not None:
+        body.append(f'<pre class="calls" title="function calls">{_e(_pretty_json(row.tool_calls))}</pre>')
     if row.reasoning:
         body.append(
             f"<details><summary>reasoning ({_n(len(row.reasoning))} characters)</summary>"
