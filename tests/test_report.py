@@ -24,7 +24,7 @@ from PIL import Image
 from tasks.config import ImageConfig
 from tasks.inputs.manifests import read_images_manifest
 from tasks.outputs.report_data import OK, _Sampler, collect_report, outcome_of
-from tasks.outputs.report_html import render_report
+from tasks.outputs.report_html import _pretty_json, render_report
 from tasks.outputs.report_images import make_thumbnails
 from tasks.outputs.summary import percentile
 from tests.builders import COLOURS, image_bytes, write_parquet
@@ -160,6 +160,25 @@ def test_an_answer_that_is_only_a_function_call_is_shown_pretty_printed_and_esca
     shown = html.unescape(re.search(r'<pre class="calls"[^>]*>(.*?)</pre>', card, re.S).group(1))
     assert json.loads(shown) == json.loads(calls) and shown == json.dumps(json.loads(calls), indent=2)
     assert "<script>" not in card and "&lt;script&gt;window.__pwned=5&lt;/script&gt;" in card
+
+
+def test_json_too_deep_to_parse_or_indent_is_shown_as_it_is() -> None:
+    # About a thousand levels: Python 3.11's json.loads raises RecursionError, 3.12's parses but
+    # json.dumps(indent=2) raises it; far deeper, every version's json.loads does.
+    for depth in (990, 1000, 1200, 100_000):
+        text = '{"a": ' * depth + "1" + "}" * depth
+        shown = _pretty_json(text)
+        assert shown == text or json.loads(shown) == json.loads(text)
+
+
+def test_a_card_shows_json_and_calls_too_deep_to_read_as_they_are_escaped(tmp_path: Path) -> None:
+    rows = make_rows(10)
+    deep = '{"a": ' * 100_000 + '"<b>deep</b>"' + "}" * 100_000
+    calls = '[{"name": "f", "arguments": ' + deep + "}]"
+    rows[0].json, (rows[1].text, rows[1].tool_calls) = deep, (None, calls)
+    out = write_out(tmp_path / "out", rows, files=1)
+    page = render_report(collect_report(out, sample=100), None)
+    assert html.escape(deep) in page and html.escape(calls) in page and "<b>deep" not in page
 
 
 @pytest.fixture

@@ -492,7 +492,9 @@ def _card(row: SampledRow, thumbnails: dict[str, Thumbnail] | None) -> str:
 
 
 def _pretty_json(text: str) -> str:
+    """``text`` indented, or as it is when it is not JSON or is nested too deep for Python's recursion
+    (about a thousand levels: parsing or indenting it raises RecursionError)."""
     try:
         return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
