@@ -23,8 +23,10 @@ from PIL import Image
 
 from tasks.config import ImageConfig
 from tasks.inputs.manifests import read_images_manifest
+from tasks.outputs.layout import foreign_entries
+from tasks.outputs.report import is_report
 from tasks.outputs.report_data import OK, _Sampler, collect_report, outcome_of
-from tasks.outputs.report_html import _pretty_json, render_report
+from tasks.outputs.report_html import GENERATOR, _pretty_json, render_report
 from tasks.outputs.report_images import make_thumbnails
 from tasks.outputs.summary import percentile
 from tests.builders import COLOURS, image_bytes, write_parquet
@@ -274,6 +276,44 @@ def test_the_report_command(tmp_path: Path, images: Path) -> None:
     assert res.code == 1 and "--sample" in res.err
     res = vlmbatch("report", out, "--images", tmp_path / "nope.parquet", "-o", page)
     assert res.code == 1 and "does not exist" in res.err
+
+
+def test_report_replaces_only_an_earlier_report_unless_forced(tmp_path: Path) -> None:
+    out = write_out(tmp_path / "out", make_rows(20), files=1)
+    notes = tmp_path / "notes.html"
+    notes.write_text("<!doctype html><title>my notes</title>")
+    res = vlmbatch("report", out, "-o", notes)
+    assert (
+        res.code == 1 and f"{notes} exists and is not an earlier report" in res.err and "--force" in res.err
+    )
+    assert notes.read_text() == "<!doctype html><title>my notes</title>"
+    assert vlmbatch("report", out, "-o", notes, "--force").code == 0
+    page = notes.read_text()
+    assert GENERATOR in page.splitlines()[1] and is_report(notes)
+    assert vlmbatch("report", out, "-o", notes, "--sample", "3").code == 0  # an earlier report: replaced
+    assert notes.read_text() != page
+
+    before_the_mark = tmp_path / "old.html"  # a report written before GENERATOR: replaced too
+    before_the_mark.write_text(page.replace(GENERATOR, ""))
+    assert (
+        vlmbatch("report", out, "-o", before_the_mark).code == 0 and GENERATOR in before_the_mark.read_text()
+    )
+    late = tmp_path / "late.html"  # the mark must be in the head, not anywhere in a big file
+    late.write_text("<!doctype html>" + "x" * 5000 + GENERATOR)
+    assert not is_report(late) and vlmbatch("report", out, "-o", late).code == 1
+    (tmp_path / "binary.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert vlmbatch("report", out, "-o", tmp_path / "binary.png").code == 1
+
+
+def test_report_never_writes_inside_out(tmp_path: Path) -> None:
+    out = write_out(tmp_path / "out", make_rows(20), files=1)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    (tmp_path / "link.html").symlink_to(out / "r.html")
+    for dest in (out / "r.html", out / ".hidden.html", out / "sub" / "r.html", out, tmp_path / "link.html"):
+        res = vlmbatch("report", out, "-o", dest, "--force")
+        assert res.code == 1 and f"is inside {out}" in res.err, (dest, res.err)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert foreign_entries(out) == []  # a run would still take OUT
 
 
 def test_an_empty_output_and_one_written_before_a_column_existed(tmp_path: Path) -> None:

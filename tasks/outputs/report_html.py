@@ -156,11 +156,15 @@ CSP = (
 )
 
 
+# In every page's first line: what `report` may replace without --force (tasks/outputs/report.py).
+GENERATOR = '<meta name="generator" content="vlmbatch report">'
+
+
 def render_report(data: ReportData, thumbnails: dict[str, Thumbnail] | None) -> str:
     """The page. ``thumbnails``: by image id (None: the report was made without ``--images``)."""
     parts = [
         "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}',
         f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">',
         '<meta name="referrer" content="no-referrer">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
