@@ -23,6 +23,7 @@ from PIL import Image
 
 from tasks.config import ImageConfig
 from tasks.inputs.manifests import read_images_manifest
+from tasks.outputs import reading, report_data
 from tasks.outputs.layout import foreign_entries
 from tasks.outputs.report import is_report
 from tasks.outputs.report_data import OK, _Sampler, collect_report, outcome_of
@@ -314,6 +315,38 @@ def test_report_never_writes_inside_out(tmp_path: Path) -> None:
         assert res.code == 1 and f"is inside {out}" in res.err, (dest, res.err)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert foreign_entries(out) == []  # a run would still take OUT
+
+
+@pytest.mark.parametrize("when", ["listed", "figures", "sample"])
+def test_a_part_file_deleted_while_the_report_reads_out_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A rerun's remove_rows deletes a part file whose rows all moved to its new file: between the
+    listing and the reading of OUT's files, or between the figures and the sample."""
+    out = write_out(tmp_path / "out", make_rows(40), files=3)
+    doomed = sorted(out.glob("part-*.parquet"))[-1]
+    listed, read = reading.part_files, report_data.read_part
+
+    def part_files(path: Path) -> list[Path]:
+        files = listed(path)
+        if when == "listed":
+            doomed.unlink(missing_ok=True)
+        return files
+
+    def read_part(path: Path, columns: list[str]) -> object:
+        if (when == "figures") == (columns == report_data.FIGURE_COLUMNS) and path == doomed:
+            doomed.unlink(missing_ok=True)
+        return read(path, columns)
+
+    monkeypatch.setattr(reading, "part_files", part_files)
+    monkeypatch.setattr(report_data, "read_part", read_part)
+    page = tmp_path / "report.html"
+    res = vlmbatch("report", out, "-o", page, "--sample", "100")
+    assert res.code == 1 and not page.exists()
+    named = out if when == "listed" else doomed
+    assert res.err == (
+        f"error: {named} changed while the report was being made (is a run writing OUT?); try again\n"
+    )
 
 
 def test_an_empty_output_and_one_written_before_a_column_existed(tmp_path: Path) -> None:

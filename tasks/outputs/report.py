@@ -16,8 +16,7 @@ from tasks.config import ImageConfig
 from tasks.errors import ConfigError, UsageError
 from tasks.inputs.manifests import read_images_manifest
 from tasks.outputs.layout import STATE_DIR
-from tasks.outputs.reading import output_files
-from tasks.outputs.report_data import collect_report
+from tasks.outputs.report_data import collect_report, report_files
 from tasks.outputs.report_html import GENERATOR, render_report
 from tasks.outputs.report_images import make_thumbnails
 
@@ -48,7 +47,7 @@ def write_report(
     """Write the report of ``out`` to ``dest``; UsageError (nothing written) for a bad OUT, FILE,
     manifest or option. An existing ``dest`` is replaced only when it is an earlier report, or with
     ``force``."""
-    output_files(out)  # a vlmbatch output, before anything else is said about it
+    report_files(out)  # a vlmbatch output, before anything else is said about it
     _check_dest(out, dest, force)
     if not 0 <= sample <= MAX_SAMPLE:
         raise ConfigError(f"--sample must be between 0 and {MAX_SAMPLE}, not {sample}")
