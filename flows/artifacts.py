@@ -70,7 +70,8 @@ def summary_markdown(
         ("output", f"`{summary.out}`" if summary.out else "– (dry run)"),
     ]
     if summary.finish_reasons:
-        reasons = ", ".join(f"{k}: {v}" for k, v in summary.finish_reasons.items())
+        # as the server sent them: escaped like the sample's cells, so none can break the table
+        reasons = ", ".join(f"{markdown_cell(k)}: {v}" for k, v in summary.finish_reasons.items())
         rows.insert(-4, ("finish reasons", reasons))
     lines = [f"## {title}", "", "| | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)]
     if sample:

@@ -183,3 +183,14 @@ def test_the_summary_artifact_shows_a_few_answers_that_cannot_break_its_table() 
     )
     assert "<script>" not in text
     assert "Sample answers" not in summary_markdown(RunSummary(), title="annotate")
+
+
+def test_the_servers_finish_reasons_cannot_break_the_summary_table() -> None:
+    reasons = {"stop": 5, "a|b\n## heading <b>bold</b>": 2, "tool_calls": 1}
+    text = summary_markdown(RunSummary(work_items=8, ok=8, finish_reasons=reasons), title="annotate")
+    (line,) = [line for line in text.splitlines() if line.startswith("| finish reasons |")]
+    assert (
+        line == "| finish reasons | stop: 5, a\\|b ## heading &lt;b&gt;bold&lt;/b&gt;: 2, tool\\_calls: 1 |"
+    )
+    assert len(re.findall(r"(?<!\\)\|", line)) == 3  # only the table's own pipes
+    assert "<b>" not in text and "\n## heading" not in text

@@ -4,8 +4,10 @@ every kind of image cell, escaping, and the command's checks. (tests/test_report
 from __future__ import annotations
 
 import base64
+import html
 import http.server
 import io
+import json
 import random
 import re
 import threading
@@ -21,8 +23,11 @@ from PIL import Image
 
 from tasks.config import ImageConfig
 from tasks.inputs.manifests import read_images_manifest
+from tasks.outputs import reading, report_data
+from tasks.outputs.layout import foreign_entries
+from tasks.outputs.report import is_report
 from tasks.outputs.report_data import OK, _Sampler, collect_report, outcome_of
-from tasks.outputs.report_html import render_report
+from tasks.outputs.report_html import GENERATOR, _pretty_json, render_report
 from tasks.outputs.report_images import make_thumbnails
 from tasks.outputs.summary import percentile
 from tests.builders import COLOURS, image_bytes, write_parquet
@@ -145,6 +150,40 @@ def test_every_value_is_escaped_and_nothing_is_fetched(tmp_path: Path) -> None:
     assert "<link" not in page and "@import" not in page and "url(" not in page
 
 
+def test_an_answer_that_is_only_a_function_call_is_shown_pretty_printed_and_escaped(tmp_path: Path) -> None:
+    rows = make_rows(10)
+    arguments = {"count": 3, "label": "<script>window.__pwned=5</script>"}
+    calls = json.dumps([{"name": "record_detections", "arguments": arguments}], separators=(",", ":"))
+    rows[0].text, rows[0].tool_calls = None, calls
+    out = write_out(tmp_path / "out", rows, files=1)
+    data = collect_report(out, sample=100)
+    (called,) = [r for r in data.sample if r.tool_calls is not None]
+    assert (called.text, called.tool_calls) == (None, calls)
+    card = next(c for c in render_report(data, None).split("<article")[1:] if "record_detections" in c)
+    shown = html.unescape(re.search(r'<pre class="calls"[^>]*>(.*?)</pre>', card, re.S).group(1))
+    assert json.loads(shown) == json.loads(calls) and shown == json.dumps(json.loads(calls), indent=2)
+    assert "<script>" not in card and "&lt;script&gt;window.__pwned=5&lt;/script&gt;" in card
+
+
+def test_json_too_deep_to_parse_or_indent_is_shown_as_it_is() -> None:
+    # About a thousand levels: Python 3.11's json.loads raises RecursionError, 3.12's parses but
+    # json.dumps(indent=2) raises it; far deeper, every version's json.loads does.
+    for depth in (990, 1000, 1200, 100_000):
+        text = '{"a": ' * depth + "1" + "}" * depth
+        shown = _pretty_json(text)
+        assert shown == text or json.loads(shown) == json.loads(text)
+
+
+def test_a_card_shows_json_and_calls_too_deep_to_read_as_they_are_escaped(tmp_path: Path) -> None:
+    rows = make_rows(10)
+    deep = '{"a": ' * 100_000 + '"<b>deep</b>"' + "}" * 100_000
+    calls = '[{"name": "f", "arguments": ' + deep + "}]"
+    rows[0].json, (rows[1].text, rows[1].tool_calls) = deep, (None, calls)
+    out = write_out(tmp_path / "out", rows, files=1)
+    page = render_report(collect_report(out, sample=100), None)
+    assert html.escape(deep) in page and html.escape(calls) in page and "<b>deep" not in page
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     return every_kind_manifest(tmp_path)
@@ -240,6 +279,76 @@ def test_the_report_command(tmp_path: Path, images: Path) -> None:
     assert res.code == 1 and "does not exist" in res.err
 
 
+def test_report_replaces_only_an_earlier_report_unless_forced(tmp_path: Path) -> None:
+    out = write_out(tmp_path / "out", make_rows(20), files=1)
+    notes = tmp_path / "notes.html"
+    notes.write_text("<!doctype html><title>my notes</title>")
+    res = vlmbatch("report", out, "-o", notes)
+    assert (
+        res.code == 1 and f"{notes} exists and is not an earlier report" in res.err and "--force" in res.err
+    )
+    assert notes.read_text() == "<!doctype html><title>my notes</title>"
+    assert vlmbatch("report", out, "-o", notes, "--force").code == 0
+    page = notes.read_text()
+    assert GENERATOR in page.splitlines()[1] and is_report(notes)
+    assert vlmbatch("report", out, "-o", notes, "--sample", "3").code == 0  # an earlier report: replaced
+    assert notes.read_text() != page
+
+    before_the_mark = tmp_path / "old.html"  # a report written before GENERATOR: replaced too
+    before_the_mark.write_text(page.replace(GENERATOR, ""))
+    assert (
+        vlmbatch("report", out, "-o", before_the_mark).code == 0 and GENERATOR in before_the_mark.read_text()
+    )
+    late = tmp_path / "late.html"  # the mark must be in the head, not anywhere in a big file
+    late.write_text("<!doctype html>" + "x" * 5000 + GENERATOR)
+    assert not is_report(late) and vlmbatch("report", out, "-o", late).code == 1
+    (tmp_path / "binary.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert vlmbatch("report", out, "-o", tmp_path / "binary.png").code == 1
+
+
+def test_report_never_writes_inside_out(tmp_path: Path) -> None:
+    out = write_out(tmp_path / "out", make_rows(20), files=1)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    (tmp_path / "link.html").symlink_to(out / "r.html")
+    for dest in (out / "r.html", out / ".hidden.html", out / "sub" / "r.html", out, tmp_path / "link.html"):
+        res = vlmbatch("report", out, "-o", dest, "--force")
+        assert res.code == 1 and f"is inside {out}" in res.err, (dest, res.err)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert foreign_entries(out) == []  # a run would still take OUT
+
+
+@pytest.mark.parametrize("when", ["listed", "figures", "sample"])
+def test_a_part_file_deleted_while_the_report_reads_out_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A rerun's remove_rows deletes a part file whose rows all moved to its new file: between the
+    listing and the reading of OUT's files, or between the figures and the sample."""
+    out = write_out(tmp_path / "out", make_rows(40), files=3)
+    doomed = sorted(out.glob("part-*.parquet"))[-1]
+    listed, read = reading.part_files, report_data.read_part
+
+    def part_files(path: Path) -> list[Path]:
+        files = listed(path)
+        if when == "listed":
+            doomed.unlink(missing_ok=True)
+        return files
+
+    def read_part(path: Path, columns: list[str]) -> object:
+        if (when == "figures") == (columns == report_data.FIGURE_COLUMNS) and path == doomed:
+            doomed.unlink(missing_ok=True)
+        return read(path, columns)
+
+    monkeypatch.setattr(reading, "part_files", part_files)
+    monkeypatch.setattr(report_data, "read_part", read_part)
+    page = tmp_path / "report.html"
+    res = vlmbatch("report", out, "-o", page, "--sample", "100")
+    assert res.code == 1 and not page.exists()
+    named = out if when == "listed" else doomed
+    assert res.err == (
+        f"error: {named} changed while the report was being made (is a run writing OUT?); try again\n"
+    )
+
+
 def test_an_empty_output_and_one_written_before_a_column_existed(tmp_path: Path) -> None:
     empty = write_out(tmp_path / "empty", [], files=1)
     data = collect_report(empty)
@@ -248,7 +357,8 @@ def test_an_empty_output_and_one_written_before_a_column_existed(tmp_path: Path)
     assert "OUT holds no rows." in page and "No answered rows with a latency." in page
     old = write_out(tmp_path / "old", make_rows(30), files=1)
     part = next(old.glob("part-*.parquet"))
-    pq.write_table(pq.read_table(part).drop_columns(["reasoning", "completion_tokens"]), part)
+    dropped = ["reasoning", "tool_calls", "completion_tokens"]
+    pq.write_table(pq.read_table(part).drop_columns(dropped), part)
     data = collect_report(old, sample=10)
     assert data.rows == 35 and data.completion_tokens == 0 and len(data.sample) == 10
-    assert all(r.reasoning is None for r in data.sample)
+    assert all(r.reasoning is None and r.tool_calls is None for r in data.sample)

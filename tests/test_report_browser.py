@@ -42,6 +42,8 @@ def test_the_report_in_headless_chromium(tmp_path: Path) -> None:
     for row in rows:
         if row.image_id is not None:
             row.image_id = kinds[int(row.image_id[3:8]) % len(kinds)]
+        if row.prompt_id == "rare":  # answers that are only a function call
+            row.text, row.tool_calls = None, '[{"name": "record_detections", "arguments": {"count": 3}}]'
     out = write_out(tmp_path / "out", rows, files=2)
     page_path = tmp_path / "report.html"
     res = vlmbatch("report", out, "--images", images, "-o", page_path, "--sample", "40")
@@ -58,6 +60,10 @@ def test_the_report_in_headless_chromium(tmp_path: Path) -> None:
     # the <script> answer: shown as text, never run
     assert found["pwned"] == "undefined"
     assert SCRIPT_ANSWER in found["script_answer"] and found["script_answer_visible"]
+    # a function-call answer: shown, pretty-printed
+    assert found["calls"] and all(
+        visible and '"name": "record_detections"' in t for t, visible in found["calls"]
+    )
     # filters: prompt, then status, then an error type; each changes what is shown, as the counts say
     total = found["total"]
     assert found["shown"][0] == (total, f"{total} of {total} shown")
@@ -92,6 +98,10 @@ async def _look(executable: str, page_path: Path, profile: Path, screenshot: Pat
             f"(() => {{ const a = {CARDS}.map(c => c.querySelector('.answer'))"
             f".find(a => a && a.textContent.includes({json.dumps('<script>')}));"
             " return [a.textContent, a.offsetParent !== null && a.getClientRects().length > 0]; })()"
+        )
+        found["calls"] = await page.evaluate(
+            f"{CARDS}.filter(c => c.dataset.prompt === 'rare').map(c => c.querySelector('.calls'))"
+            ".map(p => p ? [p.textContent, p.getClientRects().length > 0] : ['', false])"
         )
         found["total"] = await page.evaluate(f"{CARDS}.length")
         found["expected"] = await page.evaluate(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pyarrow as pa
 from rich.console import Console
 
 from flows.cli.summary_table import print_summary
-from tasks.outputs.summary import AnswerSample, LatencyHistogram, RunSummary, percentile
+from tasks.outputs.summary import AnswerSample, LatencyHistogram, RunSummary, calls_text, percentile
 from tasks.row import ResultRow
 
 
@@ -89,3 +90,24 @@ def test_the_answer_sample_keeps_a_few_first_answers_per_prompt_whatever_the_run
     short.add(ResultRow(image_id=None, prompt_id="j", task="qa", status="ok", text="", json='{"a": 1}'))
     short.add(ResultRow(image_id=None, prompt_id="u", task="qa", status="ok", text="x" * 500))
     assert [r.answer for r in short.rows] == ['{"a": 1}', "x" * 50 + "…"]
+
+
+def test_the_answer_sample_shows_an_answer_that_is_only_a_function_call() -> None:
+    sample = AnswerSample()
+    calls = [
+        {"name": "record_detections", "arguments": {"count": 3, "labels": ["cat", "dog", "cat"]}},
+        {"name": "done", "arguments": {}},
+    ]
+    sample.add(ResultRow(None, "detect", "qa", "ok", tool_calls=json.dumps(calls)))
+    sample.add(ResultRow(None, "other", "qa", "ok", text="  ", tool_calls='[{"name": "f", "arguments": 1}]'))
+    sample.add(ResultRow(None, "odd", "qa", "ok", tool_calls='{"not": "a list"}'))
+    deep = '[{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}]"
+    sample.add(ResultRow(None, "deep", "qa", "ok", tool_calls=deep))
+    assert [r.answer for r in sample.rows] == [
+        'record_detections(count=3, labels=["cat", "dog", "cat"]); done()',
+        "f(1)",
+        '{"not": "a list"}',
+        deep[:120] + "…",
+    ]
+    assert calls_text(json.dumps(calls)) == 'record_detections(count=3, labels=["cat", "dog", "cat"]); done()'
+    assert calls_text(None) is None and calls_text("not json") == "not json"

@@ -19,9 +19,10 @@ def report(
         Path | None,
         Opt(help="The run's images manifest: thumbnails of the sampled rows' images (none: no thumbnails)."),
     ] = None,
-    output: Annotated[Path, Opt("--output", "-o", help="The HTML file to write (outside OUT).")] = Path(
-        "report.html"
-    ),
+    output: Annotated[
+        Path,
+        Opt("--output", "-o", help="The HTML file to write (outside OUT; replaces only an earlier report)."),
+    ] = Path("report.html"),
     sample: Annotated[
         int, Opt(help="Rows in the gallery: a deterministic sample stratified by prompt and outcome.")
     ] = 200,
@@ -33,6 +34,9 @@ def report(
     image_column: Annotated[str, Opt(help="Images-manifest image column.")] = "image",
     allow_private_urls: Annotated[
         bool, Opt("--allow-private-urls", help="Let http(s) images come from loopback or private addresses.")
+    ] = False,
+    force: Annotated[
+        bool, Opt("--force", help="Replace the -o file even when it is not an earlier report.")
     ] = False,
 ) -> None:
     """OUT as one self-contained HTML page: figures, charts, and sampled rows beside their images."""
@@ -48,6 +52,7 @@ def report(
             id_column=id_column,
             image_column=image_column,
             allow_private_urls=allow_private_urls,
+            force=force,
         )
     except UsageError as exc:
         raise fail(str(exc)) from None

@@ -2,7 +2,8 @@
 
 One pass over OUT's part files for the figures and the sample (report_data.py), thumbnails of the
 sampled images only (report_images.py), the page (report_html.py), written to a temporary name and
-renamed, so a failed report leaves nothing half written.
+renamed, so a failed report leaves nothing half written. An existing FILE is replaced only when it is an
+earlier report (its head says so: ``GENERATOR``), or with ``force``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from tasks.config import ImageConfig
 from tasks.errors import ConfigError, UsageError
 from tasks.inputs.manifests import read_images_manifest
 from tasks.outputs.layout import STATE_DIR
-from tasks.outputs.reading import output_files
-from tasks.outputs.report_data import collect_report
-from tasks.outputs.report_html import render_report
+from tasks.outputs.report_data import collect_report, report_files
+from tasks.outputs.report_html import GENERATOR, render_report
 from tasks.outputs.report_images import make_thumbnails
 
 MAX_SAMPLE = 5000  # a page of more cards is slow to open and no easier to read
@@ -42,11 +42,13 @@ def write_report(
     id_column: str = "image_id",
     image_column: str = "image",
     allow_private_urls: bool = False,
+    force: bool = False,
 ) -> ReportMade:
     """Write the report of ``out`` to ``dest``; UsageError (nothing written) for a bad OUT, FILE,
-    manifest or option."""
-    output_files(out)  # a vlmbatch output, before anything else is said about it
-    _check_dest(out, dest)
+    manifest or option. An existing ``dest`` is replaced only when it is an earlier report, or with
+    ``force``."""
+    report_files(out)  # a vlmbatch output, before anything else is said about it
+    _check_dest(out, dest, force)
     if not 0 <= sample <= MAX_SAMPLE:
         raise ConfigError(f"--sample must be between 0 and {MAX_SAMPLE}, not {sample}")
     manifest = None
@@ -72,7 +74,7 @@ def write_report(
     return ReportMade(data.rows, len(data.sample), shown, len(thumbnails or {}) - shown, len(page))
 
 
-def _check_dest(out: Path, dest: Path) -> None:
+def _check_dest(out: Path, dest: Path, force: bool) -> None:
     if dest.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"{dest} is inside {out}: a run would refuse an OUT holding it; write it elsewhere")
     if (dest.parent / STATE_DIR).is_dir():
@@ -81,3 +83,23 @@ def _check_dest(out: Path, dest: Path) -> None:
         raise UsageError(f"{dest} is a directory; give a file name such as {dest / 'report.html'}")
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent} does not exist")
+    if dest.exists() and not force and not is_report(dest):
+        raise UsageError(
+            f"{dest} exists and is not an earlier report (which is all report replaces); choose another "
+            "file with -o, or --force to replace it"
+        )
+
+
+HEAD_BYTES = 4096
+BEFORE_THE_MARK = b"<title>vlmbatch report: "  # a report written before GENERATOR: its title, as early
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a page ``report`` wrote: ``GENERATOR`` (or, before it, the report's title) in
+    its first few KB."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(HEAD_BYTES)
+    except OSError:
+        return False
+    return GENERATOR.encode() in head or (head.startswith(b"<!doctype html>") and BEFORE_THE_MARK in head)

@@ -52,8 +52,8 @@ FIGURE_COLUMNS = [
     "completion_tokens", "attempts", "model", "run_id", "finished_at",
 ]  # fmt: skip
 SAMPLE_COLUMNS = [
-    "image_id", "prompt_id", "task", "status", "text", "reasoning", "json", "finish_reason", "error_type",
-    "error_message", "http_status", "latency_ms", "prompt_tokens", "completion_tokens", "model",
+    "image_id", "prompt_id", "task", "status", "text", "reasoning", "json", "tool_calls", "finish_reason",
+    "error_type", "error_message", "http_status", "latency_ms", "prompt_tokens", "completion_tokens", "model",
 ]  # fmt: skip
 
 
@@ -76,6 +76,7 @@ class SampledRow:
     text: str | None
     reasoning: str | None
     json: str | None
+    tool_calls: str | None  # JSON [{"name", "arguments"}]; null in an OUT written before the column
     finish_reason: str | None
     error_type: str | None
     error_message: str | None
@@ -219,8 +220,9 @@ class _Sampler:
 
 
 def collect_report(out: Path, *, sample: int = 200) -> ReportData:
-    """The figures and the sample of OUT; UsageError unless OUT is a vlmbatch output."""
-    files = output_files(out)
+    """The figures and the sample of OUT; UsageError unless OUT is a vlmbatch output, or if a run changed
+    it while it was read."""
+    files = report_files(out)
     status: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     finish: Counter[str] = Counter()
@@ -233,7 +235,7 @@ def collect_report(out: Path, *, sample: int = 200) -> ReportData:
     prompt_tokens = completion_tokens = requests = rows = 0
 
     for index, path in enumerate(files):
-        table = read_part(path, FIGURE_COLUMNS)
+        table = _read_part(path, FIGURE_COLUMNS)
         rows += table.num_rows
         status.update(_counts(table["status"]))
         errors.update(_counts(table["error_type"]))
@@ -338,7 +340,7 @@ def _read_sample(files: Sequence[Path], chosen: Sequence[Candidate]) -> list[Sam
         by_file.setdefault(candidate[1], []).append(candidate)
     sampled = []
     for index, candidates in sorted(by_file.items()):
-        table = read_part(files[index], SAMPLE_COLUMNS)
+        table = _read_part(files[index], SAMPLE_COLUMNS)
         wanted = [row for _, _, row in candidates]
         if max(wanted) >= table.num_rows:
             raise _changed(files[index])
@@ -347,6 +349,30 @@ def _read_sample(files: Sequence[Path], chosen: Sequence[Candidate]) -> list[Sam
                 raise _changed(files[index])
             sampled.append(SampledRow(**record))
     return sorted(sampled, key=lambda r: (r.image_id is None, r.image_id or "", r.prompt_id))
+
+
+def report_files(out: Path) -> list[Path]:
+    """OUT's part files (``output_files``), a part file that a run deleted while they were listed
+    reported as ``_changed``."""
+    try:
+        return output_files(out)
+    except OSError as exc:
+        raise _unreadable(Path(exc.filename) if exc.filename else out, exc) from None
+
+
+def _read_part(path: Path, columns: Sequence[str]) -> pa.Table:
+    """``read_part``, a part file that a run deleted since OUT was listed (its ``remove_rows``, on a
+    rerun) reported as ``_changed``."""
+    try:
+        return read_part(path, columns)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: OSError) -> UsageError:
+    if isinstance(exc, FileNotFoundError):
+        return _changed(path)
+    return UsageError(f"cannot read {path}: {exc.strerror or exc}")
 
 
 def _changed(path: Path) -> UsageError:

@@ -156,11 +156,15 @@ CSP = (
 )
 
 
+# In every page's first line: what `report` may replace without --force (tasks/outputs/report.py).
+GENERATOR = '<meta name="generator" content="vlmbatch report">'
+
+
 def render_report(data: ReportData, thumbnails: dict[str, Thumbnail] | None) -> str:
     """The page. ``thumbnails``: by image id (None: the report was made without ``--images``)."""
     parts = [
         "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}',
         f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">',
         '<meta name="referrer" content="no-referrer">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -462,6 +466,8 @@ def _card(row: SampledRow, thumbnails: dict[str, Thumbnail] | None) -> str:
         body.append(f'<div class="answer">{_e(row.text)}</div>')
     if row.json is not None:
         body.append(f'<pre class="json">{_e(_pretty_json(row.json))}</pre>')
+    if row.tool_calls is not None:
+        body.append(f'<pre class="calls" title="function calls">{_e(_pretty_json(row.tool_calls))}</pre>')
     if row.reasoning:
         body.append(
             f"<details><summary>reasoning ({_n(len(row.reasoning))} characters)</summary>"
@@ -490,7 +496,9 @@ def _card(row: SampledRow, thumbnails: dict[str, Thumbnail] | None) -> str:
 
 
 def _pretty_json(text: str) -> str:
+    """``text`` indented, or as it is when it is not JSON or is nested too deep for Python's recursion
+    (about a thousand levels: parsing or indenting it raises RecursionError)."""
     try:
         return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from array import array
 from collections import Counter
@@ -150,17 +151,42 @@ class SampleAnswer(BaseModel):
     answer: str  # its first words
 
 
+def calls_text(tool_calls: str | None) -> str | None:
+    """A ``tool_calls`` cell as calls read: ``record_detections(count=3, labels=["cat"])``, calls
+    joined by ``; ``; the cell as it is when it is not such a list."""
+    if not tool_calls:
+        return None
+    try:
+        calls = json.loads(tool_calls)
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls
+        ):
+            return tool_calls
+        shown = []
+        for call in calls:
+            arguments = call.get("arguments")
+            if isinstance(arguments, dict):
+                inside = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in arguments.items())
+            else:
+                inside = "" if arguments is None else json.dumps(arguments, ensure_ascii=False)
+            shown.append(f"{call['name']}({inside})")
+        return "; ".join(shown)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read back
+        return tool_calls
+
+
 class AnswerSample:
     """The first answers of a run, a few per prompt, for the summary artifact: what was produced, not only
     how much. Bounded whatever the run's size: at most ``per_prompt`` rows for each of the first
-    ``prompts`` prompts, each answer cut to its first ``words`` words."""
+    ``prompts`` prompts, each answer (its text, else its JSON, else its function calls as
+    ``calls_text`` writes them) cut to its first ``words`` words."""
 
     def __init__(self, *, per_prompt: int = 2, prompts: int = 10, words: int = 12) -> None:
         self.per_prompt, self.prompts, self.words = per_prompt, prompts, words
         self._kept: dict[str, list[SampleAnswer]] = {}
 
     def add(self, row: ResultRow) -> None:
-        answer = row.text if row.text and row.text.strip() else row.json
+        answer = row.text if row.text and row.text.strip() else row.json or calls_text(row.tool_calls)
         if row.status != "ok" or not answer:
             return
         kept = self._kept.get(row.prompt_id)
