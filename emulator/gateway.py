@@ -19,6 +19,7 @@ GATEWAY_MESSAGES = {
     "503": "The service is temporarily unavailable. Please retry later.",
     "408": "The request timed out at the gateway (injected fault).",
 }
+LOADING_MESSAGE = "The model is loading and is not ready to serve requests yet."
 
 
 def drop_connection(request: web.Request) -> web.StreamResponse:
@@ -48,14 +49,24 @@ def gate(request: web.Request, settings: EmulatorSettings) -> web.StreamResponse
 
 def gateway_error(kind: str, settings: EmulatorSettings) -> web.Response:
     """An injected 429, 503 (with Retry-After / retry-after-ms when set) or 408."""
-    headers: dict[str, str] = {}
-    if kind != "408":
-        if settings.retry_after is not None:
-            headers["Retry-After"] = _seconds(settings.retry_after)
-        if settings.retry_after_ms is not None:
-            headers["retry-after-ms"] = str(settings.retry_after_ms)
+    headers = {} if kind == "408" else _retry_after(settings)
     error = ApiError(int(kind), GATEWAY_MESSAGES[kind])
     return error_response(error, flat=settings.flat_errors, headers=headers)
+
+
+def loading_error(settings: EmulatorSettings) -> web.Response:
+    """The 503 of a server still loading its model (with Retry-After / retry-after-ms when set)."""
+    error = ApiError(503, LOADING_MESSAGE)
+    return error_response(error, flat=settings.flat_errors, headers=_retry_after(settings))
+
+
+def _retry_after(settings: EmulatorSettings) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if settings.retry_after is not None:
+        headers["Retry-After"] = _seconds(settings.retry_after)
+    if settings.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(settings.retry_after_ms)
+    return headers
 
 
 def timeout_error(settings: EmulatorSettings) -> web.Response:

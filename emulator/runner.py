@@ -134,8 +134,11 @@ class EmulatorServer:
         return self._require().state.settings
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot of the counters (the same data as ``GET /_emulator/stats``)."""
-        return self._require().state.stats.snapshot()
+        """A snapshot of the counters (the same data as ``GET /_emulator/stats``); also once stopped:
+        what it saw until then."""
+        if self._running is None:
+            raise RuntimeError("the emulator is not running: call start() first")
+        return self._running.state.stats.snapshot()
 
     def reset(self) -> None:
         """Clear the counters and rewind the fault script."""

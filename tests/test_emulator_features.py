@@ -770,3 +770,30 @@ def test_new_flags_and_settings() -> None:
     assert settings_from_args(["--gateway-timeout", "none"]).gateway_timeout is None
     with pytest.raises(ValueError, match="gateway_timeout"):
         defaults.with_changes(gateway_timeout=0)
+
+
+def test_a_loading_server_answers_503_on_its_model_routes_and_readiness_until_loaded(
+    make_server: Callable[..., EmulatorServer],
+) -> None:
+    """NIM answers 503 while its model loads; liveness and the model list answer meanwhile. The loading
+    time counts from when it is set: at start, or at runtime (a replica reloading its model)."""
+    server = make_server(loading_seconds=30, retry_after=2)
+    reply = chat(server, chat_body())
+    assert (reply.status, reply.headers["Retry-After"]) == (503, "2")
+    assert "loading" in reply.json()["error"]["message"]
+    assert call(f"{server.base_url}/health/ready").status == 503
+    assert call(f"{server.base_url}/health/live").status == 200
+    assert call(f"{server.base_url}/models").status == 200
+    assert server.stats()["faults"] == {"loading": 1}
+    server.configure(loading_seconds=0)
+    assert call(f"{server.base_url}/health/ready").status == 200
+    message(chat(server, chat_body()))
+    server.configure(loading_seconds=0.3)
+    assert chat(server, chat_body()).status == 503
+    time.sleep(0.4)
+    message(chat(server, chat_body()))
+    assert settings_from_args(["--loading-seconds", "5"]).loading_seconds == 5.0
+    with pytest.raises(ValueError, match="loading_seconds"):
+        server.settings.with_changes(loading_seconds=-1)
+    server.stop()
+    assert server.stats()["requests_total"] == 4  # what it saw stays readable once stopped
