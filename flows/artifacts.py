@@ -58,6 +58,19 @@ def summary_markdown(summary: RunSummary, *, title: str = "vlmbatch run") -> str
         reasons = ", ".join(f"{k}: {v}" for k, v in summary.finish_reasons.items())
         rows.insert(-4, ("finish reasons", reasons))
     lines = [f"## {title}", "", "| | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)]
+    if summary.replicas:
+        lines += [
+            "",
+            "### replicas",
+            "",
+            "| replica | requests | answered | failures | ejections | latency p50 |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(
+                f"| `{r.replica}` | {r.requests} | {r.answered} | {r.failures} | "
+                f"{'–' if r.ejections is None else r.ejections} | {ms(r.latency_p50_ms)} |"
+                for r in summary.replicas
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ class ResultRow:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     model: str | None = None
+    replica: str | None = None  # the base URL (without credentials) of the replica that answered
     request_key: str | None = None
     image_sha256: str | None = None
     image_width: int | None = None
@@ -71,6 +72,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
         ("model", pa.string()),
+        ("replica", pa.string()),
         ("request_key", pa.string()),
         ("image_sha256", pa.string()),
         ("image_width", pa.int32()),
@@ -81,6 +83,11 @@ OUTPUT_SCHEMA = pa.schema(
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+# Columns the contract added after its first release: OUT files written before may lack them. A rerun
+# into such an OUT writes them in its new files and leaves the old ones as they are (tasks/outputs/
+# reading.py: check_schema); readers of OUT see nulls there (README.md, "Output").
+LATER_COLUMNS: tuple[str, ...] = ("replica",)
 
 ROW_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "carry"]
 if OUTPUT_SCHEMA.names != ROW_FIELDS:  # pragma: no cover - a programming error, caught at import

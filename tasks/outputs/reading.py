@@ -14,21 +14,28 @@ import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
 from tasks.outputs.layout import part_files
-from tasks.row import OUTPUT_SCHEMA
+from tasks.row import LATER_COLUMNS, OUTPUT_SCHEMA
 
 
 def check_schema(out: str | Path, schema: pa.Schema) -> None:
     """OUT's existing files must have this run's columns, or pyarrow.dataset(OUT) would read them
-    inconsistently: raise UsageError naming the difference (other --carry or --json-columns)."""
+    inconsistently: raise UsageError naming the difference (other --carry or --json-columns). A file
+    written before the contract added a column (``LATER_COLUMNS``) may lack it: the run's new files
+    have it, the old ones are read with nulls there."""
     path = Path(out)
     files = part_files(path) if path.is_dir() else []
     if not files:
         return
     existing = pq.read_schema(files[-1])
-    if [(f.name, f.type) for f in existing] == [(f.name, f.type) for f in schema]:
+    columns = [(f.name, f.type) for f in existing]
+    if columns == [(f.name, f.type) for f in schema]:
         return  # nullability aside: a carried column is nullable now, and was not always
+    if columns == [
+        (f.name, f.type) for f in schema if f.name in existing.names or f.name not in LATER_COLUMNS
+    ]:
+        return  # written before some columns existed
     ours, theirs = set(schema.names), set(existing.names)
-    missing, extra = sorted(theirs - ours), sorted(ours - theirs)
+    missing, extra = sorted(theirs - ours), sorted(ours - theirs - set(LATER_COLUMNS))
     changed = sorted(n for n in ours & theirs if not schema.field(n).type.equals(existing.field(n).type))
     detail = "; ".join(
         part
@@ -53,6 +60,7 @@ def read_output(out: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 SUMMARY_COLUMNS = [
     "status", "error_type", "finish_reason", "prompt_tokens", "completion_tokens", "attempts", "latency_ms",
+    "replica",
 ]  # fmt: skip
 
 
