@@ -5,6 +5,7 @@ None of these is wrapped in a 424 by an Azure ML gateway: they never came from t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
@@ -24,14 +25,18 @@ LOADING_MESSAGE = "The model is loading and is not ready to serve requests yet."
 
 def drop_connection(request: web.Request) -> web.StreamResponse:
     """Abort the TCP connection with a reset (SO_LINGER 0); the returned response is never written."""
-    transport = request.transport
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
+    if request.transport is not None:
+        reset(request.transport)
     return web.Response(status=204)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Abort a connection with a TCP reset (SO_LINGER 0), not a clean close."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def authorized(request: web.Request, settings: EmulatorSettings) -> bool:

@@ -88,9 +88,14 @@ async def handle(request: web.Request, api: Api) -> web.StreamResponse:
     item = work_item(request.headers.get("X-Request-Id")) or hashlib.sha256(raw).hexdigest()
     outcome = _Outcome(state, item, api.route, state.stats.now())
     attempt = state.stats.arrive(item, api.route)
+    transport = request.transport
+    if transport is not None:
+        state.answering.add(transport)
     try:
         return await _respond(request, api, state, settings, raw, item, attempt, deadline, outcome)
     finally:
+        if transport is not None:
+            state.answering.discard(transport)
         outcome.record()
 
 

@@ -13,6 +13,7 @@ from typing import Any, Self, TypeVar
 
 from aiohttp import web
 
+from emulator.gateway import reset
 from emulator.server import STATE, create_app
 from emulator.settings import EmulatorSettings
 from emulator.state import EmulatorState
@@ -110,6 +111,18 @@ class EmulatorServer:
             loop.call_soon_threadsafe(stop.set)
         thread.join()
         self._thread = None
+
+    def kill(self) -> None:
+        """Die as a killed process or a lost node does: every request in progress has its connection
+        reset at once (never answered), and the port closes."""
+        state = self._require().state
+
+        def reset_all() -> None:
+            for transport in list(state.answering):
+                reset(transport)
+
+        self._call(reset_all)
+        self.stop()
 
     def __enter__(self) -> Self:
         return self.start()

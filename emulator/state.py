@@ -30,6 +30,7 @@ class EmulatorState:
         self._semaphore = _semaphore(settings.max_concurrency)
         self._random = random.Random(settings.seed)
         self._loaded_at = time.monotonic() + settings.loading_seconds
+        self.answering: set[asyncio.Transport] = set()  # connections of model requests in progress
 
     def loading(self) -> bool:
         """Still "loading the model" (``loading_seconds`` since it was set)."""

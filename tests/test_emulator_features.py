@@ -797,3 +797,29 @@ def test_a_loading_server_answers_503_on_its_model_routes_and_readiness_until_lo
         server.settings.with_changes(loading_seconds=-1)
     server.stop()
     assert server.stats()["requests_total"] == 4  # what it saw stays readable once stopped
+
+
+def test_a_killed_emulator_resets_the_requests_it_was_answering(
+    make_server: Callable[..., EmulatorServer],
+) -> None:
+    """As a killed process or a lost node: no answer, the connection reset, the port closed."""
+    import threading
+
+    server = make_server(latency=5.0)
+    replies: list[object] = []
+
+    def ask() -> None:
+        try:
+            replies.append(chat(server, chat_body(), timeout=10))
+        except OSError as exc:  # urllib's wrapper of the reset included
+            replies.append(exc)
+
+    caller = threading.Thread(target=ask)
+    caller.start()
+    while server.stats()["in_flight"] < 1:
+        time.sleep(0.01)
+    started = time.monotonic()
+    server.kill()
+    caller.join()
+    assert time.monotonic() - started < 2 and not isinstance(replies[0], Reply)  # reset, never answered
+    assert server.stats()["by_status"] == {"cancelled": 1}
