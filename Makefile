@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/memory.py --sizes 10000,50000
 	$(BIN)/python bench/rerun.py
 	$(BIN)/python bench/auto.py
+	$(BIN)/python bench/replicas.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out

@@ -149,7 +149,9 @@ def _healthy(settings: EmulatorSettings) -> web.StreamResponse:
 
 
 async def get_stats(request: web.Request) -> web.StreamResponse:
-    return json_response(request.app[STATE].stats.snapshot())
+    """The counters; ``?log=0`` leaves out the log of requests (cheap enough to poll)."""
+    log = request.query.get("log", "1").lower() not in ("0", "false", "no")
+    return json_response(request.app[STATE].stats.snapshot(log=log))
 
 
 async def reset_stats(request: web.Request) -> web.StreamResponse:

@@ -823,3 +823,18 @@ def test_a_killed_emulator_resets_the_requests_it_was_answering(
     caller.join()
     assert time.monotonic() - started < 2 and not isinstance(replies[0], Reply)  # reset, never answered
     assert server.stats()["by_status"] == {"cancelled": 1}
+
+
+def test_stats_without_the_log_and_on_the_shared_monotonic_clock(
+    make_server: Callable[..., EmulatorServer],
+) -> None:
+    """Benchmarks poll several emulators cheaply and put their arrivals on one clock."""
+    server = make_server()
+    before = time.monotonic()
+    message(chat(server, chat_body()))
+    brief = call(f"http://127.0.0.1:{server.port}/_emulator/stats?log=0").json()
+    assert "log" not in brief and brief["requests_total"] == 1
+    full = server.stats()
+    assert (
+        full["monotonic_start"] <= before < full["monotonic_start"] + full["log"][0]["t"] <= time.monotonic()
+    )
