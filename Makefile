@@ -29,7 +29,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Throughput benchmarks (never part of `make test`); about twenty minutes on 2 cores. Full sizes: see bench/README.md.
+# Throughput benchmarks (never part of `make test`); about twenty-five minutes on 2 cores. Full sizes: see bench/README.md.
 bench: $(STAMP)
 	$(BIN)/python bench/images.py
 	$(BIN)/python bench/saturation.py
