@@ -490,3 +490,47 @@ def test_the_summary_table_and_artifact_show_each_replica() -> None:
     alone = Console(width=200, record=True)
     print_summary(RunSummary(work_items=1, ok=1), alone)
     assert "replicas" not in alone.export_text()  # one endpoint: the summary it always had
+
+
+def test_preflight_of_several_replicas_starts_without_one_still_loading_and_drops_one_without_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run does not wait out --outage-window for a replica still loading once another is ready: it
+    starts set aside and joins once its own preflight passes; one without the model is left out."""
+    from emulator import EmulatorServer, EmulatorSettings
+    from tasks.endpoint.preflight import PreflightFailed, preflight_replicas
+
+    ready = EmulatorServer(EmulatorSettings(latency=0)).start()
+    loading = EmulatorServer(EmulatorSettings(latency=0, loading_seconds=60, retry_after=0.05)).start()
+    other = EmulatorServer(EmulatorSettings(latency=0, models=("someone/else",))).start()
+    try:
+        urls = (ready.base_url, loading.base_url, other.base_url)
+        config = EndpointConfig(base_url=urls, outage_window=30)
+
+        async def main() -> None:
+            started = asyncio.get_running_loop().time()
+            result = await preflight_replicas(config, [None] * 3)
+            assert asyncio.get_running_loop().time() - started < 10  # not the 30 s window
+            assert (result.ready, result.waiting) == ([ready.base_url], [loading.base_url])
+            assert "does not serve the model" in result.dropped[other.base_url]
+            detector = OutageDetector(window=30, replicas=[public_url(u) for u in urls])
+            r = Router(config, [None] * 3, stop=StopSwitch(), detector=detector, checked=result)
+            a, b, c = r.replicas
+            assert a.in_service and b.ejected and not b.checked and c.gone is not None
+            await r._probe(b)  # still loading: stays aside, its unusable time starts
+            assert b.ejected and detector.replicas[b.name].failing_since is not None
+            loading.configure(loading_seconds=0)
+            await r._probe(b)  # its whole preflight passes now
+            assert b.in_service and b.checked
+            await r.aclose()
+            loading.configure(loading_seconds=60)
+            with pytest.raises(PreflightFailed, match="no replica is usable") as failed:
+                await preflight_replicas(
+                    EndpointConfig(base_url=(other.base_url, loading.base_url), outage_window=0.5), [None] * 2
+                )
+            assert other.base_url in str(failed.value) and loading.base_url in str(failed.value)
+
+        asyncio.run(main())
+    finally:
+        for server in (ready, loading, other):
+            server.stop()

@@ -149,10 +149,6 @@ class Router:
                     self._watch_due = True
         stop.when_set(self._wake_all)
 
-    @property
-    def names(self) -> list[str]:
-        return [replica.name for replica in self.replicas]
-
     async def aclose(self) -> None:
         self._closed = True
         if self._timer is not None:
