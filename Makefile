@@ -29,7 +29,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Throughput benchmarks (never part of `make test`); about twenty minutes on 2 cores. Full sizes: see bench/README.md.
+# Throughput benchmarks (never part of `make test`); about twenty-five minutes on 2 cores. Full sizes: see bench/README.md.
 bench: $(STAMP)
 	$(BIN)/python bench/images.py
 	$(BIN)/python bench/saturation.py
@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rerun.py
 	$(BIN)/python bench/auto.py
 	$(BIN)/python bench/report.py
+	$(BIN)/python bench/replicas.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out

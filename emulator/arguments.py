@@ -57,6 +57,12 @@ def build_parser(prog: str = "python -m emulator", port: int = DEFAULTS.port) ->
     add("--retry-after-ms", type=int, default=DEFAULTS.retry_after_ms)
     add("--hang-seconds", type=float, default=DEFAULTS.hang_seconds)
     add("--down", action="store_true", help="reset every /v1 connection")
+    add(
+        "--loading-seconds",
+        type=float,
+        default=DEFAULTS.loading_seconds,
+        help="answer 503 on the model routes and /v1/health/ready for this long after start (NIM loading)",
+    )
     add("--image-fetch-timeout", type=float, default=DEFAULTS.image_fetch_timeout)
     add("--image-cache-size", type=int, default=DEFAULTS.image_cache_size)
     add("--azure-gateway", action="store_true", help="Azure ML endpoint: container errors arrive as 424")

@@ -21,7 +21,7 @@ from emulator import streaming, tools
 from emulator.answers import Answer, answer, caption, continuation, prompt_tokens
 from emulator.errors import JSON_HEADERS, ApiError, container_error, unauthorized_response
 from emulator.faults import GATEWAY_FAULTS
-from emulator.gateway import authorized, drop_connection, gateway_error, timeout_error
+from emulator.gateway import authorized, drop_connection, gateway_error, loading_error, timeout_error
 from emulator.schema_output import Facts
 from emulator.settings import EmulatorSettings
 from emulator.state import STATE, EmulatorState
@@ -88,9 +88,14 @@ async def handle(request: web.Request, api: Api) -> web.StreamResponse:
     item = work_item(request.headers.get("X-Request-Id")) or hashlib.sha256(raw).hexdigest()
     outcome = _Outcome(state, item, api.route, state.stats.now())
     attempt = state.stats.arrive(item, api.route)
+    transport = request.transport
+    if transport is not None:
+        state.answering.add(transport)
     try:
         return await _respond(request, api, state, settings, raw, item, attempt, deadline, outcome)
     finally:
+        if transport is not None:
+            state.answering.discard(transport)
         outcome.record()
 
 
@@ -111,6 +116,9 @@ async def _respond(
     if not authorized(request, settings):
         outcome.status = 401
         return unauthorized_response()
+    if state.loading():  # a NIM loading its model
+        outcome.status, outcome.fault = 503, "loading"
+        return loading_error(settings)
     if settings.reject_over_capacity and state.at_capacity():  # a gateway in front of a full server
         outcome.fault, outcome.status = "capacity", 429
         return gateway_error("429", settings)

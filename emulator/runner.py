@@ -13,6 +13,7 @@ from typing import Any, Self, TypeVar
 
 from aiohttp import web
 
+from emulator.gateway import reset
 from emulator.server import STATE, create_app
 from emulator.settings import EmulatorSettings
 from emulator.state import EmulatorState
@@ -111,6 +112,18 @@ class EmulatorServer:
         thread.join()
         self._thread = None
 
+    def kill(self) -> None:
+        """Die as a killed process or a lost node does: every request in progress has its connection
+        reset at once (never answered), and the port closes."""
+        state = self._require().state
+
+        def reset_all() -> None:
+            for transport in list(state.answering):
+                reset(transport)
+
+        self._call(reset_all)
+        self.stop()
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -134,8 +147,11 @@ class EmulatorServer:
         return self._require().state.settings
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot of the counters (the same data as ``GET /_emulator/stats``)."""
-        return self._require().state.stats.snapshot()
+        """A snapshot of the counters (the same data as ``GET /_emulator/stats``); also once stopped:
+        what it saw until then."""
+        if self._running is None:
+            raise RuntimeError("the emulator is not running: call start() first")
+        return self._running.state.stats.snapshot()
 
     def reset(self) -> None:
         """Clear the counters and rewind the fault script."""

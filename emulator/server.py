@@ -8,6 +8,7 @@ The model routes, ``POST /v1/chat/completions`` and ``POST /v1/responses``, shar
    ``gateway_timeout`` set, its clock starts now.
 2. ``down``: drop the connection (TCP reset, no response).
 3. ``api_key`` set and no matching ``Authorization: Bearer`` header: 401 ``{"error":"Unauthorized"}``.
+   Still ``loading_seconds`` since that was set: 503 (with Retry-After), as NIM while its model loads.
 4. Decide the fault (script, else rate). Gateway faults are answered now, before validation:
    ``429`` and ``503`` (with Retry-After / retry-after-ms), ``408`` and ``reset``.
 5. Validate the body (the Responses API's is first turned into a chat request), read the images
@@ -28,7 +29,8 @@ seconds after arrival, the answer is a 408 at that moment; a started stream is n
 ``azure_gateway``: the errors of steps 5-6 (the container's) reach the client as 424 with
 ``ms-azureml-model-error-statuscode``; 401, 408, 429 and 503 come from the gateway and stay as they are.
 
-Every other ``/v1`` route goes through steps 2 and 3 only; ``health_route=False`` makes
+Every other ``/v1`` route goes through steps 2 and 3 only (``/v1/health/ready`` also answers 503
+while loading; ``/v1/models`` and ``/v1/health/live`` do not); ``health_route=False`` makes
 ``/v1/health/*`` a 404 (vLLM has only ``/health``). Control routes never see auth or faults.
 """
 
@@ -44,7 +46,7 @@ from aiohttp import web
 
 from emulator.answers import Answer, completion_body
 from emulator.errors import from_container, json_response
-from emulator.gateway import drop_connection, gate
+from emulator.gateway import drop_connection, gate, loading_error
 from emulator.pipeline import Api, handle
 from emulator.responses_api import response_body, validate_responses
 from emulator.settings import EmulatorSettings
@@ -77,7 +79,7 @@ def create_app(settings: EmulatorSettings) -> web.Application:
     app.router.add_post(CHAT.route, chat_completions)
     app.router.add_post(RESPONSES.route, responses)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/health/ready", health)
+    app.router.add_get("/v1/health/ready", ready)
     app.router.add_get("/v1/health/live", health)
     app.router.add_get("/_emulator/stats", get_stats)
     app.router.add_post("/_emulator/reset", reset_stats)
@@ -120,9 +122,25 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.StreamResponse:
+    """Liveness: the server is up."""
     settings = request.app[STATE].settings
     if (refusal := gate(request, settings)) is not None:
         return refusal
+    return _healthy(settings)
+
+
+async def ready(request: web.Request) -> web.StreamResponse:
+    """Readiness: like liveness, but 503 while the model loads (NIM)."""
+    state = request.app[STATE]
+    settings = state.settings
+    if (refusal := gate(request, settings)) is not None:
+        return refusal
+    if settings.health_route and state.loading():
+        return loading_error(settings)
+    return _healthy(settings)
+
+
+def _healthy(settings: EmulatorSettings) -> web.StreamResponse:
     if not settings.health_route:  # FastAPI's body for an unknown route, as vLLM sends it
         return from_container(
             json_response({"detail": "Not Found"}, status=404), azure=settings.azure_gateway
@@ -131,7 +149,9 @@ async def health(request: web.Request) -> web.StreamResponse:
 
 
 async def get_stats(request: web.Request) -> web.StreamResponse:
-    return json_response(request.app[STATE].stats.snapshot())
+    """The counters; ``?log=0`` leaves out the log of requests (cheap enough to poll)."""
+    log = request.query.get("log", "1").lower() not in ("0", "false", "no")
+    return json_response(request.app[STATE].stats.snapshot(log=log))
 
 
 async def reset_stats(request: web.Request) -> web.StreamResponse:

@@ -56,6 +56,10 @@ class EmulatorSettings:
     azure_gateway: bool = False  # behave like an Azure ML endpoint: container errors arrive as 424
     gateway_timeout: float | None = None  # seconds before a gateway answers 408 (Azure's default: 5)
     health_route: bool = True  # False: GET /v1/health/* is 404, like vLLM (which has only /health)
+    # for this many seconds after it is set (at start, or at runtime), the model routes and
+    # /v1/health/ready answer 503 (with Retry-After), as NIM does while its model loads; /v1/models and
+    # /v1/health/live answer
+    loading_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("models", "fault_kinds", "fault_script"):
@@ -75,7 +79,7 @@ class EmulatorSettings:
         _positive_int(problems, "max_images_per_prompt", self.max_images_per_prompt, allow_zero=True)
         _positive_int(problems, "max_concurrency", self.max_concurrency, allow_zero=True)
         _positive_int(problems, "image_cache_size", self.image_cache_size)
-        for name in ("latency", "jitter", "hang_seconds", "token_seconds"):
+        for name in ("latency", "jitter", "hang_seconds", "token_seconds", "loading_seconds"):
             if not _number(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a number >= 0")
         if not _number(self.image_fetch_timeout) or self.image_fetch_timeout <= 0:

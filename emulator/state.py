@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +29,12 @@ class EmulatorState:
         self.session: aiohttp.ClientSession | None = None  # for http(s) image URLs, set on startup
         self._semaphore = _semaphore(settings.max_concurrency)
         self._random = random.Random(settings.seed)
+        self._loaded_at = time.monotonic() + settings.loading_seconds
+        self.answering: set[asyncio.Transport] = set()  # connections of model requests in progress
+
+    def loading(self) -> bool:
+        """Still "loading the model" (``loading_seconds`` since it was set)."""
+        return time.monotonic() < self._loaded_at
 
     def configure(self, changes: dict[str, Any]) -> EmulatorSettings:
         """Apply runtime changes (ValueError when unknown, fixed at startup or invalid)."""
@@ -40,6 +47,8 @@ class EmulatorState:
             self._random = random.Random(new.seed)
         if "fault_script" in changes:
             self.faults.reset()
+        if "loading_seconds" in changes:
+            self._loaded_at = time.monotonic() + new.loading_seconds
         self.settings = new
         return new
 

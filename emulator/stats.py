@@ -111,10 +111,13 @@ class Stats:
             self.in_flight = self.max_in_flight = in_flight
             self.processing = self.max_processing = processing
 
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy of every counter."""
+    def snapshot(self, log: bool = True) -> dict[str, Any]:
+        """A JSON-ready copy of every counter (``log``: with the log of requests, which may be long).
+        ``monotonic_start`` is ``time.monotonic()`` when the server started: a log entry's ``t`` plus it is
+        on the machine's monotonic clock, which other processes share (several emulators compared)."""
         with self._lock:
             return {
+                "monotonic_start": self._started,
                 "requests_total": self.requests_total,
                 "by_status": dict(self.by_status),
                 "per_item": dict(self.per_item),
@@ -126,5 +129,5 @@ class Stats:
                 "in_flight": self.in_flight,
                 "processing": self.processing,
                 "faults": dict(self.faults),
-                "log": list(self.log),
+                **({"log": list(self.log)} if log else {}),
             }

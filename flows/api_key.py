@@ -13,9 +13,11 @@ from tasks.errors import ConfigError
 
 
 async def load_api_key(config: EndpointConfig) -> str | None:
-    """The key: from the Prefect Secret block --api-key-secret names, else from --api-key-env's variable."""
+    """The key: from the Prefect Secret block --api-key-secret names (for every replica), else from
+    --api-key-env's variable; None when the replicas each have their own variable (tasks/endpoint/
+    client.py's ``api_keys`` reads them)."""
     if config.api_key_secret is None:
-        return api_key(config)
+        return api_key(config) if len(set(config.api_key_envs)) == 1 else None
     try:
         block: Secret[str] = await Secret.aload(config.api_key_secret)
     except ValueError as exc:

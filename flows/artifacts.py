@@ -74,6 +74,19 @@ def summary_markdown(
         reasons = ", ".join(f"{markdown_cell(k)}: {v}" for k, v in summary.finish_reasons.items())
         rows.insert(-4, ("finish reasons", reasons))
     lines = [f"## {title}", "", "| | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)]
+    if summary.replicas:
+        lines += [
+            "",
+            "### replicas",
+            "",
+            "| replica | requests | answered | failures | ejections | latency p50 |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(
+                f"| `{markdown_cell(r.replica)}` | {r.requests} | {r.answered} | {r.failures} | "
+                f"{'–' if r.ejections is None else r.ejections} | {ms(r.latency_p50_ms)} |"
+                for r in summary.replicas
+            ),
+        ]
     if sample:
         lines += ["", "### Sample answers", "", "| prompt | image | answer (first words) |", "|---|---|---|"]
         lines += [

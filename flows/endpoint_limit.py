@@ -5,8 +5,9 @@ concurrency limit (``--concurrency-limit``, default ``vlmbatch-endpoint``; creat
 ``--concurrency-limit-slots`` slots, default 64, when missing; an existing limit is left as it is).
 A run holds ``share`` slots while any of its shard tasks runs — one acquisition per hold, never per
 request (per-request acquisition costs a server round trip each) — where ``share`` is the run's
-``--concurrency``, capped at the limit, and bounds its requests by ``share``: the slots a run holds are
-always at least its requests in flight, so the sum over all runs never exceeds the limit.
+``--concurrency`` (times its replicas: it is per replica), capped at the limit, and bounds its requests
+by ``share``: the slots a run holds are always at least its requests in flight (but for a limit
+smaller than the replicas: one each), so the sum over all runs never exceeds the limit.
 
 The hold is the run's, not a shard's (``SlotLease``): its shards overlap as they do without a limit,
 the next one's images prepared while the last requests of the current one are in flight, and the
@@ -57,15 +58,17 @@ class EndpointLimit:
         slots = await ensure_limit(endpoint.concurrency_limit, endpoint.concurrency_limit_slots)
         if slots is None:  # inactive: the server enforces nothing
             return None
-        return cls(endpoint.concurrency_limit, slots, max(1, min(endpoint.in_flight_cap, slots)))
+        return cls(endpoint.concurrency_limit, slots, max(1, min(endpoint.total_in_flight, slots)))
 
     def bound(self, config: RunConfig) -> RunConfig:
-        """``config`` with the run's requests in flight bounded by the slots the run holds."""
+        """``config`` with the run's requests in flight bounded by the slots the run holds (with several
+        replicas, an equal part of them each, at least one)."""
         endpoint = config.endpoint
-        if endpoint.in_flight_cap <= self.share:
+        if endpoint.total_in_flight <= self.share:
             return config
         field = "max_concurrency" if endpoint.concurrency == "auto" else "concurrency"
-        return config.model_copy(update={"endpoint": endpoint.model_copy(update={field: self.share})})
+        each = max(1, self.share // len(endpoint.base_urls))
+        return config.model_copy(update={"endpoint": endpoint.model_copy(update={field: each})})
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:

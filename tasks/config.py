@@ -14,8 +14,9 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tasks.errors import ConfigError
 
@@ -25,6 +26,26 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_SHOWN = {"api_key_env"}  # options whose wrong value may be a key given by mistake: never echoed
 
 
+def public_url(url: str) -> str:
+    """``url`` as it may be shown or stored: without the ``user:password@`` of its authority."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _listed(value: object) -> list[object]:
+    """One value, a list, or a comma-separated string of them (an environment variable, a TOML string)."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    parts = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
+    return [part.strip() if isinstance(part, str) else part for part in parts if part != ""]
+
+
+def _one_or_many(values: list[str]) -> str | tuple[str, ...]:
+    """A single value stays a plain string (what a config with one endpoint always held)."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -32,20 +53,25 @@ class _Section(BaseModel):
 class EndpointConfig(_Section):
     """Where requests go and how hard we push."""
 
-    base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible base URL")
+    base_url: str | tuple[str, ...] = Field(
+        "http://localhost:8000/v1",
+        description="OpenAI-compatible base URL; several (a list, or comma-separated): replicas of one model",
+    )
     model: str = Field("google/gemma-4-31b-it", min_length=1)
-    api_key_env: str = Field(
-        "VLMBATCH_API_KEY", description="name of the environment variable holding the key (unset: no key)"
+    api_key_env: str | tuple[str, ...] = Field(
+        "VLMBATCH_API_KEY",
+        description="name of the environment variable holding the key (unset: no key); one per base URL, "
+        "in the same order, when replicas sit behind different gateways",
     )
     api_key_secret: str | None = Field(
         None, description="name of a Prefect Secret block holding the key (wins over --api-key-env)"
     )
     api: Literal["chat", "responses"] = "chat"
     concurrency: int | Literal["auto"] = Field(
-        32, description="requests in flight across the run; auto: find the endpoint's limit (AIMD)"
+        32, description="requests in flight per replica; auto: find each replica's limit (AIMD)"
     )
     max_concurrency: int = Field(
-        256, ge=1, le=4096, description="with --concurrency auto: the most in flight"
+        256, ge=1, le=4096, description="with --concurrency auto: the most in flight per replica"
     )
     rpm: float | None = Field(
         None, gt=0, description="requests per minute at most (a gateway's published limit)"
@@ -93,24 +119,56 @@ class EndpointConfig(_Section):
 
     @property
     def in_flight_cap(self) -> int:
-        """The most requests this run may have in flight."""
+        """The most requests this run may have in flight at one replica."""
         return self.max_concurrency if self.concurrency == "auto" else self.concurrency
 
-    @field_validator("api_key_env")
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """Every replica's base URL, in the order given (one for a single endpoint)."""
+        return (self.base_url,) if isinstance(self.base_url, str) else self.base_url
+
+    @property
+    def api_key_envs(self) -> tuple[str, ...]:
+        """The key variable of each replica, aligned with ``base_urls``."""
+        names = (self.api_key_env,) if isinstance(self.api_key_env, str) else self.api_key_env
+        return names * len(self.base_urls) if len(names) == 1 else names
+
+    @property
+    def total_in_flight(self) -> int:
+        """The most requests this run may have in flight across its replicas."""
+        return self.in_flight_cap * len(self.base_urls)
+
+    @field_validator("base_url", mode="before")
     @classmethod
-    def _variable_name(cls, value: str) -> str:
-        if not _ENV_NAME.fullmatch(value):
+    def _http_urls(cls, value: object) -> object:
+        urls = []
+        for url in _listed(value):
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError("must start with http:// or https://")
+            urls.append(url.rstrip("/"))
+        if not urls:
+            raise ValueError("give at least one base URL")
+        shown = [public_url(u) for u in urls]  # two replicas must not look alike in rows and summaries
+        if twice := sorted({u for u in shown if shown.count(u) > 1}):
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return _one_or_many(urls)
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _variable_names(cls, value: object, info: ValidationInfo) -> object:
+        names = _listed(value)
+        if not names or not all(isinstance(n, str) and _ENV_NAME.fullmatch(n) for n in names):
             raise ValueError(
                 "must be the name of an environment variable (letters, digits and _), not the key itself"
             )
-        return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        urls = info.data.get("base_url")
+        replicas = 1 if urls is None or isinstance(urls, str) else len(urls)
+        if len(names) > 1 and len(names) != replicas:
+            raise ValueError(
+                f"names {len(names)} variables for {replicas} base URLs: give one for all, or one per "
+                "base URL in the same order"
+            )
+        return _one_or_many([str(n) for n in names])
 
 
 class GenerationConfig(_Section):
@@ -211,7 +269,7 @@ OPTIONS: dict[str, str | None] = {
     **{name: None for name in RunConfig.model_fields if name not in SECTIONS},
     **{name: section for section, model in SECTIONS.items() for name in model.model_fields},
 }
-LIST_OPTIONS = frozenset({"carry"})
+LIST_OPTIONS = frozenset({"carry", "base_url", "api_key_env"})  # repeatable flags; comma-separated in env
 
 
 def env_name(option: str) -> str:
@@ -296,6 +354,10 @@ def _describe(exc: ValidationError, merged: Mapping[str, tuple[Any, str]]) -> st
         if error["type"] == "missing":
             lines.append(f"{flag_name(option)} is required")
         else:
-            shown = "" if option in _NOT_SHOWN else f" (got {error.get('input')!r})"  # it may be a key
+            given = error.get("input")
+            if option == "base_url":  # shown without a URL's user:password@
+                given = [public_url(u) if isinstance(u, str) else u for u in _listed(given)]
+                given = given[0] if len(given) == 1 else given
+            shown = "" if option in _NOT_SHOWN else f" (got {given!r})"  # it may be a key
             lines.append(f"{source}: {error['msg']}{shown}")
     return "; ".join(lines)

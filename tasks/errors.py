@@ -93,6 +93,9 @@ class RequestFailure(ItemFailure):
     """One attempt at the endpoint failed; ``retryable`` says whether tasks.retry tries again."""
 
     latency_ms: float | None = None  # how long the attempt took (EndpointClient.send sets it)
+    # the next attempt goes at once to another replica, one this item has not failed on (ItemSender
+    # sets it): tasks.retry waits no backoff and no Retry-After for it, and still counts the attempt
+    retry_elsewhere: bool = False
 
 
 class UsageError(Exception):

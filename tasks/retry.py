@@ -1,5 +1,11 @@
 """The one retry policy: tenacity, jittered exponential backoff, Retry-After honoured.
 
+With several replicas, a failure whose retry can go at once to another replica, one the item has not
+failed on yet (``RequestFailure.retry_elsewhere``), is retried without waiting: the backoff and the
+Retry-After are the failing replica's business (the router sets it aside or pauses it), not the
+item's. Every attempt still counts towards ``max_retries``; once the item has failed on every usable
+replica, the backoff applies as with a single endpoint.
+
 Only transient failures (``RequestFailure.retryable``: 408, 409, 429, 5xx, timeouts, connection
 errors, unparseable answers) are retried; a 400, 401, 403, 404 or 422 is final at once. The endpoint
 client (tasks/endpoint/client.py) never retries by itself, so every attempt is one request and is counted by
@@ -41,6 +47,8 @@ class RetryPolicy:
 
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
+        if getattr(exc, "retry_elsewhere", False):
+            return 0.0  # another replica takes it now
         retry_after = exc.retry_after if isinstance(exc, ItemFailure) else None
         if retry_after is not None and retry_after > 0:
             # the server said when: wait that long, plus a little jitter so clients do not stampede

@@ -4,7 +4,7 @@ it here (README.md, "Output" lists the columns). The bottom of the house: it imp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,7 @@ class ResultRow:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     model: str | None = None
+    replica: str | None = None  # the base URL (without credentials) of the replica that answered
     request_key: str | None = None
     image_sha256: str | None = None
     image_width: int | None = None
@@ -73,6 +74,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
         ("model", pa.string()),
+        ("replica", pa.string()),
         ("request_key", pa.string()),
         ("image_sha256", pa.string()),
         ("image_width", pa.int32()),
@@ -84,9 +86,10 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 
-# Contract columns added after OUTs were written without them: a run into such an OUT keeps its columns
-# unless it needs these (tasks/outputs/reading.py, check_schema), and then adds them to its older files.
-LATER_COLUMNS = ("tool_calls",)
+# Contract columns added after OUTs were written without them. A run into such an OUT keeps its columns
+# unless it needs one of these (tool_calls: a prompt has tools; replica: several --base-url), and then
+# adds it, null, to the older files (tasks/outputs/reading.py: check_schema; store.py: add_later_columns).
+LATER_COLUMNS: tuple[str, ...] = ("tool_calls", "replica")
 
 ROW_FIELDS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "carry"]
 if OUTPUT_SCHEMA.names != ROW_FIELDS:  # pragma: no cover - a programming error, caught at import
@@ -101,6 +104,6 @@ def output_schema(carry_schema: pa.Schema | None = None, extra: Sequence[pa.Fiel
     return pa.schema([*OUTPUT_SCHEMA, *carried, *extra])
 
 
-def without_later_columns(schema: pa.Schema) -> pa.Schema:
-    """``schema`` as an OUT written before the ``LATER_COLUMNS`` existed has it."""
-    return pa.schema([f for f in schema if f.name not in LATER_COLUMNS], metadata=schema.metadata)
+def without_later_columns(schema: pa.Schema, columns: Collection[str] = LATER_COLUMNS) -> pa.Schema:
+    """``schema`` as an OUT written before the later ``columns`` (all of ``LATER_COLUMNS``) has it."""
+    return pa.schema([f for f in schema if f.name not in columns], metadata=schema.metadata)

@@ -22,6 +22,7 @@ class StopSwitch:
         self._event = asyncio.Event()
         self.reason: str | None = None  # "SIGINT", "SIGTERM" or "outage"
         self.message: str | None = None
+        self._callbacks: list[Callable[[], None]] = []
 
     @property
     def is_set(self) -> bool:
@@ -31,6 +32,16 @@ class StopSwitch:
         if not self._event.is_set():
             self.reason, self.message = reason, message
             self._event.set()
+            for callback in self._callbacks:
+                callback()
+
+    def when_set(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the switch is set (at once if it is): e.g. to wake what waits for a
+        request slot that may never come."""
+        if self.is_set:
+            callback()
+        else:
+            self._callbacks.append(callback)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the switch is set."""

@@ -770,3 +770,71 @@ def test_new_flags_and_settings() -> None:
     assert settings_from_args(["--gateway-timeout", "none"]).gateway_timeout is None
     with pytest.raises(ValueError, match="gateway_timeout"):
         defaults.with_changes(gateway_timeout=0)
+
+
+def test_a_loading_server_answers_503_on_its_model_routes_and_readiness_until_loaded(
+    make_server: Callable[..., EmulatorServer],
+) -> None:
+    """NIM answers 503 while its model loads; liveness and the model list answer meanwhile. The loading
+    time counts from when it is set: at start, or at runtime (a replica reloading its model)."""
+    server = make_server(loading_seconds=30, retry_after=2)
+    reply = chat(server, chat_body())
+    assert (reply.status, reply.headers["Retry-After"]) == (503, "2")
+    assert "loading" in reply.json()["error"]["message"]
+    assert call(f"{server.base_url}/health/ready").status == 503
+    assert call(f"{server.base_url}/health/live").status == 200
+    assert call(f"{server.base_url}/models").status == 200
+    assert server.stats()["faults"] == {"loading": 1}
+    server.configure(loading_seconds=0)
+    assert call(f"{server.base_url}/health/ready").status == 200
+    message(chat(server, chat_body()))
+    server.configure(loading_seconds=0.3)
+    assert chat(server, chat_body()).status == 503
+    time.sleep(0.4)
+    message(chat(server, chat_body()))
+    assert settings_from_args(["--loading-seconds", "5"]).loading_seconds == 5.0
+    with pytest.raises(ValueError, match="loading_seconds"):
+        server.settings.with_changes(loading_seconds=-1)
+    server.stop()
+    assert server.stats()["requests_total"] == 4  # what it saw stays readable once stopped
+
+
+def test_a_killed_emulator_resets_the_requests_it_was_answering(
+    make_server: Callable[..., EmulatorServer],
+) -> None:
+    """As a killed process or a lost node: no answer, the connection reset, the port closed."""
+    import threading
+
+    server = make_server(latency=5.0)
+    replies: list[object] = []
+
+    def ask() -> None:
+        try:
+            replies.append(chat(server, chat_body(), timeout=10))
+        except OSError as exc:  # urllib's wrapper of the reset included
+            replies.append(exc)
+
+    caller = threading.Thread(target=ask)
+    caller.start()
+    while server.stats()["in_flight"] < 1:
+        time.sleep(0.01)
+    started = time.monotonic()
+    server.kill()
+    caller.join()
+    assert time.monotonic() - started < 2 and not isinstance(replies[0], Reply)  # reset, never answered
+    assert server.stats()["by_status"] == {"cancelled": 1}
+
+
+def test_stats_without_the_log_and_on_the_shared_monotonic_clock(
+    make_server: Callable[..., EmulatorServer],
+) -> None:
+    """Benchmarks poll several emulators cheaply and put their arrivals on one clock."""
+    server = make_server()
+    before = time.monotonic()
+    message(chat(server, chat_body()))
+    brief = call(f"http://127.0.0.1:{server.port}/_emulator/stats?log=0").json()
+    assert "log" not in brief and brief["requests_total"] == 1
+    full = server.stats()
+    assert (
+        full["monotonic_start"] <= before < full["monotonic_start"] + full["log"][0]["t"] <= time.monotonic()
+    )

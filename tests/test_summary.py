@@ -9,7 +9,8 @@ import pyarrow as pa
 from rich.console import Console
 
 from flows.cli.summary_table import print_summary
-from tasks.outputs.summary import AnswerSample, LatencyHistogram, RunSummary, calls_text, percentile
+from tasks.latency import LatencyHistogram
+from tasks.outputs.summary import AnswerSample, RunSummary, calls_text, percentile
 from tasks.row import ResultRow
 
 

@@ -46,11 +46,19 @@ def run(
     prompts: Annotated[str | None, Opt(help="Prompts manifest (default: one caption prompt).")] = None,
     config: Annotated[Path | None, Opt("--config", help="TOML file of options (flag > env > file).")] = None,
     base_url: Annotated[
-        str | None, Opt(help="Endpoint base URL.  [default: http://localhost:8000/v1]")
+        list[str] | None,
+        Opt(
+            help="Endpoint base URL; repeat it for replicas of the model (balanced, health-checked)."
+            "  [default: http://localhost:8000/v1]"
+        ),
     ] = None,
     model: Annotated[str | None, Opt(help="Model name.  [default: google/gemma-4-31b-it]")] = None,
     api_key_env: Annotated[
-        str | None, Opt(help="Name of the variable holding the API key.  [default: VLMBATCH_API_KEY]")
+        list[str] | None,
+        Opt(
+            help="Name of the variable holding the API key; repeat it (one per --base-url, in order) for "
+            "replicas behind different gateways.  [default: VLMBATCH_API_KEY]"
+        ),
     ] = None,
     api_key_secret: Annotated[
         str | None, Opt(help="Name of a Prefect Secret block holding the API key (wins over --api-key-env).")
@@ -72,10 +80,11 @@ def run(
         ),
     ] = None,
     concurrency: Annotated[
-        str | None, Opt(help="Requests in flight, or auto: find the endpoint's limit (AIMD).  [default: 32]")
+        str | None,
+        Opt(help="Requests in flight per replica, or auto: find each one's limit (AIMD).  [default: 32]"),
     ] = None,
     max_concurrency: Annotated[
-        int | None, Opt(help="With --concurrency auto: the most.  [default: 256]")
+        int | None, Opt(help="With --concurrency auto: the most per replica.  [default: 256]")
     ] = None,
     rpm: Annotated[
         float | None, Opt(help="Requests per minute at most (a gateway's published limit).")

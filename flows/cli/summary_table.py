@@ -39,3 +39,25 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     if summary.out:
         table.add_row("output", summary.out)
     console.print(table)
+    if summary.replicas:
+        console.print(replicas_table(summary))
+
+
+def replicas_table(summary: RunSummary) -> Table:
+    """Per replica: requests, answers, failures, ejections, p50 latency (a run with several replicas)."""
+    table = Table(title="replicas", title_justify="left")
+    for header in ("replica", "requests", "answered", "failures", "ejections", "latency p50"):
+        if header == "replica":  # a URL: wrapped whole rather than cut short
+            table.add_column(header, overflow="fold")
+        else:
+            table.add_column(header, justify="right")
+    for r in summary.replicas:
+        table.add_row(
+            r.replica,
+            str(r.requests),
+            str(r.answered),
+            str(r.failures),
+            "–" if r.ejections is None else str(r.ejections),
+            "–" if r.latency_p50_ms is None else f"{r.latency_p50_ms:.0f} ms",
+        )
+    return table

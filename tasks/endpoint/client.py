@@ -31,18 +31,32 @@ ROUTES = {"chat": "/chat/completions", "responses": "/responses"}
 
 
 def api_key(config: EndpointConfig) -> str | None:
-    return os.environ.get(config.api_key_env) or None
+    """The key of the (first) replica: from its variable, unset or empty meaning none."""
+    return os.environ.get(config.api_key_envs[0]) or None
+
+
+def api_keys(config: EndpointConfig, key: str | None = None) -> list[str | None]:
+    """Each replica's key, aligned with ``config.base_urls``: ``key`` for all of them when given (a
+    Prefect Secret block's), else each one's own variable."""
+    if key is not None:
+        return [key] * len(config.base_urls)
+    return [os.environ.get(name) or None for name in config.api_key_envs]
 
 
 class EndpointClient:
-    """Sends single attempts to the endpoint on one shared connection pool (opened on first use)."""
+    """Sends single attempts to one base URL (the config's, or a replica's ``base_url``) on one shared
+    connection pool (opened on first use). Without ``base_url``, a ``key`` of None means the config's
+    variable's; with it, ``key`` is that replica's own (None: no key)."""
 
-    def __init__(self, config: EndpointConfig, key: str | None = None) -> None:
+    def __init__(
+        self, config: EndpointConfig, key: str | None = None, *, base_url: str | None = None
+    ) -> None:
         self.config = config
-        key = key if key is not None else api_key(config)
+        key = key if key is not None or base_url is not None else api_key(config)
         self._secret = key
+        self.base_url = base_url or config.base_urls[0]
         self._http = HttpTransport(
-            config.base_url, key=key, timeout=config.request_timeout, connections=config.in_flight_cap
+            self.base_url, key=key, timeout=config.request_timeout, connections=config.in_flight_cap
         )
 
     def __repr__(self) -> str:

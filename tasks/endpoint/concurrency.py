@@ -70,10 +70,26 @@ class InFlightLimiter:
         try:
             yield slot
         finally:
-            self.in_flight -= 1
-            if self.adaptive:
-                self.observe(slot)
+            self.give_back(slot)
             self._grant()
+
+    @property
+    def free(self) -> bool:
+        """A request may start now (nobody else waiting aside)."""
+        return self.in_flight < int(self.limit)
+
+    @property
+    def load(self) -> float:
+        """Requests in flight relative to the limit: what the replica router balances."""
+        return self.in_flight / self.limit
+
+    def give_back(self, slot: Slot) -> None:
+        """A request is done: its slot is free again, its outcome adapts the limit (auto). The replica
+        router (tasks/endpoint/replicas.py) takes slots itself (``in_flight += 1`` when ``free``) and
+        gives them back here; its own waiters span replicas."""
+        self.in_flight -= 1
+        if self.adaptive:
+            self.observe(slot)
 
     async def _acquire(self) -> None:
         """Take a slot: at once if one is free and nobody waits, else in arrival order.

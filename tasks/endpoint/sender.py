@@ -1,10 +1,12 @@
 """Send one work item's request: rate limit, a request slot, retries, and the repair of a JSON answer or a
 function call that does not validate.
 
-One ``ItemSender`` per run, shared by all its shards: it owns the endpoint client, the limiter that
-bounds requests in flight across the run (a slot is held while a request waits for its rate permit
-and while it is on the wire, never during backoff), the rate limiter, the retry policy (the only
-one: tasks/retry.py) and the outage detector, which stops the run when the endpoint stays unusable.
+One ``ItemSender`` per run, shared by all its shards, the one place that sends: it owns the replica
+router (tasks/endpoint/replicas.py: each replica's client and in-flight limit; a slot is held while a
+request waits for its rate permit and while it is on the wire, never during backoff), the rate
+limiter, the retry policy (the only one: tasks/retry.py) and the outage detector, which stops the run
+when the endpoint (every replica of it) stays unusable. Each attempt asks the router for a slot, so a
+retry goes to another replica when the item failed on one and another is usable.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import logging
 import secrets
 from collections.abc import Iterator
 
-from tasks.config import RunConfig
+from tasks.config import RunConfig, public_url
 from tasks.endpoint.answers import Answer
-from tasks.endpoint.client import EndpointClient
-from tasks.endpoint.concurrency import OVERLOAD_STATUS, InFlightLimiter, rate_limiter
+from tasks.endpoint.client import api_keys
+from tasks.endpoint.concurrency import OVERLOAD_STATUS, rate_limiter
 from tasks.endpoint.outage import OutageDetector, is_outage_failure
+from tasks.endpoint.preflight import PreflightResult
+from tasks.endpoint.replicas import Replica, Router
 from tasks.endpoint.requests import REPAIR_PROMPT, Request, repair_request
 from tasks.endpoint.structured import validate_json
 from tasks.endpoint.tools import CALL_REPAIR_PROMPT, calls_text, checked_calls, schema_document
@@ -37,23 +41,35 @@ class _Dropped(Exception):
 
 class ItemSender:
     def __init__(
-        self, config: RunConfig, stop: StopSwitch, retry_policy: RetryPolicy | None, api_key: str | None
+        self,
+        config: RunConfig,
+        stop: StopSwitch,
+        retry_policy: RetryPolicy | None,
+        api_key: str | None,
+        checked: PreflightResult | None = None,
     ) -> None:
+        """``api_key``: every replica's key (a Secret block's), or None for each one's own variable;
+        ``checked``: the preflight's word on each replica (dropped ones get nothing, waiting ones
+        start set aside)."""
         endpoint = config.endpoint
+        urls = endpoint.base_urls
         self.stop = stop
-        self.client = EndpointClient(endpoint, api_key)
         self.policy = retry_policy or RetryPolicy(max_retries=endpoint.max_retries, sleep=stop.sleep)
+        several = len(urls) > 1
         self.detector = OutageDetector(
-            window=endpoint.outage_window, describe=endpoint.base_url, max_wait=self.policy.max_retry_after
+            window=endpoint.outage_window,
+            describe="every replica" if several else public_url(urls[0]),
+            max_wait=self.policy.max_retry_after,
+            replicas=[public_url(url) for url in urls] if several else (),
         )
-        self.requests = InFlightLimiter(
-            endpoint.in_flight_cap, adaptive=endpoint.concurrency == "auto", maximum=endpoint.in_flight_cap
+        self.router = Router(
+            endpoint, api_keys(endpoint, api_key), stop=stop, detector=self.detector, checked=checked
         )
-        self.rate = rate_limiter(endpoint.base_url, endpoint.rpm, endpoint.tpm)
+        self.rate = rate_limiter(",".join(urls), endpoint.rpm, endpoint.tpm)
         self.nonce = secrets.token_hex(4)  # this run's part of every X-Request-Id
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.router.aclose()
 
     async def fill(self, row: ResultRow, request: Request) -> bool:
         """Send ``request`` with retries and fill ``row`` with its answer or failure.
@@ -94,32 +110,41 @@ class ItemSender:
 
     async def _send(self, row: ResultRow, request: Request, rid: str) -> Answer:
         """Send with retries; every attempt counted on the row. Raises ItemFailure or _Dropped."""
-        client = self.client
+        router = self.router
+        tried: set[Replica] = set()  # the replicas this item failed on: its retries go elsewhere first
 
         async def attempt() -> Answer:
             if self.stop.is_set:
                 raise _Dropped
             row.attempts += 1
-            async with self.requests.slot() as slot:
+            async with router.slot(tried) as lease:
+                if lease is None:  # the run stopped while this waited for a slot
+                    row.attempts -= 1
+                    raise _Dropped
                 # the rate's permit once the slot is held: a request cleared to go then goes at once,
                 # where permits taken first piled up behind the slots and went out in a burst
                 await self.rate.take(request.cost, self.stop)
                 if self.stop.is_set:
                     row.attempts -= 1
                     raise _Dropped
+                replica = lease.replica
+                replica.requests += 1
+                row.replica = replica.name
                 try:
                     # unique per attempt and run: vLLM takes X-Request-Id as its engine request id,
                     # and refuses one that is still running (a timed-out attempt may still be)
                     request_id = f"{rid}-{self.nonce}-{row.attempts}"
-                    answer = await client.send(request, request_id=request_id)
+                    answer = await replica.client.send(request, request_id=request_id)
                 except RequestFailure as failure:
                     row.latency_ms = failure.latency_ms  # README.md, "Output": of the last attempt
                     row.http_status = failure.http_status
-                    slot.overloaded = failure.http_status in OVERLOAD_STATUS
-                    self._observe(failure)
+                    lease.slot.overloaded = failure.http_status in OVERLOAD_STATUS
+                    tried.add(replica)
+                    router.failed(replica, failure)
+                    failure.retry_elsewhere = router.several and failure.retryable and router.elsewhere(tried)
                     raise
-                slot.latency = answer.latency_ms / 1000
-            self.detector.success()
+                lease.slot.latency = answer.latency_ms / 1000
+            router.succeeded(replica, answer.latency_ms)
             return answer
 
         return await self.policy.call(attempt)
@@ -163,11 +188,6 @@ class ItemSender:
         row.prompt_tokens = _plus(spent[0], repaired.prompt_tokens)
         row.completion_tokens = _plus(spent[1], repaired.completion_tokens)
         return repaired
-
-    def _observe(self, failure: RequestFailure) -> None:
-        verdict = self.detector.failure(failure)
-        if verdict is not None:
-            self.stop.set("outage", verdict)
 
 
 @contextlib.contextmanager

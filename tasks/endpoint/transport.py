@@ -8,7 +8,7 @@ back as bytes for tasks.endpoint.answers to parse. This module never interprets 
 status and never retries: tasks/endpoint/client.py classifies, tasks.retry retries.
 
 The API key lives only in the session's default ``Authorization`` header (sent only when a key is set)
-and is never part of a repr, a message or a log line.
+and is never part of a repr, a message or a log line; nor is a base URL's ``user:password@``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import orjson
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from tasks.config import public_url
 from tasks.endpoint.json_body import encode_body
 
 USER_AGENT = "vlmbatch"
@@ -77,7 +78,7 @@ class HttpTransport:
 
     def __repr__(self) -> str:
         key = "a key" if self._key else "no key"
-        return f"HttpTransport({self.base_url!r}, {key}, {self._connections} connections)"
+        return f"HttpTransport({public_url(self.base_url)!r}, {key}, {self._connections} connections)"
 
     def url(self, path: str) -> URL:
         """``base_url`` + ``path`` (``/chat/completions``), parsed once."""

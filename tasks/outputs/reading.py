@@ -5,7 +5,7 @@ Used by a run (is OUT's schema this run's?), ``inspect`` and ``export``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,29 +17,28 @@ from tasks.outputs.layout import part_files
 from tasks.row import LATER_COLUMNS, OUTPUT_SCHEMA, without_later_columns
 
 
-def check_schema(out: str | Path, schema: pa.Schema, needs_later: bool = False) -> pa.Schema:
+def check_schema(out: str | Path, schema: pa.Schema, needed: Collection[str] = ()) -> pa.Schema:
     """The columns this run writes into OUT: ``schema``, if OUT's files have them (or OUT has none).
 
-    An OUT written before the contract's ``LATER_COLUMNS`` (``tool_calls``) keeps its columns, so a
-    rerun without ``tools`` prompts leaves it as it was: the schema without them is returned. With
-    ``needs_later`` (a prompt has ``tools``), or when some file already has them (a run that added them
-    was stopped half way), ``schema`` is returned and the run adds them to the older files
-    (tasks/outputs/store.py, ``add_later_columns``). Otherwise OUT's files must have this run's columns,
-    or pyarrow.dataset(OUT) would read them inconsistently: raise UsageError naming the difference
-    (other --carry or --json-columns)."""
+    An OUT written before some of the contract's ``LATER_COLUMNS`` keeps its columns, so a rerun that
+    does not need them leaves it as it was: the schema without them is returned. A later column the run
+    ``needed`` (``tool_calls`` when a prompt has tools, ``replica`` with several replicas), or one some
+    file already has (a run that added it was stopped half way), stays in the schema, and the run adds
+    it to the older files (tasks/outputs/store.py, ``add_later_columns``). Otherwise OUT's files must
+    have this run's columns, or pyarrow.dataset(OUT) would read them inconsistently: raise UsageError
+    naming the difference (other --carry or --json-columns)."""
     path = Path(out)
     files = part_files(path) if path.is_dir() else []
     if not files:
         return schema
     existing = pq.read_schema(files[-1])
-    if _same_columns(existing, schema):
-        return schema
-    older = without_later_columns(schema)
-    if _same_columns(existing, older):
-        if needs_later or any(_has_later_columns(f) for f in files[:-1]):
-            return schema
-        return older
-    raise _other_columns(path, existing, schema if _has_later(existing) else older)
+    lacking = [name for name in LATER_COLUMNS if name in schema.names and name not in existing.names]
+    if not _same_columns(existing, without_later_columns(schema, lacking)):
+        raise _other_columns(path, existing, without_later_columns(schema, lacking))
+    if lacking and set(lacking) - set(needed):
+        elsewhere = _later_columns_in(files[:-1], lacking)
+        return without_later_columns(schema, [n for n in lacking if n not in needed and n not in elsewhere])
+    return schema
 
 
 def _same_columns(a: pa.Schema, b: pa.Schema) -> bool:
@@ -47,17 +46,19 @@ def _same_columns(a: pa.Schema, b: pa.Schema) -> bool:
     return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
 
 
-def _has_later(schema: pa.Schema) -> bool:
-    return any(name in schema.names for name in LATER_COLUMNS)
-
-
-def _has_later_columns(file: Path) -> bool:
-    return _has_later(pq.read_schema(file))
+def _later_columns_in(files: list[Path], names: list[str]) -> set[str]:
+    """Which of the later columns ``names`` some of ``files`` has (newest first, stopping once all are)."""
+    found: set[str] = set()
+    for file in reversed(files):
+        found |= set(names) & set(pq.read_schema(file).names)
+        if len(found) == len(names):
+            break
+    return found
 
 
 def _other_columns(path: Path, existing: pa.Schema, schema: pa.Schema) -> UsageError:
     ours, theirs = set(schema.names), set(existing.names)
-    missing, extra = sorted(theirs - ours), sorted(ours - theirs)
+    missing, extra = sorted(theirs - ours), sorted(ours - theirs - set(LATER_COLUMNS))
     changed = sorted(n for n in ours & theirs if not schema.field(n).type.equals(existing.field(n).type))
     detail = "; ".join(
         part
@@ -82,6 +83,7 @@ def read_output(out: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 SUMMARY_COLUMNS = [
     "status", "error_type", "finish_reason", "prompt_tokens", "completion_tokens", "attempts", "latency_ms",
+    "replica",
 ]  # fmt: skip
 
 

@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.errors import UsageError
+from tasks.latency import LatencyHistogram
 from tasks.outputs.reading import output_files, read_part
-from tasks.outputs.summary import LatencyHistogram
 
 MAX_PROMPTS = 1000
 OTHER_PROMPTS = "(other prompts)"

@@ -1,4 +1,5 @@
-"""Counts, tokens, latency percentiles and throughput of a run or of an output dataset."""
+"""Counts, tokens, latency percentiles and throughput of a run or of an output dataset, and with several
+replicas the same per replica."""
 
 from __future__ import annotations
 
@@ -6,12 +7,27 @@ import json
 import math
 from array import array
 from collections import Counter
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
+from tasks.endpoint.replicas import Replica
+from tasks.latency import LatencyHistogram
 from tasks.row import ResultRow
+
+
+class ReplicaSummary(BaseModel):
+    """One replica's part of a run (of OUT's rows, for ``inspect``: the attempts and failures of the
+    rows it answered or failed last, and no ejections, which rows do not record)."""
+
+    replica: str = Field(description="its base URL, without credentials")
+    requests: int = Field(0, description="attempts sent to it")
+    answered: int = Field(0, description="ok rows it answered")
+    failures: int = Field(0, description="attempts that failed there (inspect: failed rows it failed last)")
+    ejections: int | None = Field(None, description="times it was set aside (None: not known)")
+    latency_p50_ms: float | None = None
 
 
 class RunSummary(BaseModel):
@@ -30,6 +46,9 @@ class RunSummary(BaseModel):
     elapsed_s: float = 0.0
     rows_per_s: float = 0.0
     dry_run: bool = False
+    replicas: list[ReplicaSummary] = Field(
+        default_factory=list, description="per replica, when the run had several (or OUT's rows name several)"
+    )
 
     @property
     def exit_code(self) -> int:
@@ -49,55 +68,6 @@ def percentile(values: list[float] | array, q: float) -> float | None:
     return round(ordered[rank], 1)
 
 
-class LatencyHistogram:
-    """Latencies in log-spaced buckets 1 % wide: percentiles within 1 %, in constant memory (a run of
-    a million rows must not keep a million floats)."""
-
-    STEP = math.log(1.01)
-    FLOOR_MS = 0.01
-
-    def __init__(self) -> None:
-        self.counts: Counter[int] = Counter()
-        self.total = 0
-
-    def add(self, ms: float) -> None:
-        self.counts[math.floor(math.log(max(ms, self.FLOOR_MS) / self.FLOOR_MS) / self.STEP)] += 1
-        self.total += 1
-
-    def add_many(self, values: pa.Array | pa.ChunkedArray) -> None:
-        """``add`` for each non-null value of an Arrow array, the buckets computed by Arrow (a part file of
-        rows in one call, not a Python call per row)."""
-        values = values.drop_null()
-        if not len(values):
-            return
-        clipped = pc.max_element_wise(pc.cast(values, pa.float64()), self.FLOOR_MS)
-        buckets = pc.floor(pc.divide(pc.ln(pc.divide(clipped, self.FLOOR_MS)), self.STEP))
-        found = pc.value_counts(pc.cast(buckets, pa.int64()))
-        for bucket, n in zip(
-            found.field("values").to_pylist(), found.field("counts").to_pylist(), strict=True
-        ):
-            self.counts[bucket] += n
-        self.total += len(values)
-
-    def buckets(self) -> list[tuple[float, int]]:
-        """(the bucket's middle value, its count), smallest first."""
-        return [
-            (self.FLOOR_MS * math.exp((bucket + 0.5) * self.STEP), n)
-            for bucket, n in sorted(self.counts.items())
-        ]
-
-    def percentile(self, q: float) -> float | None:
-        if not self.total:
-            return None
-        rank = max(1, math.ceil(q / 100 * self.total))
-        seen = 0
-        for bucket in sorted(self.counts):
-            seen += self.counts[bucket]
-            if seen >= rank:
-                return round(self.FLOOR_MS * math.exp((bucket + 0.5) * self.STEP), 1)
-        return None  # unreachable: the counts add up to total
-
-
 class SummaryBuilder:
     """Accumulates rows as they finish, in constant memory."""
 
@@ -109,9 +79,12 @@ class SummaryBuilder:
         self.completion_tokens = 0
         self.requests = 0
         self.latencies = LatencyHistogram()
+        self.answered: Counter[str] = Counter()  # ok rows by replica
 
     def add(self, row: ResultRow) -> None:
         self.status[row.status] += 1
+        if row.status == "ok" and row.replica is not None:
+            self.answered[row.replica] += 1
         self.requests += row.attempts
         if row.error_type:
             self.errors[row.error_type] += 1
@@ -123,7 +96,14 @@ class SummaryBuilder:
             self.latencies.add(row.latency_ms)
 
     def build(
-        self, *, work_items: int, elapsed_s: float, out: str | None, skipped: int = 0, dry_run: bool = False
+        self,
+        *,
+        work_items: int,
+        elapsed_s: float,
+        out: str | None,
+        skipped: int = 0,
+        dry_run: bool = False,
+        replicas: Sequence[Replica] = (),
     ) -> RunSummary:
         done = self.status["ok"] + self.status["failed"]
         return RunSummary(
@@ -142,6 +122,17 @@ class SummaryBuilder:
             elapsed_s=round(elapsed_s, 3),
             rows_per_s=round(done / elapsed_s, 2) if elapsed_s > 0 else 0.0,
             dry_run=dry_run,
+            replicas=[
+                ReplicaSummary(
+                    replica=r.name,
+                    requests=r.requests,
+                    answered=self.answered[r.name],
+                    failures=r.failures,
+                    ejections=r.ejections,
+                    latency_p50_ms=r.latencies.percentile(50),
+                )
+                for r in replicas
+            ],
         )
 
 
@@ -239,4 +230,28 @@ def summarize_table(table: pa.Table, out: str) -> RunSummary:
         requests=int(pc.sum(table["attempts"]).as_py() or 0),
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
+        replicas=_replicas_of(table),
     )
+
+
+def _replicas_of(table: pa.Table) -> list[ReplicaSummary]:
+    """Per replica, from the rows (only when they name more than one: OUT of a multi-replica run)."""
+    if "replica" not in table.column_names:
+        return []
+    names = [n for n in pc.unique(table["replica"].drop_null()).to_pylist() if n]
+    if len(names) < 2:
+        return []
+    found = []
+    for name in sorted(names):
+        rows = table.filter(pc.equal(table["replica"], name))
+        ok = pc.equal(rows["status"], "ok")
+        found.append(
+            ReplicaSummary(
+                replica=name,
+                requests=int(pc.sum(rows["attempts"]).as_py() or 0),
+                answered=int(pc.sum(ok).as_py() or 0),
+                failures=rows.num_rows - int(pc.sum(ok).as_py() or 0),
+                latency_p50_ms=percentile(rows["latency_ms"].filter(ok).drop_null().to_pylist(), 50),
+            )
+        )
+    return found

@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from tasks.config import RunConfig
-from tasks.endpoint.preflight import PreflightFailed, PreflightStopped, preflight
+from tasks.endpoint.client import api_keys
+from tasks.endpoint.preflight import PreflightFailed, PreflightResult, PreflightStopped, preflight_replicas
 from tasks.errors import EndpointUnusable, RunInterrupted
 from tasks.inputs.work_items import Shard
 from tasks.outputs.layout import prepare_out_dir, remove_temporaries
@@ -27,7 +28,7 @@ from tasks.outputs.lock import OutLock
 from tasks.outputs.store import OutputStore, add_later_columns, read_index, run_tag
 from tasks.outputs.summary import RunSummary, SummaryBuilder
 from tasks.outputs.writer import AsyncWriter
-from tasks.row import ResultRow
+from tasks.row import LATER_COLUMNS, ResultRow
 from tasks.run.plan import RunPlan
 from tasks.run.shard_runner import ShardRunner
 from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
@@ -74,7 +75,7 @@ async def run_shard(
 
 def shards_in_flight(config: RunConfig) -> int:
     """Enough overlapping shards to keep every request slot busy across shard boundaries."""
-    return max(2, min(64, math.ceil(2 * config.endpoint.in_flight_cap / config.shard_size)))
+    return max(2, min(64, math.ceil(2 * config.endpoint.total_in_flight / config.shard_size)))
 
 
 class Job:
@@ -101,15 +102,17 @@ class Job:
         self.log = logger or log
         self.started = started if started is not None else time.perf_counter()  # the run's elapsed time
         self.runner: ShardRunner | None = None
+        self.checked: PreflightResult | None = None  # each replica's preflight, when there was one
 
     async def preflight(self) -> None:
-        """Check the endpoint before anything is sent (``--preflight``; not in a dry run)."""
+        """Check the endpoint (every replica) before anything is sent (``--preflight``; not in a dry run)."""
         config = self.config
         if not config.endpoint.preflight or config.dry_run:
             return
         with signals_stop(self.stop, on_second=hard_exit):  # it may wait up to --outage-window
             try:
-                await preflight(config.endpoint, self.api_key, stop=self.stop)
+                keys = api_keys(config.endpoint, self.api_key)
+                self.checked = await preflight_replicas(config.endpoint, keys, stop=self.stop)
             except PreflightFailed as exc:
                 raise EndpointUnusable(f"preflight: {exc}", None) from None
             except PreflightStopped:
@@ -145,7 +148,10 @@ class Job:
                 cleanup.callback(lock.release)
                 remove_temporaries(out)
                 if added := add_later_columns(out, plan.output_schema):
-                    self.log.info("added the tool_calls column (null) to %d files written before it", added)
+                    later = ", ".join(n for n in LATER_COLUMNS if n in plan.output_schema.names)
+                    self.log.info(
+                        "added the later columns (%s, null) to %d files written before them", later, added
+                    )
                 index, hashes = read_index(out)
                 store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index)
                 if healed := store.heal_duplicates():
@@ -168,6 +174,7 @@ class Job:
                 hashes=hashes,
                 on_row=self._row,
                 api_key=self.api_key,
+                checked=self.checked,
             )
             try:
                 async with contextlib.AsyncExitStack() as flushing:
@@ -186,12 +193,14 @@ class Job:
                     store.keep_columns()
             finally:
                 await runner.aclose()
+        router = runner.sender.router if runner.sender is not None else None
         return self.summary.build(
             work_items=plan.work_items,
             skipped=runner.skipped,
             elapsed_s=time.perf_counter() - self.started,
             out=None if config.dry_run else str(config.out),
             dry_run=config.dry_run,
+            replicas=router.replicas if router is not None and router.several else (),
         )
 
     def raise_if_stopped(self, result: RunSummary) -> None:

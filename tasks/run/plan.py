@@ -95,8 +95,11 @@ def plan_run(config: RunConfig) -> RunPlan:
             _PLANS[key] = plan
     if not config.dry_run:  # OUT may change between two plans: checked every time
         check_out_dir(config.out)
-        # an OUT written before tool_calls keeps its columns unless this run needs them
-        schema = check_schema(config.out, plan.output_schema, plan.calls_tools)
+        # an OUT written before the later columns keeps its columns unless this run needs them
+        needed = {"tool_calls"} if plan.calls_tools else set()
+        if len(config.endpoint.base_urls) > 1:
+            needed.add("replica")
+        schema = check_schema(config.out, plan.output_schema, needed)
         if schema is not plan.output_schema:
             plan = replace(plan, output_schema=schema)
     return plan

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.config import RunConfig
+from tasks.endpoint.preflight import PreflightResult
 from tasks.endpoint.requests import History, Image, Images, RequestKeys, build_request, image_ref
 from tasks.endpoint.sender import ItemSender
 from tasks.errors import ItemFailure
@@ -50,6 +51,7 @@ class ShardRunner:
         on_row: Callable[[ResultRow | None], None] | None = None,
         retry_policy: RetryPolicy | None = None,
         api_key: str | None = None,
+        checked: PreflightResult | None = None,
     ) -> None:
         self.config = config
         self.image_root = image_root
@@ -64,12 +66,12 @@ class ShardRunner:
         self.skipped = 0
         self.skipped_in: dict[int, int] = {}  # by shard, while it runs
         # images held in memory at once: enough to keep every request slot busy, no more
-        cap = config.endpoint.in_flight_cap
+        cap = config.endpoint.total_in_flight
         self.workers = cap + 2 * (os.cpu_count() or 2)
         self.images_in_progress = asyncio.Semaphore(self.workers)
         self._handed_out = asyncio.Event()  # set once the last shard started has handed out its jobs
         self._handed_out.set()
-        self.sender = None if config.dry_run else ItemSender(config, stop, retry_policy, api_key)
+        self.sender = None if config.dry_run else ItemSender(config, stop, retry_policy, api_key, checked)
         self.images = ImageLoader(
             config, image_root=image_root, hashes=hashes, use_cache=bool(len(self.index)) and not config.force
         )
