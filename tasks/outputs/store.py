@@ -155,7 +155,8 @@ def add_later_columns(out: Path, schema: pa.Schema) -> int:
     them in ``schema``, all null, when this run writes them (tasks/outputs/reading.py, ``check_schema``):
     then every file has the same columns, and pyarrow.dataset(OUT) reads one schema whichever file it
     looks at first. Each file is rewritten atomically and keeps its modification time, by which the
-    index orders files (on duplicate rows the newest wins). Call holding OUT's lock. Returns how many files were rewritten."""
+    index orders files (on duplicate rows the newest wins). Call holding OUT's lock. Returns how many
+    files were rewritten."""
     wanted = [schema.field(name) for name in LATER_COLUMNS if name in schema.names]
     rewritten = 0
     for path in part_files(out) if wanted else []:
