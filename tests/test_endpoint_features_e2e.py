@@ -40,6 +40,27 @@ def test_structured_output_is_validated_and_stored(
             assert row["json"] is None
 
 
+def test_a_schema_whose_ref_does_not_resolve_stops_the_run_before_anything_is_sent(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    schema = {**TAGS_SCHEMA, "properties": {**TAGS_SCHEMA["properties"], "tags": {"$ref": "#/$defs/tags"}}}
+    images = images_manifest(tmp_path, {"i0": ((20, 10), "green")})
+    prompts = prompts_manifest(
+        tmp_path,
+        [
+            {"prompt_id": "cap", "prompt": "Describe."},
+            {"prompt_id": "meta", "prompt": "Tag it.", "json_schema": json.dumps(schema)},
+        ],
+    )
+    args = ["run", images, "--prompts", prompts, "--base-url", emulator.base_url]
+    res = vlmbatch(*args, "--out", tmp_path / "out")
+    assert res.code == 1
+    assert "prompts.parquet: column 'json_schema' in row 1 (prompt 'meta')" in res.err
+    assert "$ref '#/$defs/tags' does not resolve inside the schema" in res.err
+    assert emulator.stats()["requests_total"] == 0
+    assert not (tmp_path / "out").exists()
+
+
 def test_invalid_json_gets_one_repair_then_fails(tmp_path: Path, emulator: EmulatorServer) -> None:
     emulator.configure(fault_rate=1.0, fault_kinds=["bad_json"], fault_mode="first_attempt")
     args = [*_inputs(tmp_path, 2), "--out", tmp_path / "o1", "--base-url", emulator.base_url]

@@ -145,11 +145,35 @@ def test_prompts_manifest_defaults_and_types(tmp_path: Path) -> None:
         ([{"prompt_id": "a", "prompt": "x", "max_tokens": 0}], r"'max_tokens' must be at least 1; see row 0"),
         (
             [{"prompt_id": "a", "prompt": "x", "json_schema": "{not json"}],
-            r"'json_schema' in row 0 is not a valid JSON Schema",
+            r"'json_schema' in row 0 \(prompt 'a'\) is not a valid JSON Schema",
         ),
         (
             [{"prompt_id": "a", "prompt": "x", "json_schema": '{"type": 5}'}],
-            r"'json_schema' in row 0 is not a valid JSON Schema",
+            r"'json_schema' in row 0 \(prompt 'a'\) is not a valid JSON Schema",
+        ),
+        (
+            [
+                {"prompt_id": "a", "prompt": "x"},
+                {"prompt_id": "b", "prompt": "y", "json_schema": '{"items": {"$ref": "#/$defs/tag"}}'},
+            ],
+            r"'json_schema' in row 1 \(prompt 'b'\) is not a valid JSON Schema: "
+            r"\$ref '#/\$defs/tag' does not resolve inside the schema",
+        ),
+        (
+            [{"prompt_id": "a", "prompt": "x", "json_schema": '{"$ref": "https://example.com/s.json"}'}],
+            r"row 0 \(prompt 'a'\) .* \$ref 'https://example.com/s.json' is not a local JSON pointer",
+        ),
+        (
+            [
+                {
+                    "prompt_id": "a",
+                    "prompt": "x",
+                    "tools": '[{"type": "function", "function": {"name": "f", "parameters": '
+                    '{"properties": {"p": {"$ref": "#/definitions/p"}}}}}]',
+                }
+            ],
+            r"column 'tools' in row 0 \(prompt 'a'\): tools\[0\]: the parameters of 'f' are not a valid "
+            r"JSON Schema: \$ref '#/definitions/p' does not resolve inside the schema",
         ),
         ([{"prompt_id": None, "prompt": "x"}], r"'prompt_id' is null in row 0"),
     ],

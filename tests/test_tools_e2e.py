@@ -176,6 +176,11 @@ def _tool(name: object = "f", **function: object) -> dict[str, Any]:
         ),
         ({"tools": json.dumps([_tool(parameters=[1])])}, "must be a JSON object"),
         (
+            {"tools": json.dumps([_tool(parameters={"$ref": "https://example.com/args.json"})])},
+            "the parameters of 'f' are not a valid JSON Schema: $ref 'https://example.com/args.json' "
+            "is not a local JSON pointer",
+        ),
+        (
             {"tools": json.dumps([_tool()]), "tool_choice": "g"},
             "column 'tool_choice' in row 0 (prompt 'p'): 'g' names no tool",
         ),

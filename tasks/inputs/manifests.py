@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 from tasks.errors import MAX_LISTED, ManifestError
 from tasks.errors import rows_phrase as _rows
 from tasks.inputs.chains import order_chains
+from tasks.inputs.json_schemas import schema_problem
 from tasks.inputs.prompt import Prompt
-from tasks.inputs.tools import check_tool_choice, check_tools, schema_problem
+from tasks.inputs.tools import check_tool_choice, check_tools
 from tasks.row import OUTPUT_SCHEMA
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -281,7 +282,7 @@ def read_prompts_manifest(path: str | Path) -> list[Prompt]:
             bad_tokens.append(row)
         schema = rec.get("json_schema")
         if schema is not None:
-            _check_schema(schema, where, row)
+            _check_schema(schema, where, f"row {row} (prompt {rec['prompt_id']!r})")
         tools, prefill = _tools(rec, where, row), rec.get("prefill")
         _check_combination(rec, tools, where, row)
         image_id = rec.get("image_id")
@@ -325,15 +326,14 @@ def _default_task(image_id: str | None, image_ids: object, parent: str | None) -
     return "caption" if image_id is None and image_ids is None and parent is None else "qa"
 
 
-def _check_schema(text: str, where: Path, row: int) -> None:
+def _check_schema(text: str, where: Path, prompt: str) -> None:
+    """A prompt's ``json_schema``: JSON, and a schema whose every ``$ref`` resolves inside it."""
     try:
         reason = schema_problem(json.loads(text))
     except ValueError as exc:
         reason = str(exc)
     if reason is not None:
-        raise ManifestError(
-            f"{where}: column 'json_schema' in row {row} is not a valid JSON Schema: {reason}"
-        )
+        raise ManifestError(f"{where}: column 'json_schema' in {prompt} is not a valid JSON Schema: {reason}")
 
 
 def _tools(rec: dict[str, Any], where: Path, row: int) -> str | None:

@@ -3,8 +3,9 @@
 
 The endpoint would refuse most of these with a 400 for every row (vLLM checks a ``parameters`` schema
 only when it builds the grammar of a call), and a function without a usable schema could not have its
-calls' arguments validated. What is kept is the tools in one form, ``{"type": "function", "function":
-{"name", ...}}``, compact JSON, from which both APIs' bodies are built (tasks/endpoint/tools.py).
+calls' arguments validated (the schema check, ``$ref`` included: tasks/inputs/json_schemas.py). What
+is kept is the tools in one form, ``{"type": "function", "function": {"name", ...}}``, compact JSON,
+from which both APIs' bodies are built (tasks/endpoint/tools.py).
 """
 
 from __future__ import annotations
@@ -12,21 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
+from tasks.inputs.json_schemas import schema_problem
 
 CHOICES = ("auto", "required", "none")
-
-
-def schema_problem(schema: Any) -> str | None:
-    """Why ``schema`` is not a usable JSON Schema (an object the validator accepts), or None."""
-    if not isinstance(schema, dict):
-        return "a JSON Schema must be a JSON object"
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        return exc.message
-    return None
 
 
 def check_tools(text: str) -> str:
