@@ -106,11 +106,57 @@ def test_calls_are_read_from_every_answer_shape() -> None:
     stream.feed("data: " + json.dumps({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]}))
     assert stream.answer(status=200, latency_ms=1).tool_calls == (ToolCall("count", '{"n": 2}'),)
 
+    two = StreamAggregator()  # several calls, told apart by their index, in index order
+    for piece in (
+        {"index": 1, "function": {"name": "skip", "arguments": "{}"}},
+        {"index": 0, "function": {"name": "count", "arguments": '{"n": 2}'}},
+    ):
+        two.feed("data: " + json.dumps({"choices": [{"delta": {"tool_calls": [piece]}}]}))
+    two.feed("data: " + json.dumps({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]}))
+    assert two.answer(status=200, latency_ms=1).tool_calls == (
+        ToolCall("count", '{"n": 2}'),
+        ToolCall("skip", "{}"),
+    )
+
     item = {"type": "function_call", "call_id": "call_1", "name": "count", "arguments": '{"n": 2}'}
     body = json.dumps({"status": "completed", "output": [item], "usage": {}}).encode()
     assert parse_responses_answer(body, status=200, latency_ms=1).tool_calls == (
         ToolCall("count", '{"n": 2}'),
     )
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        {"index": None, "function": {"arguments": "2}"}},
+        {"function": {"arguments": "2}"}},
+        {"index": "0", "function": {"arguments": "2}"}},
+        {"index": True, "function": {"arguments": "2}"}},
+        {"index": -1, "function": {"arguments": "2}"}},
+        "2}",
+    ],
+)
+def test_a_streamed_call_piece_without_its_index_is_an_invalid_response(second: object) -> None:
+    """Malformed like any other unparseable answer: a transient invalid_response, never a crash."""
+    stream = StreamAggregator()
+    first = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "count", "arguments": '{"n":'},
+    }
+    chunks = [
+        {"choices": [{"delta": {"tool_calls": [first]}}]},
+        {"choices": [{"delta": {"tool_calls": [second]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    with pytest.raises(RequestFailure) as caught:
+        for chunk in chunks:
+            stream.feed("data: " + json.dumps(chunk))
+        stream.answer(status=200, latency_ms=1)
+    got = caught.value
+    assert (got.error_type, got.retryable, got.http_status) == ("invalid_response", True, 200)
+    assert "unparseable answer from the endpoint" in got.message
 
 
 def test_calls_are_checked_against_their_functions_parameters() -> None:

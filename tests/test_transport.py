@@ -458,12 +458,24 @@ def test_stream_failures_are_transient() -> None:
         assert (got.error_type, got.retryable, got.http_status) == ("server_error", True, 200)
         got = await failure(base_url.replace("/v1", "/short/v1"), request)
         assert (got.error_type, got.retryable) == ("invalid_response", True)
+        got = await failure(base_url.replace("/v1", "/no-index/v1"), request)
+        assert (got.error_type, got.retryable, got.http_status) == ("invalid_response", True, 200)
+        assert "index is None" in got.message
         got = await failure(base_url.replace("/v1", "/429/v1"), request)
         assert (got.error_type, got.retry_after, got.http_status) == ("rate_limited", 3.0, 429)
 
     routes = {
         "/error/v1/chat/completions": sse(CHUNKS[2], {"error": {"message": "engine died"}}, done=False),
         "/short/v1/chat/completions": sse(CHUNKS[2], done=False),
+        "/no-index/v1/chat/completions": sse(
+            {
+                "choices": [
+                    {"delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]}}
+                ]
+            },
+            {"choices": [{"delta": {"tool_calls": [{"index": None, "function": {"arguments": "{}"}}]}}]},
+            {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
+        ),
         "/429/v1/chat/completions": json_handler(429, {"error": {"message": "busy"}}, {"Retry-After": "3"}),
     }
     run_with_server(routes, test)

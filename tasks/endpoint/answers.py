@@ -245,8 +245,13 @@ class StreamAggregator:
             self.finish_reason = _label(choice.get("finish_reason")) or self.finish_reason
 
     def _call_piece(self, piece: dict[str, Any]) -> None:
-        """A streamed call arrives in pieces under its ``index``: the name first, then argument text."""
-        index = piece.get("index", 0)
+        """A streamed call arrives in pieces under its ``index``: the name first, then argument text.
+
+        The index is required (OpenAI's chunk format; vLLM always sends it): without it the pieces of
+        several calls could not be told apart, so a piece without a whole-number index is malformed."""
+        index = piece.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise _Malformed(f"a streamed function call's index is {index!r}, not a whole number")
         function = piece.get("function") or {}
         name, arguments = self.calls.setdefault(index, ("", []))
         if isinstance(function.get("name"), str):
