@@ -252,7 +252,8 @@ def main() -> None:
         "job: N ÷ (first arrival → last answered arrival + L). slots busy: steady rate × L, the mean "
         "number of the K slots serving. 429s: rejected attempts (retried after `Retry-After`). max in "
         "flight: requests inside the emulator at once, rejected ones included. flow s: the summary's "
-        "elapsed (start-up excluded). client CPU: the vlmbatch process tree, start-up included."
+        "elapsed (start-up excluded). client CPU: the vlmbatch process from wait4, start-up included "
+        "(its temporary Prefect server not counted)."
     )
     print("\nTarget ≥ 90 % of the best fixed setting — " + "; ".join(verdicts) + ".")
     if args.timeline:

@@ -5,8 +5,9 @@
 
 The emulator runs as its own process with latency 0 and no concurrency cap. The prompts manifest holds
 ``--n`` distinct text-only prompts and no images manifest is given, so every work item is one request
-without any image to read or prepare. CPU time is user + system of the ``vlmbatch`` process tree from
-``os.wait4`` (the CLI and the embedded Prefect API server it starts and reaps). Start-up is removed by
+without any image to read or prepare. CPU time is user + system of the ``vlmbatch`` process from
+``os.wait4``; the temporary Prefect API server it starts is not counted (it is not reaped by vlmbatch:
+bench/common.py). Start-up is removed by
 subtracting a baseline run of the same command with ``--limit 1`` (one request):
 
     CPU per request = (CPU(N requests) − CPU(1 request)) ÷ (N − 1)

@@ -2,9 +2,13 @@
 
 Every benchmark runs ``vlmbatch run`` as a subprocess (the way a user runs it) with its own fresh
 ``PREFECT_HOME`` (so no benchmark inherits another's database), against ``python -m emulator`` started
-as another process (so the endpoint's CPU is not the client's). ``run_cli`` reports the child's wall
-time, CPU time and peak RSS from ``os.wait4`` (the child and the descendants it reaped, i.e. the embedded
-Prefect API server too), plus the peak RSS of the main ``vlmbatch`` process alone (``VmHWM`` polled).
+as another process (so the endpoint's CPU is not the client's). ``run_process`` reports the child's wall
+time, and its CPU time and peak RSS from ``os.wait4``: those of the ``vlmbatch`` process itself, plus any
+descendant it waited for before it exited — none in a normal run. The temporary Prefect API server that
+``vlmbatch run`` starts (flows/prefect_server.py, under flows/server_guard.py) is sent SIGTERM at exit and
+not waited for, so it is reaped by another process and neither its CPU nor its RSS is in these figures
+(nor is the emulator's, which is not a descendant). Also the peak RSS of the ``vlmbatch`` process
+(``VmHWM`` polled from /proc); ``ru_maxrss`` therefore matches it.
 """
 
 from __future__ import annotations
@@ -195,8 +199,8 @@ def text_prompts(folder: Path, n: int) -> Path:
 class Run:
     code: int
     wall_s: float
-    cpu_s: float  # user + system of the child and its reaped descendants
-    maxrss_mb: float  # ru_maxrss from wait4: the largest process of the tree
+    cpu_s: float  # user + system from wait4: the child, and descendants it reaped (not the Prefect server)
+    maxrss_mb: float  # ru_maxrss from wait4: the largest of the child and the descendants it reaped
     main_hwm_mb: float  # VmHWM of the vlmbatch process itself (polled until it exits)
     stdout: str
     stderr: str

@@ -9,8 +9,9 @@ Each images manifest has one row per work item, every row referencing the same s
 (so a million-row manifest costs a few MB and a few seconds to make), with one caption prompt. The
 emulator runs as its own process with latency 0 and no concurrency cap; the client at ``--concurrency``
 64. Reported per size: the peak RSS of the ``vlmbatch`` process itself (``VmHWM`` from /proc, polled
-until it exits) and ``ru_maxrss`` from ``os.wait4`` (the largest process of the tree: the CLI or the
-embedded Prefect API server it starts). A ``--limit 1`` run gives the start-up floor.
+until it exits) and ``ru_maxrss`` from ``os.wait4`` (the ``vlmbatch`` process and any child it reaped;
+the temporary Prefect API server it starts is not one, so the two agree: bench/common.py). A
+``--limit 1`` run gives the start-up floor.
 
 ``--photos K`` measures the other side of memory: what a request in flight holds. K distinct photo-like
 12-megapixel JPEGs (about 3.3 MB each, bench/images.py's), ``--concurrency K`` and an emulator latency of
@@ -72,7 +73,9 @@ def main() -> None:
                 concurrency=args.concurrency,
             )
             flow_s = run.flow_elapsed_s or float("nan")
-            log(f"  main peak {run.main_hwm_mb:.0f} MB, tree max {run.maxrss_mb:.0f} MB, flow {flow_s:.1f} s")
+            log(
+                f"  main peak {run.main_hwm_mb:.0f} MB, ru_maxrss {run.maxrss_mb:.0f} MB, flow {flow_s:.1f} s"
+            )
             if n == 1:
                 floor = run.main_hwm_mb
                 label = "1 (start-up floor)"
@@ -100,7 +103,7 @@ def main() -> None:
         "work items",
         "peak RSS of vlmbatch, MB",
         "over the floor, MB",
-        "ru_maxrss (largest process of the tree), MB",
+        "ru_maxrss from wait4, MB",
         "flow elapsed s",
         "rows/s",
         "wall s",

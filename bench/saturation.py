@@ -230,8 +230,9 @@ def main() -> None:
         "holds the first wave, whose answers all come back together, and the tail). client elapsed: "
         "the flow's `elapsed` (vlmbatch) or manifest read → Parquet written (script). "
         "start-up: wall − client elapsed "
-        "(for vlmbatch: imports, the embedded Prefect server, flow set-up and tear-down). client CPU: "
-        "user + system of the client process tree, start-up included. emulator CPU: user + system of the "
+        "(for vlmbatch: imports, waiting for its temporary Prefect server, flow set-up and tear-down). "
+        "client CPU: user + system of the client process from wait4, start-up included (vlmbatch's "
+        "temporary Prefect server not counted). emulator CPU: user + system of the "
         "emulator process during the client's run; emulator busy: that ÷ the endpoint window (the emulator "
         "is one event loop: near 100 % it, not the client, sets the pace)."
     )
