@@ -23,7 +23,7 @@ at best (the last one partly empty), so a perfect client gets N / (ceil(N / C) Ã
 and N=4,000 (16 rounds), 99.4 % at N=16,000 â€” the "perfect client" column. N=16,000 at C=256 is the
 same 62.5 rounds as N=4,000 at C=64. The client's own elapsed time (the flow's ``elapsed`` from the summary,
 the script's from manifest read to Parquet written) gives a second, end-to-end figure. Prefect's start
-(embedded API server, imports, flow set-up) is the rest of the wall time and is reported separately.
+(its temporary API server, imports, flow set-up) is the rest of the wall time and is reported separately.
 The emulator's own CPU time during each client's run (from /proc) says whether the emulator, one event
 loop sharing the cores with the client, was what limited the rate.
 """

@@ -15,8 +15,8 @@ endpoint's slots do not fall idle at every shard boundary. So that a waiting run
 partition, the nightly job) gets its turn, a hold older than ``MAX_HOLD_S`` admits no new shard: the
 shards inside finish, the slots go back to the server, and the run queues for them again.
 
-Without a server (the embedded API of ``vlmbatch run``) there is no limit: the run's own
-``--concurrency`` applies.
+Without a configured server (``vlmbatch run`` on the temporary one it starts itself,
+flows/prefect_server.py) there is no limit: the run's own ``--concurrency`` applies.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``vlmbatch serve``: the deployments of prefect.yaml, served from this process without a work pool.
 
 The schedules, parameters, descriptions and tags are read from prefect.yaml (its anchors resolved),
-so the nightly cron and its timezone live in one place. The scheduler runs in the Prefect server, not
-in the embedded API: serving needs ``prefect server start`` and ``PREFECT_API_URL``.
+so the nightly cron and its timezone live in one place. The scheduler runs in a Prefect server with its
+services, not in the temporary one a run starts (``--no-services``, flows/prefect_server.py): serving
+needs ``prefect server start`` and ``PREFECT_API_URL``.
 """
 
 from __future__ import annotations

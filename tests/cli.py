@@ -1,4 +1,5 @@
-"""Run the real ``vlmbatch`` CLI in-process (the embedded Prefect API starts once per test session)."""
+"""Run the real ``vlmbatch`` CLI in-process. Without PREFECT_API_URL a run starts Prefect's temporary API
+server (flows/prefect_server.py) once per test session: later runs reuse it while it is up."""
 
 from __future__ import annotations
 

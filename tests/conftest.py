@@ -6,7 +6,7 @@ import dataclasses
 import os
 import tempfile
 
-# Before anything imports prefect: a private home (one embedded database for the whole session),
+# Before anything imports prefect: a private home (one Prefect database for the whole session),
 # no analytics (no network), quiet logs.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vlmbatch-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

@@ -33,8 +33,8 @@ def serve_command(file: Path | None, names: list[str] | None, limit: int | None)
     prepare_prefect(log_level="INFO")  # the runner's log: runs started, finished
     if server_url() is None:
         raise fail(
-            "serve needs a Prefect server (the embedded API runs no scheduler): start `prefect server "
-            "start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+            "serve needs a Prefect server (the temporary one a run starts has no scheduler): start "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     from flows.serve import PREFECT_YAML, serve_project  # Prefect's runner (seconds to import): only here
 
