@@ -72,20 +72,22 @@ def test_tasks_imports_neither_prefect_nor_flows(graph: dict[str, set[str]]) -> 
     assert {m: i for m, i in bad.items() if i} == {}
 
 
-def test_imports_run_downward_only(graph: dict[str, set[str]]) -> None:
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of ``graph`` (module -> what it imports) from a layer into a higher one, said."""
     upward = []
-    for module, imports in graph.items():
-        for target in imports:
+    for module, imports in sorted(graph.items()):
+        for target in sorted(imports):
             if target in graph and LAYERS.index(layer_of(target)) > LAYERS.index(layer_of(module)):
                 upward.append(f"{module} ({layer_of(module)}) -> {target} ({layer_of(target)})")
-    assert upward == []
+    return upward
 
 
-def test_no_import_circles(graph: dict[str, set[str]]) -> None:
+def find_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph`` (module -> what it imports; imports of modules outside it, and of
+    itself, ignored), each as the path from a module back to it: ``["a", "b", "a"]``. Depth first; a
+    circle is reported where the search finds an edge back onto its current path."""
     edges = {m: {t for t in imports if t in graph and t != m} for m, imports in graph.items()}
-    # a package's __init__ is imported with each of its modules: an edge into a package is an edge into
-    # its __init__, which is how Python runs it; circles through one are circles all the same
-    circles = []
+    circles: list[list[str]] = []
     state: dict[str, int] = {}  # 1 on the path, 2 done
     path: list[str] = []
 
@@ -94,7 +96,7 @@ def test_no_import_circles(graph: dict[str, set[str]]) -> None:
         path.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                circles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+                circles.append([*path[path.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt)
         path.pop()
@@ -103,7 +105,31 @@ def test_no_import_circles(graph: dict[str, set[str]]) -> None:
     for node in sorted(edges):
         if node not in state:
             visit(node)
-    assert circles == []
+    return circles
+
+
+def test_imports_run_downward_only(graph: dict[str, set[str]]) -> None:
+    assert upward_imports(graph) == []
+
+
+def test_no_import_circles(graph: dict[str, set[str]]) -> None:
+    # a package's __init__ is imported with each of its modules: an edge into a package is an edge into
+    # its __init__, which is how Python runs it; circles through one are circles all the same
+    assert [" -> ".join(circle) for circle in find_circles(graph)] == []
+
+
+def test_circles_are_found_and_only_circles() -> None:
+    """find_circles on hand-made graphs: the check above can fail, and does not fail for nothing."""
+    assert find_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "prefect"}}) == [["a", "b", "c", "a"]]
+    assert find_circles({"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c"}}) == [
+        ["a", "b", "a"],
+        ["c", "d", "c"],
+    ]
+    assert find_circles({"tasks": {"tasks.x"}, "tasks.x": {"tasks"}}) == [["tasks", "tasks.x", "tasks"]]
+    # acyclic: a diamond (d reached twice, never on the path twice), a self-import, outside modules
+    assert find_circles({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}) == []
+    assert find_circles({"a": {"a", "b", "prefect"}, "b": {"os"}}) == []
+    assert find_circles({}) == []
 
 
 def test_the_check_sees_an_upward_import_and_a_circle(tmp_path: Path) -> None:
@@ -111,6 +137,9 @@ def test_the_check_sees_an_upward_import_and_a_circle(tmp_path: Path) -> None:
     other are a circle."""
     assert LAYERS.index(layer_of("tasks.images.prepare")) > LAYERS.index(layer_of("tasks.config"))
     assert layer_of("tasks.run.plan") == "run" and layer_of("flows.cli.run") == "flows"
+    graph = {"tasks.config": {"tasks.images.prepare"}, "tasks.images.prepare": {"tasks.config"}}
+    assert upward_imports(graph) == ["tasks.config (core) -> tasks.images.prepare (images)"]
+    assert find_circles(graph) == [["tasks.config", "tasks.images.prepare", "tasks.config"]]
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text("from tasks.config import RunConfig\nimport prefect\n")
     b.write_text("from tasks import config\n")
