@@ -218,8 +218,10 @@ async def _adopted(early: EarlyJob) -> RunSummary:
     flow_context = contextvars.copy_context()  # the flow run's: Prefect's tasks must start inside it
 
     def in_flow(call: Any) -> asyncio.Task[Any]:
-        """A Prefect task started in (a copy of) the flow run's context: the job's shards come from a
-        task created before the flow run existed, which does not carry it."""
+        """``call()``'s coroutine run in (a copy of) the flow run's context. Whatever talks to Prefect
+        on the job's behalf (a shard's task, a progress update) must: the job's own task was created
+        before the flow run existed, so its context has neither the flow run nor the settings naming
+        the server (Prefect would start an ephemeral API of its own)."""
         context = flow_context.copy()
         return loop.create_task(context.run(call), context=context)
 
@@ -241,8 +243,8 @@ async def _adopted(early: EarlyJob) -> RunSummary:
     progress = Progress(plan.work_items, f"work items done → {job.config.out}")
 
     async def advance(shard: Shard) -> None:
-        if not temporary_server_lost():
-            await progress.advance(shard.num_items)
+        if not temporary_server_lost():  # in the flow run's context: the API is the flow run's
+            await in_flow(lambda: progress.advance(shard.num_items))
 
     followers = [follow(started) for started in handover.take_over(shard_task, advance)]
     progress.done = handover.items_done  # what finished before; later shards advance it

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,25 +22,40 @@ from emulator import EmulatorServer
 from flows.prefect_server import TemporaryServer
 from tests.builders import images_manifest
 from tests.cli import rows
+from tests.test_prefect_server import IMPORT_PROBE, ROOT
 
-N, SHARD = 24, 6
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "prefect-home"
+N, SHARD = 32, 8  # one request at a time, 0.25 s each: 8 s, so that the flow run comes in the middle
 
 
-def run_cli(args: list[object], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A Prefect home whose database exists (as a user's does after the first run): a new database's
+    migrations would hold the server back for the whole run."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_HOME", str(home))
+        server = TemporaryServer()
+        try:
+            server.wait_ready()
+        finally:
+            server.stop()
+    yield home
+
+
+def run_cli(args: list[object], home: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """The CLI in a subprocess; also the Prefect modules it imported."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "VLMBATCH_"))}
-    environ.update(PREFECT_HOME=str(home), **env)
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *map(str, args)],
+    environ.update(PREFECT_HOME=str(home), PYTHONPATH=str(ROOT), **env)
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, *map(str, args)],
         env=environ,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    stderr, modules = done.stderr.rsplit("\nMODULES ", 1)
+    done.stderr = stderr
+    return done, json.loads(modules)
 
 
 def post(url: str, route: str, body: dict[str, Any]) -> Any:
@@ -57,12 +73,15 @@ def when(text: str) -> datetime:
 def test_requests_go_out_before_prefects_server_is_up_and_the_flow_run_records_the_whole_run(
     tmp_path: Path, emulator: EmulatorServer, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    emulator.configure(latency=0.1)
+    emulator.configure(latency=0.25)
     images = images_manifest(tmp_path, {f"i{k:02d}": ((10 + k, 10), "red") for k in range(N)})
     out = tmp_path / "out"
-    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--concurrency", 2]
-    done = run_cli([*args, "--shard-size", SHARD], home, PREFECT_LOGGING_LEVEL="INFO")
+    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--concurrency", 1]
+    done, modules = run_cli([*args, "--shard-size", SHARD], home, PREFECT_LOGGING_LEVEL="INFO")
     assert done.returncode == 0, done.stderr[-3000:]
+    # what talks to Prefect on the job's behalf does so in the flow run's context: outside it, Prefect
+    # would start an in-process ephemeral API (importing its server) instead of using the flow run's
+    assert not [m for m in modules if m.startswith("prefect.server")]
     got = rows(out)
     assert [r["status"] for r in got] == ["ok"] * N and emulator.stats()["requests_total"] == N
     (run_id,) = {r["run_id"] for r in got}  # one run id, on every row
@@ -97,7 +116,7 @@ def test_a_server_that_never_comes_up_leaves_the_run_to_finish_without_a_flow_ru
     images = images_manifest(tmp_path, {f"i{k:02d}": ((10 + k, 10), "blue") for k in range(6)})
     out = tmp_path / "out"
     broken = f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db"  # the server cannot open it
-    done = run_cli(
+    done, _ = run_cli(
         ["run", images, "--out", out, "--base-url", emulator.base_url],
         home,
         PREFECT_API_DATABASE_CONNECTION_URL=broken,

@@ -7,6 +7,7 @@ is copied from ``run``'s, so the two never drift apart).
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import threading
 import traceback
@@ -305,6 +306,9 @@ async def _early_run(cfg: RunConfig, plan: RunPlan, server: TemporaryServer, ver
             stop_temporary_server()
             return _outcome(job, await running)
         await asyncio.wait({running}, timeout=0.05)
+    # Prefect's modules came after the job froze the long-lived objects (tasks/run/job.py): frozen too,
+    # or each full collection would walk them with the requests waiting
+    gc.freeze()
     if server.failure is not None or flows.exception() is not None:
         typer.echo(
             f"warning: the run goes on without Prefect, and no flow run records it: "
