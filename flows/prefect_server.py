@@ -10,7 +10,9 @@ cost its start-up 0.3–0.5 s, and nobody watches a temporary server's UI).
 
 It is started before anything else the command does, so it comes up (2–3 s, mostly importing
 Prefect's server) on the other core while the CLI imports, validates the manifests and plans; the CLI
-itself never imports ``prefect.server``. The server:
+itself never imports ``prefect.server``. ``vlmbatch run`` does not even wait for it: its job sends
+while the server comes up, and the flow run takes the job over once it answers (flows/cli/run.py,
+flows/annotate.py); that needs surely no configured server (``no_server_anywhere``). The server:
 
 - runs in a process group of its own, so a terminal's Ctrl-C (sent to the whole foreground group)
   reaches vlmbatch alone, which stops the server once the run has written what it did; a second
