@@ -7,7 +7,6 @@ is copied from ``run``'s, so the two never drift apart).
 from __future__ import annotations
 
 import asyncio
-import gc
 import sys
 import threading
 import traceback
@@ -35,7 +34,7 @@ from tasks.errors import RunStopped, UsageError
 from tasks.outputs.summary import AnswerSample, RunSummary
 from tasks.partitions import needs_date
 from tasks.row import ResultRow
-from tasks.run.job import Job, ShardHandover, add_row_listener
+from tasks.run.job import Job, ShardHandover, add_row_listener, freeze_late_arrivals
 from tasks.run.plan import RunPlan, plan_run
 from tasks.stopping import EXIT_CODES, forget_signals, signal_received
 
@@ -308,7 +307,7 @@ async def _early_run(cfg: RunConfig, plan: RunPlan, server: TemporaryServer, ver
         await asyncio.wait({running}, timeout=0.05)
     # Prefect's modules came after the job froze the long-lived objects (tasks/run/job.py): frozen too,
     # or each full collection would walk them with the requests waiting
-    gc.freeze()
+    freeze_late_arrivals()
     if server.failure is not None or flows.exception() is not None:
         typer.echo(
             f"warning: the run goes on without Prefect, and no flow run records it: "

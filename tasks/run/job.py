@@ -295,11 +295,26 @@ def _long_lived_objects_frozen() -> Iterator[None]:
     young garbage is still collected as usual. No collection first (it would cost a full pass, about
     0.15 s, per run): whatever cyclic garbage exists right now is simply kept, once.
     """
+    global _frozen_runs
     gc.freeze()
+    _frozen_runs += 1
     try:
         yield
     finally:
+        _frozen_runs -= 1
         gc.unfreeze()
+
+
+_frozen_runs = 0  # runs of this process inside _long_lived_objects_frozen
+
+
+def freeze_late_arrivals() -> None:
+    """Freeze the objects made since a running job froze the long-lived ones (a library imported
+    while it runs: Prefect, when the flow run takes over a job that started first); they are let go
+    with the rest when the job ends. Nothing when no job is inside its shards: a freeze then would
+    outlive every run."""
+    if _frozen_runs:
+        gc.freeze()
 
 
 async def _run_shards(
