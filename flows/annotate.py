@@ -10,7 +10,7 @@ global concurrency limit and the final state.
 
 ``vlmbatch run`` does not wait for Prefect: with a temporary server (none configured), the CLI starts
 the job before the server is up (``EarlyJob``: its shards run bare, through a ``ShardHandover``), and
-the flow run, once the server answers, takes the job over instead of starting one (``adopt``): from
+the flow run, once the server answers, takes the job over instead of starting one (``_adopt``): from
 then on every shard is a Prefect task; each shard started before gets a task run that follows it to
 its end. A flow run that is not the CLI's (a deployment's, a backfill's partition) runs as it always
 did.
@@ -77,7 +77,7 @@ async def annotate_shard(
 @dataclass(eq=False)
 class EarlyJob:
     """A job the CLI started before its flow run existed (``vlmbatch run`` with a temporary server),
-    for the flow run of ``config`` in this process to take over (``offer``, then the flow's ``adopt``)."""
+    for the flow run of ``config`` in this process to take over (``offer``, then the flow's ``_adopt``)."""
 
     config: RunConfig  # the flow's parameter, as the CLI passes it
     plan: RunPlan

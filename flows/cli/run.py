@@ -7,6 +7,7 @@ is copied from ``run``'s, so the two never drift apart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import traceback
@@ -280,7 +281,7 @@ def _starts_early(cfg: RunConfig) -> bool:
 async def _early_run(cfg: RunConfig, plan: RunPlan, server: TemporaryServer, verbose: bool) -> RunSummary:
     """The job starts now, with no Prefect (it sends while the temporary server comes up and Prefect
     is imported on a thread); once both are there, the annotate flow run takes it over (flows/annotate.py
-    ``adopt``) and the run goes on as a flow run. If the server does not come up, the job finishes
+    ``_adopt``) and the run goes on as a flow run. If the server does not come up, the job finishes
     without one (a warning says so); a signal before the flow run ends the job with no flow run."""
     loop = asyncio.get_running_loop()
     flows = _in_background(_load_flows)
@@ -347,7 +348,9 @@ def _load_flows() -> None:
 
 
 def _in_background(load: Callable[[], None]) -> asyncio.Future[None]:
-    """``load()`` on a daemon thread (never waited for at exit); the future says when it is done."""
+    """``load()`` on a thread; the future says when it is done. Not a daemon: a run that ends before it
+    is done (a signal) waits for it at exit, a second or two; a daemon thread stopped at exit inside a
+    native extension's import aborts the process (SIGABRT, "exception not rethrown")."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
@@ -356,14 +359,15 @@ def _in_background(load: Callable[[], None]) -> asyncio.Future[None]:
             done.set_result(None) if error is None else done.set_exception(error)
 
     def target() -> None:
+        error: BaseException | None = None
         try:
             load()
         except BaseException as exc:  # reported to the loop, which decides
-            loop.call_soon_threadsafe(report, exc)
-        else:
-            loop.call_soon_threadsafe(report, None)
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the run ended without waiting
+            loop.call_soon_threadsafe(report, error)
 
-    threading.Thread(target=target, name="vlmbatch-prefect-import", daemon=True).start()
+    threading.Thread(target=target, name="vlmbatch-prefect-import").start()
     return done
 
 
