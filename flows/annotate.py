@@ -7,13 +7,24 @@ paced by ``--rpm``/``--tpm``, both in the ShardRunner's ItemSender (tasks/endpoi
 The job itself is the engine's (tasks/run/job.py, planned by tasks/run/plan.py); this module is the
 Prefect side: the flow and its shard task, the artifacts, the Secret block, the scheduled date, the
 global concurrency limit and the final state.
+
+``vlmbatch run`` does not wait for Prefect: with a temporary server (none configured), the CLI starts
+the job before the server is up (``EarlyJob``: its shards run bare, through a ``ShardHandover``), and
+the flow run, once the server answers, takes the job over instead of starting one (``_adopt``): from
+then on every shard is a Prefect task; each shard started before gets a task run that follows it to
+its end. A flow run that is not the CLI's (a deployment's, a backfill's partition) runs as it always
+did.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import time
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -32,9 +43,10 @@ from tasks.outputs.summary import AnswerSample, RunSummary
 from tasks.outputs.writer import AsyncWriter
 from tasks.partitions import needs_date
 from tasks.row import ResultRow
-from tasks.run.job import Job, run_shard
-from tasks.run.plan import plan_run
+from tasks.run.job import Job, ShardHandover, StartedShard, run_shard
+from tasks.run.plan import RunPlan, plan_run
 from tasks.run.shard_runner import ShardRunner
+from tasks.stopping import hard_exit, signals_stop
 
 
 @task(cache_policy=NO_CACHE, task_run_name="shard-{index}", retries=0)
@@ -45,22 +57,66 @@ async def annotate_shard(
     writer: AsyncWriter | None,
     lease: SlotLease | None = None,
     skipped_before: int = 0,
+    started: StartedShard | None = None,
 ) -> str | None:
     """One shard (tasks.run.job.run_shard) as a Prefect task. With a global endpoint limit, the run's
-    share of its slots is held while the shard's requests run.
+    share of its slots is held while the shard's requests run. ``started``: a shard the CLI's job ran
+    before the flow run existed; the task run follows it to its end (its outcome is the shard's).
 
     The caller passes its arguments inside ``quote``: Prefect would otherwise walk every work item of
     the shard (and the runner) looking for futures, twice per task, about 0.2 ms per item.
     """
+    if started is not None:
+        path = await started.wait()
+        return str(path) if path else None
     async with lease.hold() if lease is not None else contextlib.nullcontext():
         path = await run_shard(shard, runner, writer, skipped_before, logger=get_run_logger())
     return str(path) if path else None
+
+
+@dataclass(eq=False)
+class EarlyJob:
+    """A job the CLI started before its flow run existed (``vlmbatch run`` with a temporary server),
+    for the flow run of ``config`` in this process to take over (``offer``, then the flow's ``_adopt``)."""
+
+    config: RunConfig  # the flow's parameter, as the CLI passes it
+    plan: RunPlan
+    job: Job
+    handover: ShardHandover
+    answers: AnswerSample
+    run: asyncio.Task[RunSummary]  # preflight, then job.run(handover), on the CLI's event loop
+
+
+_offered: list[EarlyJob] = []
+
+
+def offer(early: EarlyJob) -> None:
+    """Let the next flow run of ``early.config`` in this process take ``early`` over."""
+    _offered.append(early)
+
+
+def withdraw(early: EarlyJob) -> bool:
+    """Take back an offer no flow run took; whether it was still there."""
+    if early in _offered:
+        _offered.remove(early)
+        return True
+    return False
+
+
+def _take(config: RunConfig) -> EarlyJob | None:
+    for early in _offered:
+        if early.config == config:
+            _offered.remove(early)
+            return early
+    return None
 
 
 @flow(name="annotate", description="Caption and Q&A over an images manifest, written to Parquet.")
 async def annotate(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
     logger = get_run_logger()
+    if (early := _take(config)) is not None:
+        return await _adopt(early)
     if config.date is None and needs_date(config):  # a scheduled run: the day before, by default
         config = config.model_copy(update={"date": await scheduled_date()})
     plan = plan_run(config)
@@ -112,7 +168,14 @@ async def annotate(config: RunConfig) -> RunSummary:
             await progress.advance(shard.num_items)
 
     result = await job.run(shard_task, on_shard_done=advance)
-    logger.info(
+    return await _finish(job, result, progress, answers)
+
+
+async def _finish(job: Job, result: RunSummary, progress: Progress, answers: AnswerSample) -> RunSummary:
+    """The run's artifacts published, its stop raised, its final state (with failed rows: a Completed
+    state that says so)."""
+    config = job.config
+    get_run_logger().info(
         "done: %d ok, %d failed, %d skipped %s", result.ok, result.failed, result.skipped, result.errors or ""
     )
     if not temporary_server_lost():  # gone with a signal to every process: nothing to publish to
@@ -128,3 +191,67 @@ async def annotate(config: RunConfig) -> RunSummary:
         )
         return with_failed_rows(result, message)
     return result
+
+
+async def _adopt(early: EarlyJob) -> RunSummary:
+    """The flow run takes over the job the CLI started: shards from now on are Prefect tasks, those
+    already started get a task run each that follows them, the progress artifact starts where the job
+    is, and the job's result is the flow's (artifacts, stop, final state: as a run of its own)."""
+    # first: the flow run's start put Prefect's SIGTERM handler in place of the job's
+    with signals_stop(early.job.stop, on_second=hard_exit):
+        return await _adopted(early)
+
+
+async def _adopted(early: EarlyJob) -> RunSummary:
+    logger = get_run_logger()
+    job, plan, handover = early.job, early.plan, early.handover
+    logger.info(
+        "%d work items over %d images from %s → %s (run %s, started %.1f s before its flow run)",
+        plan.work_items,
+        plan.num_images,
+        job.config.images,
+        job.config.out,
+        job.run_id,
+        time.perf_counter() - job.started,
+    )
+    loop = asyncio.get_running_loop()
+    flow_context = contextvars.copy_context()  # the flow run's: Prefect's tasks must start inside it
+
+    def in_flow(call: Any) -> asyncio.Task[Any]:
+        """``call()``'s coroutine run in (a copy of) the flow run's context. Whatever talks to Prefect
+        on the job's behalf (a shard's task, a progress update) must: the job's own task was created
+        before the flow run existed, so its context has neither the flow run nor the settings naming
+        the server (Prefect would start an ephemeral API of its own)."""
+        context = flow_context.copy()
+        return loop.create_task(context.run(call), context=context)
+
+    async def shard_task(shard: Shard, runner: ShardRunner, writer: AsyncWriter | None, done: int) -> object:
+        return await in_flow(
+            lambda: annotate_shard(  # type: ignore[call-overload]
+                shard.index, quote(shard), quote(runner), quote(writer), None, done
+            )
+        )
+
+    def follow(started: StartedShard) -> asyncio.Task[Any]:
+        shard, runner = started.shard, job.runner
+        return in_flow(
+            lambda: annotate_shard(  # type: ignore[call-overload]
+                shard.index, quote(shard), quote(runner), None, None, started.skipped_before, quote(started)
+            )
+        )
+
+    progress = Progress(plan.work_items, f"work items done → {job.config.out}")
+
+    async def advance(shard: Shard) -> None:
+        if not temporary_server_lost():  # in the flow run's context: the API is the flow run's
+            await in_flow(lambda: progress.advance(shard.num_items))
+
+    followers = [follow(started) for started in handover.take_over(shard_task, advance)]
+    progress.done = handover.items_done  # what finished before; later shards advance it
+    try:
+        await progress.start()
+        result = await early.run
+    finally:
+        # a follower only records its shard's outcome; the job's result or error is the run's
+        await asyncio.gather(*followers, return_exceptions=True)
+    return await _finish(job, result, progress, early.answers)

@@ -10,7 +10,9 @@ cost its start-up 0.3–0.5 s, and nobody watches a temporary server's UI).
 
 It is started before anything else the command does, so it comes up (2–3 s, mostly importing
 Prefect's server) on the other core while the CLI imports, validates the manifests and plans; the CLI
-itself never imports ``prefect.server``. The server:
+itself never imports ``prefect.server``. ``vlmbatch run`` does not even wait for it: its job sends
+while the server comes up, and the flow run takes the job over once it answers (flows/cli/run.py,
+flows/annotate.py); that needs surely no configured server (``no_server_anywhere``). The server:
 
 - runs in a process group of its own, so a terminal's Ctrl-C (sent to the whole foreground group)
   reaches vlmbatch alone, which stops the server once the run has written what it did; a second
@@ -60,6 +62,36 @@ def configured_api_url() -> str | None:
     return os.environ.get("PREFECT_API_URL") or None
 
 
+def no_server_anywhere() -> bool:
+    """Whether Prefect surely has no server configured, known without importing Prefect (a second):
+    no ``PREFECT_API_URL`` in the environment, nor in the profiles file, nor in a ``.env``,
+    ``prefect.toml`` or ``pyproject.toml`` of the working directory where Prefect also reads settings.
+    On the side of caution: a file that might name one (a ``.env`` with any Prefect setting, any
+    ``prefect.toml``, a ``[tool.prefect]`` table) counts as a maybe, answered by Prefect itself later.
+    A run starts before its flow run only when this is true: with a server, its global concurrency
+    limit must be held before the first request."""
+    if any(name.startswith("PREFECT_API_URL") for name in os.environ):
+        return False
+    here = Path.cwd()
+    if (here / "prefect.toml").exists() or _mentions(here / ".env", "PREFECT_"):
+        return False
+    if _mentions(here / "pyproject.toml", "tool.prefect"):
+        return False
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    return not _mentions(profiles, "API_URL")
+
+
+def _mentions(path: Path, text: str) -> bool:
+    """Whether the file at ``path`` exists and holds ``text`` (unreadable: a maybe, so yes)."""
+    try:
+        return text.lower() in path.read_text(errors="replace").lower()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -88,6 +120,11 @@ class TemporaryServer:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def settled(self) -> bool:
+        """Whether it is up or failed (``wait_ready`` then returns at once)."""
+        return self._up.is_set()
 
     @property
     def ready(self) -> bool:
@@ -234,7 +271,7 @@ def prefect_api(server: TemporaryServer | None) -> Iterator[None]:
         stop_temporary_server()
         yield
         return
-    _warm_up()
+    warm_up()
     url = server.wait_ready()
     server.used = True
     # One retry, not five with exponential backoff (a minute per call): a loopback server that does not
@@ -244,7 +281,7 @@ def prefect_api(server: TemporaryServer | None) -> Iterator[None]:
         yield
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
     """Import now, while the server comes up, what Prefect imports at a flow's first call (its flow
     engine, the encoder of flow parameters, the visualization check): half a second that would
     otherwise come after the server is ready. Only imports: if a module moves in a later Prefect, the

@@ -134,3 +134,33 @@ def test_a_run_never_imports_prefects_server_and_the_rest_never_import_prefect(
         code, output, modules = _cli(args, tmp_path, cli_env)
         assert code == 0, (args, output)
         assert modules == [], (args, modules)
+
+
+def test_a_run_starts_before_prefect_only_where_surely_no_server_is_configured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With a server, its global concurrency limit must be held before the first request: any place
+    where Prefect might read PREFECT_API_URL from makes the run wait for Prefect as before."""
+    from flows.prefect_server import no_server_anywhere
+
+    for name in [n for n in os.environ if n.startswith("PREFECT_API_URL") or n == "PREFECT_PROFILES_PATH"]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert no_server_anywhere()
+    (home / "profiles.toml").write_text('[profiles.local]\nPREFECT_LOGGING_LEVEL = "INFO"\n')
+    assert no_server_anywhere()
+    (home / "profiles.toml").write_text('[profiles.local]\nPREFECT_API_URL = "http://10.0.0.5:4200/api"\n')
+    assert not no_server_anywhere()  # what `prefect config set PREFECT_API_URL=...` writes
+    (home / "profiles.toml").unlink()
+    for name, text in ((".env", "PREFECT_PROFILES_PATH=/x\n"), ("prefect.toml", "")):
+        (tmp_path / name).write_text(text)
+        assert not no_server_anywhere(), name
+        (tmp_path / name).unlink()
+    (tmp_path / "pyproject.toml").write_text('[tool.prefect.api]\nurl = "http://10.0.0.5:4200/api"\n')
+    assert not no_server_anywhere()
+    (tmp_path / "pyproject.toml").unlink()
+    monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.5:4200/api")
+    assert not no_server_anywhere()

@@ -7,9 +7,12 @@ is copied from ``run``'s, so the two never drift apart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import threading
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,14 +24,18 @@ from flows.cli.summary_table import print_summary
 from flows.prefect_server import (
     ServerFailed,
     TemporaryServer,
+    no_server_anywhere,
     prefect_api,
     start_temporary_server,
     stop_temporary_server,
+    warm_up,
 )
 from tasks.config import RunConfig, build_config
 from tasks.errors import RunStopped, UsageError
-from tasks.outputs.summary import RunSummary
-from tasks.run.job import Job, add_row_listener
+from tasks.outputs.summary import AnswerSample, RunSummary
+from tasks.partitions import needs_date
+from tasks.row import ResultRow
+from tasks.run.job import Job, ShardHandover, add_row_listener, freeze_late_arrivals
 from tasks.run.plan import RunPlan, plan_run
 from tasks.stopping import EXIT_CODES, forget_signals, signal_received
 
@@ -209,7 +216,7 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
     forget_signals()
     try:
         with progress_bar(plan.work_items, enabled=sys.stderr.isatty()):
-            summary = _dry_run(plan) if cfg.dry_run else _run_flow(cfg, server, verbose)
+            summary = _dry_run(plan) if cfg.dry_run else _run_flow(cfg, plan, server, verbose)
     except KeyboardInterrupt:  # Ctrl-C before the run took over the signals (e.g. waiting for Prefect)
         typer.echo("error: interrupted by SIGINT; what was done is written, a rerun continues", err=True)
         return EXIT_SIGINT
@@ -249,7 +256,9 @@ def register(app: typer.Typer) -> None:
     app.command()(run)
 
 
-def _run_flow(cfg: RunConfig, server: TemporaryServer | None, verbose: bool) -> RunSummary:
+def _run_flow(cfg: RunConfig, plan: RunPlan, server: TemporaryServer | None, verbose: bool) -> RunSummary:
+    if server is not None and _starts_early(cfg):
+        return asyncio.run(_early_run(cfg, plan, server, verbose))
     # The flow's modules import Prefect (a second or more): only a run that starts a flow loads them.
     from flows.annotate import annotate
     from flows.cli.quiet_stops import hide_expected_stops
@@ -258,6 +267,108 @@ def _run_flow(cfg: RunConfig, server: TemporaryServer | None, verbose: bool) -> 
         hide_expected_stops()  # an expected stop gets its one error line, not a traceback
     with prefect_api(server):
         return asyncio.run(annotate(cfg))
+
+
+def _starts_early(cfg: RunConfig) -> bool:
+    """Whether the job can start before its flow run: it needs nothing of Prefect to send (no Secret
+    block for the key, no scheduled date to read, surely no server whose global concurrency limit must
+    be held first)."""
+    if cfg.endpoint.api_key_secret is not None or (cfg.date is None and needs_date(cfg)):
+        return False
+    return no_server_anywhere()
+
+
+async def _early_run(cfg: RunConfig, plan: RunPlan, server: TemporaryServer, verbose: bool) -> RunSummary:
+    """The job starts now, with no Prefect (it sends while the temporary server comes up and Prefect
+    is imported on a thread); once both are there, the annotate flow run takes it over (flows/annotate.py
+    ``_adopt``) and the run goes on as a flow run. If the server does not come up, the job finishes
+    without one (a warning says so); a signal before the flow run ends the job with no flow run."""
+    loop = asyncio.get_running_loop()
+    flows = _in_background(_load_flows)
+    answers = AnswerSample()  # the summary artifact's few answers, as the flow keeps them
+
+    def on_row(row: ResultRow | None) -> None:
+        if row is not None:
+            answers.add(row)
+
+    # Its own run id: the flow run (and so its id) does not exist yet. Rows and part files carry this
+    # one; the flow run is named after it.
+    job = Job(plan, run_id=str(uuid.uuid4()), on_row=on_row)
+    handover = ShardHandover()
+
+    async def work() -> RunSummary:
+        await job.preflight()
+        return await job.run(handover, on_shard_done=handover.shard_done)
+
+    running = loop.create_task(work(), name="vlmbatch-job")
+    while not (server.settled and flows.done()):
+        if running.done() and job.stop.reason in EXIT_CODES:  # a signal: out now, with no flow run
+            stop_temporary_server()
+            return _outcome(job, await running)
+        await asyncio.wait({running}, timeout=0.05)
+    # Prefect's modules came after the job froze the long-lived objects (tasks/run/job.py): frozen too,
+    # or each full collection would walk them with the requests waiting
+    freeze_late_arrivals()
+    if server.failure is not None or flows.exception() is not None:
+        typer.echo(
+            f"warning: the run goes on without Prefect, and no flow run records it: "
+            f"{server.failure or flows.exception()}",
+            err=True,
+        )
+        return _outcome(job, await running)
+    from flows.annotate import EarlyJob, annotate, offer, withdraw  # loaded on the thread by now
+    from flows.cli.quiet_stops import hide_expected_stops
+
+    if not verbose:
+        hide_expected_stops()
+    early = EarlyJob(cfg, plan, job, handover, answers, running)
+    offer(early)
+    try:
+        with prefect_api(server):
+            return await annotate.with_options(flow_run_name=job.run_id)(cfg)
+    except Exception as exc:
+        if handover.taken_over or not withdraw(early):
+            raise
+        # the flow run never started (its server was lost on the way): the job finishes without it
+        typer.echo(f"warning: the run goes on without Prefect, and no flow run records it: {exc}", err=True)
+        return _outcome(job, await running)
+
+
+def _outcome(job: Job, result: RunSummary) -> RunSummary:
+    job.raise_if_stopped(result)
+    return result
+
+
+def _load_flows() -> None:
+    """What the flow run needs of Prefect, imported (on a thread, while the job runs)."""
+    import flows.annotate
+    import flows.cli.quiet_stops  # noqa: F401
+
+    warm_up()
+
+
+def _in_background(load: Callable[[], None]) -> asyncio.Future[None]:
+    """``load()`` on a thread; the future says when it is done. Not a daemon: a run that ends before it
+    is done (a signal) waits for it at exit, a second or two; a daemon thread stopped at exit inside a
+    native extension's import aborts the process (SIGABRT, "exception not rethrown")."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def report(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(None) if error is None else done.set_exception(error)
+
+    def target() -> None:
+        error: BaseException | None = None
+        try:
+            load()
+        except BaseException as exc:  # reported to the loop, which decides
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the run ended without waiting
+            loop.call_soon_threadsafe(report, error)
+
+    threading.Thread(target=target, name="vlmbatch-prefect-import").start()
+    return done
 
 
 def _dry_run(plan: RunPlan) -> RunSummary:

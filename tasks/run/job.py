@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import RunConfig
@@ -71,6 +72,73 @@ async def run_shard(
         f" → {path.name}" if path else "",
     )
     return path
+
+
+@dataclass(eq=False)
+class StartedShard:
+    """A shard a ``ShardHandover`` ran before an orchestrator took over: ``finished`` holds its file
+    (or None) and the error that ended it, if one did, once it is done."""
+
+    shard: Shard
+    skipped_before: int
+    finished: asyncio.Future[tuple[Path | None, BaseException | None]]
+
+    async def wait(self) -> Path | None:
+        """Until the shard is done: its file, or the error that ended it raised here."""
+        path, error = await asyncio.shield(self.finished)
+        if error is not None:
+            raise error
+        return path
+
+
+class ShardHandover:
+    """How a job's shards run when the orchestrator comes after the job started (``vlmbatch run``: the
+    job starts at once; Prefect's flow run, once its server is up, takes over).
+
+    Until ``take_over``, a shard runs bare (``run_shard``) and is remembered as a ``StartedShard``; from
+    then on, every shard goes through the orchestrator's ``call`` (its Prefect task), and ``take_over``
+    returns the shards already started, so the orchestrator can record them too (a task run that
+    follows each one to its end). Finished shards are counted (``items_done``) for a progress display
+    that starts late; ``on_shard_done`` is told of each shard once the orchestrator has taken over.
+    """
+
+    def __init__(self) -> None:
+        self.started: list[StartedShard] = []
+        self.items_done = 0
+        self._call: ShardCall | None = None
+        self._on_done: Callable[[Shard], Awaitable[None]] | None = None
+
+    @property
+    def taken_over(self) -> bool:
+        return self._call is not None
+
+    def take_over(
+        self, call: ShardCall, on_shard_done: Callable[[Shard], Awaitable[None]] | None = None
+    ) -> list[StartedShard]:
+        """From now on shards go through ``call``; returns the shards started before (done or not)."""
+        self._call, self._on_done = call, on_shard_done
+        return list(self.started)
+
+    async def __call__(
+        self, shard: Shard, runner: ShardRunner, writer: AsyncWriter | None, skipped_before: int
+    ) -> object:
+        if self._call is not None:
+            return await self._call(shard, runner, writer, skipped_before)
+        started = StartedShard(shard, skipped_before, asyncio.get_running_loop().create_future())
+        self.started.append(started)
+        try:
+            path = await run_shard(shard, runner, writer, skipped_before)
+        except BaseException as exc:
+            started.finished.set_result((None, exc))
+            raise
+        started.finished.set_result((path, None))
+        return path
+
+    async def shard_done(self, shard: Shard) -> None:
+        """The job's ``on_shard_done``."""
+        self.items_done += shard.num_items
+        if self._on_done is not None:
+            await self._on_done(shard)
 
 
 def shards_in_flight(config: RunConfig) -> int:
@@ -227,11 +295,26 @@ def _long_lived_objects_frozen() -> Iterator[None]:
     young garbage is still collected as usual. No collection first (it would cost a full pass, about
     0.15 s, per run): whatever cyclic garbage exists right now is simply kept, once.
     """
+    global _frozen_runs
     gc.freeze()
+    _frozen_runs += 1
     try:
         yield
     finally:
+        _frozen_runs -= 1
         gc.unfreeze()
+
+
+_frozen_runs = 0  # runs of this process inside _long_lived_objects_frozen
+
+
+def freeze_late_arrivals() -> None:
+    """Freeze the objects made since a running job froze the long-lived ones (a library imported
+    while it runs: Prefect, when the flow run takes over a job that started first); they are let go
+    with the rest when the job ends. Nothing when no job is inside its shards: a freeze then would
+    outlive every run."""
+    if _frozen_runs:
+        gc.freeze()
 
 
 async def _run_shards(
