@@ -125,6 +125,21 @@ def run(
     ] = None,
     shard_size: Annotated[int | None, Opt(help="Work items per Prefect task.  [default: 1000]")] = None,
     limit: Annotated[int | None, Opt(help="Only the first N work items.")] = None,
+    slice: Annotated[
+        str | None,
+        Opt(
+            "--slice",
+            help="K/N: only the K-th of N disjoint parts of the job (by a stable hash of the image id); "
+            "N such runs, started anywhere, write one OUT together.",
+        ),
+    ] = None,
+    slices: Annotated[
+        int | None,
+        Opt(
+            help="Run the job as N slices on the Prefect work pool (deployment annotate/annotate-slice; "
+            "needs PREFECT_API_URL): every worker of the pool takes slices."
+        ),
+    ] = None,
     dry_run: Annotated[
         bool | None, Opt("--dry-run", help="Validate and load every image; send nothing.")
     ] = None,
