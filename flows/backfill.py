@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from flows.annotate import annotate
 from flows.artifacts import outcomes_table, publish_table
+from flows.slices import annotate_slices
 from flows.states import with_failed_rows
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, UsageError
@@ -121,7 +122,8 @@ async def backfill(
         async with gate:
             if stopping:
                 return PartitionOutcome(partition=name, outcome="not started", detail=stopping[0])
-            child = annotate.with_options(flow_run_name=f"annotate-{name}")
+            sliced = partition.config.slices is not None  # its slices on the work pool (flows/slices.py)
+            child = (annotate_slices if sliced else annotate).with_options(flow_run_name=f"annotate-{name}")
             try:
                 return outcome_of(partition, await child(partition.config))
             except RunInterrupted as exc:

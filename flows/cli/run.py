@@ -22,6 +22,7 @@ from flows.prefect_server import (
     ServerFailed,
     TemporaryServer,
     prefect_api,
+    server_url,
     start_temporary_server,
     stop_temporary_server,
 )
@@ -197,9 +198,9 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
         raise fail(str(exc)) from None
     # First of all, Prefect's temporary server (when no server is configured): it comes up on the other
     # core while this process plans the run and imports the flow.
-    if cfg.dry_run:
-        stop_temporary_server()  # started on a guess from the command line: a dry run needs none
-    server = None if cfg.dry_run else start_temporary_server()
+    if cfg.dry_run or cfg.slices is not None:
+        stop_temporary_server()  # started on a guess: a dry run needs none, --slices the configured one
+    server = None if cfg.dry_run or cfg.slices is not None else start_temporary_server()
     try:
         plan = plan_run(cfg)  # fail fast (exit 1) before a flow run even starts
     except UsageError as exc:
@@ -207,7 +208,17 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
         raise fail(str(exc)) from None
 
     images = f" over {plan.num_images} images" if plan.images is not None else " (text only)"
-    if cfg.dry_run:
+    if cfg.slices is not None:
+        if server_url() is None:
+            raise fail(
+                "--slices runs the job's slices on a Prefect work pool: set PREFECT_API_URL to the server "
+                "its workers poll (e.g. http://127.0.0.1:4200/api), or run slices yourself with --slice K/N"
+            )
+        typer.echo(
+            f"{plan.work_items} work items{images}; submitting {cfg.slices} slices to the work pool",
+            err=True,
+        )
+    elif cfg.dry_run:
         typer.echo(
             f"dry run: {plan.work_items} work items{images}; loading every image, sending nothing", err=True
         )
@@ -268,10 +279,13 @@ def _run_flow(cfg: RunConfig, server: TemporaryServer | None, verbose: bool) -> 
     # The flow's modules import Prefect (a second or more): only a run that starts a flow loads them.
     from flows.annotate import annotate
     from flows.cli.quiet_stops import hide_expected_stops
+    from flows.slices import annotate_slices
 
     if not verbose:
         hide_expected_stops()  # an expected stop gets its one error line, not a traceback
     with prefect_api(server):
+        if cfg.slices is not None:
+            return asyncio.run(annotate_slices(cfg))
         return asyncio.run(annotate(cfg))
 
 

@@ -1,0 +1,189 @@
+"""Slices on a real Prefect server (one for the module): `prefect deploy --all`, a process work pool and
+two `prefect worker start` processes. N `--slice K/N` CLI processes at once into one OUT; `--slices 4`
+through the pool (every item once, slices on both workers, one global concurrency limit); a worker
+killed mid-slice (its slice submitted again, every item still once). Every process started here is
+stopped with its descendants, even on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulator import EmulatorServer
+from tasks.inputs.work_items import item_id
+from tasks.outputs.layout import STATE_DIR
+from tests.builders import images_manifest
+from tests.cli import rows
+from tests.prefect_processes import REPO, Processes, descendants, prefect_server
+
+POOL = "vlmbatch-pool"  # prefect.yaml's
+
+
+@dataclass
+class Pool:
+    url: str
+    procs: Processes
+    workers: dict[str, subprocess.Popen[bytes]]
+    logs: Path
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    base = tmp_path_factory.mktemp("prefect")
+    with prefect_server(base / "home", base / "logs") as (url, procs):
+        procs.run("prefect", "work-pool", "create", POOL, "--type", "process")
+        procs.run("prefect", "deploy", "--all")
+        workers = {
+            name: procs.start(
+                name, "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", 2
+            )
+            for name in ("w1", "w2")
+        }
+        yield Pool(url, procs, workers, base / "logs")
+
+
+def _cli(pool: Pool, *args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        env=pool.procs.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str], pool: Pool, timeout: float = 150) -> tuple[int, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"still running after {timeout} s:\n{out}\n{err}\n{pool.procs.tails()}"
+        ) from None
+    return proc.returncode, out + err
+
+
+def _items(n: int) -> dict[str, tuple[tuple[int, int], str]]:
+    return {f"s{k:03d}": ((12 + k % 7, 10), "blue") for k in range(n)}
+
+
+def _exactly_once(out: Path, ids: list[str]) -> None:
+    got = rows(out)
+    assert sorted(r["image_id"] for r in got) == sorted(ids)
+    assert {r["status"] for r in got} == {"ok"}
+
+
+async def _slice_table(url: str) -> list[dict[str, Any]]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.artifacts import read_artifacts
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        found = await read_artifacts(key="slices")
+    data = found[0].data
+    return list(json.loads(data) if isinstance(data, str) else data)
+
+
+def test_slices_started_at_once_write_one_out_exactly_once(
+    tmp_path: Path, pool: Pool, emulator: EmulatorServer
+) -> None:
+    ids = list(_items(18))
+    images = images_manifest(tmp_path, _items(18))
+    out = tmp_path / "out"
+    emulator.configure(latency=0.05)
+    common = ["run", images, "--out", out, "--base-url", emulator.base_url, "--shard-size", 2]
+    common += ["--concurrency-limit", "off"]
+    running = [_cli(pool, *common, "--slice", f"{k}/3") for k in (1, 2, 3)]
+    results = [_finish(proc, pool) for proc in running]
+    assert [code for code, _ in results] == [0, 0, 0], results
+    _exactly_once(out, ids)
+    assert emulator.stats()["per_item"] == {item_id(i, "caption"): 1 for i in ids}
+
+
+def test_slices_through_the_work_pool_run_on_both_workers_each_item_once(
+    tmp_path: Path, pool: Pool, emulator: EmulatorServer
+) -> None:
+    ids = list(_items(24))
+    images = images_manifest(tmp_path, _items(24))
+    out = tmp_path / "out"
+    emulator.configure(latency=0.05)
+    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 4, "--shard-size", 3]
+    # one global limit of 4 slots for every slice: 4 slices of 2 each would otherwise have 8 in flight
+    args += ["--concurrency", 2, "--concurrency-limit", "slices-test", "--concurrency-limit-slots", 4]
+    code, text = _finish(_cli(pool, *args), pool)
+    assert code == 0, text + pool.procs.tails()
+    assert "24 work items over 24 images; submitting 4 slices to the work pool" in text
+    assert "│ ok " in text and "24" in text  # the summed summary
+    _exactly_once(out, ids)
+    assert emulator.stats()["per_item"] == {item_id(i, "caption"): 1 for i in ids}
+    assert emulator.stats()["max_in_flight"] <= 4
+    table = asyncio.run(_slice_table(pool.url))
+    assert sorted(row["slice"] for row in table) == ["1/4", "2/4", "3/4", "4/4"]
+    assert sum(row["ok"] for row in table) == 24 and {row["attempts"] for row in table} == {1}
+    # each worker ran some of them (each takes two at a time), and none ran one twice
+    ran = {name: _ran_by(pool, name) for name in pool.workers}
+    assert all(ran.values()) and sorted(ran["w1"] + ran["w2"]) == [f"slice-{k}-of-4" for k in (1, 2, 3, 4)], (
+        ran
+    )
+
+
+def _ran_by(pool: Pool, worker: str) -> list[str]:
+    """The slice runs a worker started (its log: "Flow run 'slice-3-of-4' submitted to infrastructure")."""
+    log = (pool.logs / f"{worker}.log").read_text(errors="replace")
+    found = re.findall(r"Flow run '(slice-\d+-of-\d+)' submitted to infrastructure", log)
+    return sorted(found)
+
+
+def test_a_worker_killed_mid_slice_has_its_slice_run_again_and_every_item_once(
+    tmp_path: Path, pool: Pool, emulator: EmulatorServer
+) -> None:
+    ids = list(_items(40))
+    images = images_manifest(tmp_path, _items(40))
+    out = tmp_path / "out"
+    emulator.configure(latency=0.25)
+    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 4, "--shard-size", 2]
+    args += ["--concurrency", 2, "--concurrency-limit", "off"]
+    parent = _cli(pool, *args)
+    victim = pool.workers["w2"]
+    deadline = time.monotonic() + 90
+    killed = None
+    while killed is None:  # a slice that w2's flow-run process holds, with rows written
+        assert parent.poll() is None, _finish(parent, pool)
+        assert time.monotonic() < deadline, "no slice ran on w2:\n" + pool.procs.tails()
+        below = set(descendants(victim.pid))
+        for lock in (out / STATE_DIR / "slices").glob("slice-*") if out.exists() else ():
+            with contextlib.suppress(ValueError, OSError):
+                if json.loads(lock.read_text()).get("pid") in below and list(out.glob(f"part-{lock.name}-*")):
+                    killed = lock.name
+        time.sleep(0.2)
+    for pid in [victim.pid, *descendants(victim.pid)]:  # the worker's machine is gone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+    code, text = _finish(parent, pool, timeout=180)
+    assert code == 0, text + pool.procs.tails()
+    _exactly_once(out, ids)
+    table = {row["slice"]: row for row in asyncio.run(_slice_table(pool.url))}
+    number = killed.split("-")[1]
+    assert table[f"{number}/4"]["attempts"] == 2, table
+    assert "marking its run Crashed" in text or table[f"{number}/4"]["state"] == "Completed"
+    per_item = emulator.stats()["per_item"]
+    assert set(per_item) == {item_id(i, "caption") for i in ids}
+    resent = sum(count - 1 for count in per_item.values())
+    assert resent <= 12  # what was in flight (2) and answered but not yet flushed (about a second)
