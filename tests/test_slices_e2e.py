@@ -167,3 +167,15 @@ def test_slice_locks_and_the_cleanup_of_their_scopes(tmp_path: Path) -> None:
     whole.acquire()  # free again
     assert live_scopes(out) == {"out"}
     whole.release()
+
+
+def test_slices_need_a_prefect_server(tmp_path: Path, emulator: EmulatorServer) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    res = vlmbatch("run", images, "--out", tmp_path / "out", "--base-url", emulator.base_url, "--slices", 2)
+    assert (
+        res.code == 1
+        and "--slices runs the job's slices on a Prefect work pool: set PREFECT_API_URL" in res.err
+    )
+    both = vlmbatch("run", images, "--out", tmp_path / "out", "--slices", 2, "--slice", "1/2")
+    assert both.code == 1 and "give one of them" in both.err
+    assert emulator.stats()["requests_total"] == 0 and not (tmp_path / "out").exists()

@@ -122,25 +122,87 @@ def test_slices_through_the_work_pool_run_on_both_workers_each_item_once(
     ids = list(_items(24))
     images = images_manifest(tmp_path, _items(24))
     out = tmp_path / "out"
-    emulator.configure(latency=0.05)
+    emulator.configure(latency=0.05, fault_script=["500"])  # one row fails: the run ends like a run
     args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 4, "--shard-size", 3]
+    args += ["--max-retries", 0]
     # one global limit of 4 slots for every slice: 4 slices of 2 each would otherwise have 8 in flight
     args += ["--concurrency", 2, "--concurrency-limit", "slices-test", "--concurrency-limit-slots", 4]
     code, text = _finish(_cli(pool, *args), pool)
-    assert code == 0, text + pool.procs.tails()
+    assert code == 2, text + pool.procs.tails()  # some rows failed, as a run of one process says
     assert "24 work items over 24 images; submitting 4 slices to the work pool" in text
-    assert "│ ok " in text and "24" in text  # the summed summary
-    _exactly_once(out, ids)
+    summary = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in text.splitlines()
+        if line.count("│") == 3
+    }
+    assert (summary["work items"], summary["ok"], summary["failed"]) == ("24", "23", "1")  # summed
+    got = rows(out)
+    assert sorted(r["image_id"] for r in got) == sorted(ids)  # every item once
+    assert sorted(r["status"] for r in got).count("failed") == 1
     assert emulator.stats()["per_item"] == {item_id(i, "caption"): 1 for i in ids}
     assert emulator.stats()["max_in_flight"] <= 4
     table = asyncio.run(_slice_table(pool.url))
     assert sorted(row["slice"] for row in table) == ["1/4", "2/4", "3/4", "4/4"]
-    assert sum(row["ok"] for row in table) == 24 and {row["attempts"] for row in table} == {1}
+    assert sum(row["ok"] for row in table) == 23 and {row["attempts"] for row in table} == {1}
+    assert sorted(row["state"] for row in table).count("CompletedWithFailures") == 1
+    assert asyncio.run(_parent_state(pool.url)) == "CompletedWithFailures"
+    # a retried parent (the same flow run id) submits with the same keys: Prefect hands back the same runs
+    assert asyncio.run(_resubmitted_with_the_same_keys(pool.url)) == 4
     # each worker ran some of them (each takes two at a time), and none ran one twice
     ran = {name: _ran_by(pool, name) for name in pool.workers}
     assert all(ran.values()) and sorted(ran["w1"] + ran["w2"]) == [f"slice-{k}-of-4" for k in (1, 2, 3, 4)], (
         ran
     )
+
+
+async def _parent_state(url: str) -> str | None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        async with get_client() as client:
+            (parent,) = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["annotate-slices"]))
+            )
+            return parent.state.name if parent.state else None
+
+
+async def _resubmitted_with_the_same_keys(url: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.deployments import arun_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        async with get_client() as client:
+            (parent,) = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["annotate-slices"]))
+            )
+            children = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["annotate"]))
+            )
+            mine = {
+                r.idempotency_key: r
+                for r in children
+                if (r.idempotency_key or "").startswith(f"{parent.id}/")
+            }
+            assert sorted(mine) == [f"{parent.id}/slice-{k}-of-4/attempt-1" for k in (1, 2, 3, 4)]
+            same = 0
+            for key, run in mine.items():
+                again = await arun_deployment(
+                    "annotate/annotate-slice",
+                    parameters=run.parameters,
+                    idempotency_key=key,
+                    timeout=0,
+                    as_subflow=False,
+                )
+                same += again.id == run.id
+            after = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["annotate"]))
+            )
+            assert len(after) == len(children)  # nothing new
+            return same
 
 
 def _ran_by(pool: Pool, worker: str) -> list[str]:
