@@ -24,7 +24,7 @@ from flows.artifacts import outcomes_table, publish_table
 from flows.slices import annotate_slices
 from flows.states import with_failed_rows
 from tasks.config import RunConfig
-from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, UsageError
+from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, RunStopped, UsageError
 from tasks.outputs.summary import RunSummary
 from tasks.partitions import Partition, select_partitions
 
@@ -142,6 +142,12 @@ async def backfill(
                 counts = counts_of(partition, exc.summary)
                 return PartitionOutcome(
                     partition=name, outcome="error", detail=str(exc), exit_code=3, **counts
+                )
+            except RunStopped as exc:  # its slices did not all finish (flows/slices.py)
+                counts = counts_of(partition, exc.summary)
+                code = exc.exit_code
+                return PartitionOutcome(
+                    partition=name, outcome="error", detail=str(exc), exit_code=code, **counts
                 )
             except UsageError as exc:
                 return PartitionOutcome(partition=name, outcome="error", detail=str(exc), exit_code=1)

@@ -212,6 +212,32 @@ def _ran_by(pool: Pool, worker: str) -> list[str]:
     return sorted(found)
 
 
+def test_a_backfill_runs_each_partition_as_slices_on_the_pool(
+    tmp_path: Path, pool: Pool, emulator: EmulatorServer
+) -> None:
+    days = ("2024-06-01", "2024-06-02")
+    for day in days:
+        images_manifest(
+            tmp_path / "m" / f"date={day}", {f"{day}-{k}": ((16 + k, 12), "green") for k in range(4)}
+        )
+    images = tmp_path / "m" / "date={date}" / "images.parquet"
+    out = tmp_path / "out" / "date={date}"
+    args = ["backfill", images, "--out", out, "--base-url", emulator.base_url, "--slices", 2]
+    args += ["--start", days[0], "--end", days[1], "--concurrency-limit", "off"]
+    code, text = _finish(_cli(pool, *args), pool)
+    assert code == 0, text + pool.procs.tails()
+    for day in days:
+        _exactly_once(tmp_path / "out" / f"date={day}", [f"{day}-{k}" for k in range(4)])
+        assert all(
+            p.name.startswith("part-slice-") for p in (tmp_path / "out" / f"date={day}").glob("part-*")
+        )
+    assert emulator.stats()["requests_total"] == 8
+    outcomes = [line.split("│")[1:3] for line in text.splitlines() if line.count("│") >= 7]
+    assert sorted((d.strip(), o.strip()) for d, o in outcomes if d.strip() in days) == [
+        (d, "ok") for d in days
+    ]
+
+
 def test_a_worker_killed_mid_slice_has_its_slice_run_again_and_every_item_once(
     tmp_path: Path, pool: Pool, emulator: EmulatorServer
 ) -> None:
