@@ -71,6 +71,11 @@ async def annotate(config: RunConfig) -> RunSummary:
     lock = slice_lock(config, run_id)
     try:
         return await _annotate(config, run_id, lock, started)
+    except RunStopped as stopped:  # preflight or run: a slice says how it ended to its parent too
+        if config.slice is not None:
+            done = stopped.summary if isinstance(stopped.summary, RunSummary) else RunSummary(out=config.out)
+            await publish_slice_result(done, stopped.exit_code, str(stopped))
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -151,12 +156,7 @@ async def _annotate(config: RunConfig, run_id: str, lock: OutLock | None, starte
         await publish_summary(
             result, key=artifact_key("annotate-summary", config.date), title=title, sample=answers.rows
         )
-    try:
-        job.raise_if_stopped(result)
-    except RunStopped as stopped:
-        if config.slice is not None:
-            await publish_slice_result(result, stopped.exit_code, str(stopped))
-        raise
+    job.raise_if_stopped(result)
     if config.slice is not None:
         await publish_slice_result(result, result.exit_code, "")
     if result.exit_code == 2 and not config.dry_run:  # the CLI's exit 2, where a deployment's run shows it

@@ -48,7 +48,8 @@ from tasks.slice import Slice
 SLICE_DEPLOYMENT = "annotate/annotate-slice"
 MAX_ATTEMPTS = 3  # runs of one slice, the first included
 LOST_AFTER_S = 15.0  # a Running slice with no live lock holder this long is lost
-PENDING_LOST_AFTER_S = 120.0  # a run a worker took (Pending) whose process never started
+PENDING_LOST_AFTER_S = 300.0  # a run a worker took (Pending) that never started: its worker is gone
+# (generous: on a container pool, Pending includes starting the container, pulling its image)
 POLL_S = 1.0
 EXIT_CRASHED = 70
 

@@ -11,10 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from emulator import EmulatorServer
+from tasks.config import build_config
 from tasks.errors import UsageError
 from tasks.inputs.work_items import item_id
 from tasks.outputs.layout import STATE_DIR, prepare_out_dir, remove_temporaries
 from tasks.outputs.lock import OutLock, live_scopes, scope_holder, writer_of
+from tasks.outputs.store import read_index
+from tasks.run.plan import plan_run
 from tasks.slice import Slice
 from tests.builders import images_manifest, prompts_manifest
 from tests.cli import rows, vlmbatch
@@ -67,6 +70,16 @@ def test_every_slice_sends_only_its_own_items_and_together_they_are_the_job_once
     names = [p.name for p in out.glob("part-*.parquet")]
     assert names and all(name.startswith("part-slice-") and "-of-3-" in name for name in names)
     assert {p.name for p in (out / STATE_DIR / "slices").iterdir()} == {f"slice-{k}-of-3" for k in (1, 2, 3)}
+
+    # a slice's resume index and image hashes hold its own part only
+    config = build_config(
+        {"images": str(images), "prompts": str(prompts), "out": str(out), "slice": "2/3"}, environ={}
+    )
+    plan = plan_run(config)
+    index, hashes = read_index(out, plan.scope, plan.row_filter())
+    assert len(index) == plan.work_items == sum(Slice(2, 3).holds(key) for key in items.values())
+    whole, all_hashes = read_index(out)
+    assert len(whole) == len(items) and len(hashes.table) < len(all_hashes.table)
 
     # a rerun of a slice resumes its own part: nothing to send; so does a run of the whole job
     emulator.reset()
