@@ -55,7 +55,6 @@ class OutLock:
 
     def acquire(self) -> None:
         """Take the scope's lock, or raise UsageError naming who holds what stands in the way."""
-        (self.out / STATE_DIR / SLICES_DIR).mkdir(parents=True, exist_ok=True)
         with out_gate(self.out):
             if self.slice is None:
                 self._acquire_all()
@@ -103,6 +102,7 @@ class OutLock:
                 f"than --slice {self.slice[0] if self.slice else '?'}/{n} would overlap them; every slice "
                 "writing one OUT at a time takes the same N"
             )
+        (self.out / STATE_DIR / SLICES_DIR).mkdir(exist_ok=True)
         fh = open(self.out / STATE_DIR / SLICES_DIR / self.scope, "a+")  # noqa: SIM115 - held
         try:
             _lock_within(fh, fcntl.LOCK_EX, LOCK_PATIENCE_S)
