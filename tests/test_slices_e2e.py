@@ -170,10 +170,12 @@ def test_slice_locks_and_the_cleanup_of_their_scopes(tmp_path: Path) -> None:
     ]
     for name in names:
         (out / name).write_bytes(b"half")
+    (out / STATE_DIR / "hashes" / f".tmp-slice-1-of-2-{'e' * 32}-h.parquet").write_bytes(b"being written")
+    assert len(read_index(out, "slice-2-of-2")[1].table) == 0  # another writer's temporary is not read
     assert remove_temporaries(out, live_scopes(out) - {"slice-2-of-2"}) == 3
     assert [p.name for p in out.glob(".tmp-*")] == [names[0]]
     one.release()
-    assert remove_temporaries(out, live_scopes(out) - {"slice-2-of-2"}) == 1
+    assert remove_temporaries(out, live_scopes(out) - {"slice-2-of-2"}) == 2  # its part and hash temporaries
     two.release()
     assert live_scopes(out) == set() and writer_of(out) is None
     whole = OutLock(out, "r4")

@@ -175,7 +175,10 @@ class HashCache:
         keys, slots = array("Q"), array("Q")
         blob = bytearray()
         for path in files:
-            table = pq.read_table(path, columns=["fingerprint", "sha256"])
+            try:
+                table = pq.read_table(path, columns=["fingerprint", "sha256"])
+            except FileNotFoundError:  # gone meanwhile: a cache, not needed
+                continue
             for fingerprint, sha in zip(
                 table["fingerprint"].to_pylist(), table["sha256"].to_pylist(), strict=True
             ):

@@ -34,7 +34,8 @@ def read_index(
     only its rows (``keep``) and the image hashes of whole-job runs and of its own scope."""
     if not out.is_dir():
         return OutputIndex.empty(), HashCache.load([])
-    hashes = sorted((out / STATE_DIR / "hashes").glob("*.parquet"))
+    # not the hidden temporaries another writer (a slice) is writing now
+    hashes = sorted(p for p in (out / STATE_DIR / "hashes").glob("*.parquet") if not p.name.startswith("."))
     if scope != OUT_SCOPE:
         hashes = [p for p in hashes if file_scope(p.name) in (OUT_SCOPE, scope)]
     return OutputIndex.load(part_files(out), keep), HashCache.load(hashes)
