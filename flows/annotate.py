@@ -32,16 +32,19 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from flows.api_key import load_api_key
-from flows.artifacts import Progress, artifact_key, publish_summary
+from flows.artifacts import Progress, artifact_key, publish_slice_result, publish_summary
 from flows.endpoint_limit import EndpointLimit, SlotLease
 from flows.prefect_server import temporary_server_lost
 from flows.schedule import scheduled_date
 from flows.states import with_failed_rows
 from tasks.config import RunConfig
+from tasks.errors import ConfigError, RunStopped
 from tasks.inputs.work_items import Shard
+from tasks.outputs.layout import prepare_out_dir
+from tasks.outputs.lock import OutLock
 from tasks.outputs.summary import AnswerSample, RunSummary
 from tasks.outputs.writer import AsyncWriter
-from tasks.partitions import needs_date
+from tasks.partitions import needs_date, resolve_paths
 from tasks.row import ResultRow
 from tasks.run.job import Job, ShardHandover, StartedShard, run_shard
 from tasks.run.plan import RunPlan, plan_run
@@ -114,11 +117,41 @@ def _take(config: RunConfig) -> EarlyJob | None:
 @flow(name="annotate", description="Caption and Q&A over an images manifest, written to Parquet.")
 async def annotate(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
-    logger = get_run_logger()
-    if (early := _take(config)) is not None:
-        return await _adopt(early)
-    if config.date is None and needs_date(config):  # a scheduled run: the day before, by default
+    if config.slices is not None:  # the fan-out is a flow of its own (flows/slices.py)
+        raise ConfigError("the annotate flow runs one slice (--slice K/N) or the whole job, not --slices")
+    early = _take(config)  # a job the CLI started before this flow run existed
+    if early is None and config.date is None and needs_date(config):  # scheduled: the day before
         config = config.model_copy(update={"date": await scheduled_date()})
+    run_id = early.job.run_id if early is not None else str(flow_run.id or uuid.uuid4())
+    lock = None if early is not None else slice_lock(config, run_id)  # an early job holds its own
+    try:
+        if early is not None:
+            return await _adopt(early)
+        return await _annotate(config, run_id, lock, started)
+    except RunStopped as stopped:  # preflight or run: a slice says how it ended to its parent too
+        if config.slice is not None:
+            done = stopped.summary if isinstance(stopped.summary, RunSummary) else RunSummary(out=config.out)
+            await publish_slice_result(done, stopped.exit_code, str(stopped))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def slice_lock(config: RunConfig, run_id: str) -> OutLock | None:
+    """A slice takes its lock first thing: from then on OUT shows it alive (flows/slices.py watches
+    for a slice whose process is gone), before planning or preflight, which may take minutes."""
+    part = config.part
+    if part is None or config.dry_run:
+        return None
+    out = prepare_out_dir(resolve_paths(config).out)
+    lock = OutLock(out, run_id, part.scope)
+    lock.acquire()
+    return lock
+
+
+async def _annotate(config: RunConfig, run_id: str, lock: OutLock | None, started: float) -> RunSummary:
+    logger = get_run_logger()
     plan = plan_run(config)
     config = plan.config  # paths resolved
     logger.info(
@@ -146,7 +179,8 @@ async def annotate(config: RunConfig) -> RunSummary:
 
     job = Job(
         plan,
-        run_id=str(flow_run.id or uuid.uuid4()),
+        run_id=run_id,
+        lock=lock,
         api_key=key,
         config=config if limit is None else limit.bound(config),
         on_row=on_row,
@@ -181,10 +215,14 @@ async def _finish(job: Job, result: RunSummary, progress: Progress, answers: Ans
     if not temporary_server_lost():  # gone with a signal to every process: nothing to publish to
         await progress.publish()  # where the run got to (updates come at most once a second)
         title = f"annotate {config.date}" if config.date else "annotate"
+        if config.slice is not None:
+            title += f", slice {config.slice}"
         await publish_summary(
             result, key=artifact_key("annotate-summary", config.date), title=title, sample=answers.rows
         )
     job.raise_if_stopped(result)
+    if config.slice is not None:
+        await publish_slice_result(result, result.exit_code, "")
     if result.exit_code == 2 and not config.dry_run:  # the CLI's exit 2, where a deployment's run shows it
         message = (
             f"{result.failed} of {result.work_items} rows failed ({result.errors_text}); a rerun retries them"

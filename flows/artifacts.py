@@ -162,6 +162,15 @@ async def publish_table(rows: list[dict[str, Any]], *, key: str, description: st
         return None
 
 
+SLICE_RESULT = "slice-result"  # a slice's summary and exit status, read by the run of all slices
+
+
+async def publish_slice_result(summary: RunSummary, exit_code: int, message: str) -> None:
+    """A slice's outcome as a one-row table artifact of its flow run (flows/slices.py reads it back)."""
+    row = {"summary": summary.model_dump_json(), "exit_code": exit_code, "message": message}
+    await publish_table([row], key=SLICE_RESULT, description="this slice's summary and exit status")
+
+
 async def read_artifacts(
     *, key: str | None = None, flow_run_ids: Sequence[Any] = (), kind: str | None = None
 ) -> list[Any]:

@@ -21,9 +21,10 @@ from pydantic import BaseModel
 
 from flows.annotate import annotate
 from flows.artifacts import outcomes_table, publish_table
+from flows.slices import annotate_slices
 from flows.states import with_failed_rows
 from tasks.config import RunConfig
-from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, UsageError
+from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, RunStopped, UsageError
 from tasks.outputs.summary import RunSummary
 from tasks.partitions import Partition, select_partitions
 
@@ -121,7 +122,8 @@ async def backfill(
         async with gate:
             if stopping:
                 return PartitionOutcome(partition=name, outcome="not started", detail=stopping[0])
-            child = annotate.with_options(flow_run_name=f"annotate-{name}")
+            sliced = partition.config.slices is not None  # its slices on the work pool (flows/slices.py)
+            child = (annotate_slices if sliced else annotate).with_options(flow_run_name=f"annotate-{name}")
             try:
                 return outcome_of(partition, await child(partition.config))
             except RunInterrupted as exc:
@@ -140,6 +142,12 @@ async def backfill(
                 counts = counts_of(partition, exc.summary)
                 return PartitionOutcome(
                     partition=name, outcome="error", detail=str(exc), exit_code=3, **counts
+                )
+            except RunStopped as exc:  # its slices did not all finish (flows/slices.py)
+                counts = counts_of(partition, exc.summary)
+                code = exc.exit_code
+                return PartitionOutcome(
+                    partition=name, outcome="error", detail=str(exc), exit_code=code, **counts
                 )
             except UsageError as exc:
                 return PartitionOutcome(partition=name, outcome="error", detail=str(exc), exit_code=1)

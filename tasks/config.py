@@ -16,9 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
+from tasks.slice import Slice
 
 PIXELS_PER_SOFT_TOKEN = 48 * 48  # Gemma 4: one visual token covers 48×48 px
 ENV_PREFIX = "VLMBATCH_"
@@ -230,6 +239,16 @@ class RunConfig(_Section):
     carry: tuple[str, ...] = Field((), description="images-manifest columns copied to the output")
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="work items per Prefect task")
     limit: int | None = Field(None, ge=1, description="only the first N work items")
+    slice: str | None = Field(
+        None,
+        description="K/N: only the K-th of N disjoint parts of the job (by a stable hash of the image id)",
+    )
+    slices: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="run the job as N slice flow runs (deployment annotate/annotate-slice) on a work pool",
+    )
     dry_run: bool = False
     force: bool = Field(False, description="re-run items already ok in OUT")
     json_columns: bool = Field(
@@ -242,6 +261,26 @@ class RunConfig(_Section):
     endpoint: EndpointConfig = EndpointConfig()
     generation: GenerationConfig = GenerationConfig()
     image: ImageConfig = ImageConfig()
+
+    @field_validator("slice")
+    @classmethod
+    def _slice_spec(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return Slice.parse(value).spec
+
+    @model_validator(mode="after")
+    def _one_way_to_slice(self) -> RunConfig:
+        if self.slice is not None and self.slices is not None:
+            raise ValueError("--slice K/N runs one slice, --slices N runs them all: give one of them")
+        if self.slices is not None and self.dry_run:
+            raise ValueError("--slices runs on a work pool: a dry run takes --slice K/N or neither")
+        return self
+
+    @property
+    def part(self) -> Slice | None:
+        """The slice this run does (``--slice``), or None: the whole job."""
+        return Slice.parse(self.slice) if self.slice is not None else None
 
     @field_validator("date")
     @classmethod
@@ -347,6 +386,9 @@ def _describe(exc: ValidationError, merged: Mapping[str, tuple[Any, str]]) -> st
     lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+        if not loc:  # a rule across options
+            lines.append(error["msg"].removeprefix("Value error, "))
+            continue
         option = loc[-1] if loc else "?"
         if option in SECTIONS:  # a whole section failed (should not happen from flat input)
             option = ".".join(loc)

@@ -15,14 +15,18 @@ import sys
 from flows.prefect_server import start_temporary_server, temporary_server_lost
 
 FLOW_COMMANDS = ("run", "demo", "backfill")
-NO_FLOW_FLAGS = ("--dry-run", "--deployment", "--help", "-h")
+NO_FLOW_FLAGS = ("--dry-run", "--deployment", "--slices", "--help", "-h")  # --slices: the configured server
 
 
 def wants_a_flow_run(args: list[str]) -> bool:
     """Whether this command line will run a flow here (a guess from the words alone, which the command
     corrects: it stops a server it turns out not to need)."""
     words = [a for a in args if not a.startswith("-")]
-    return bool(words) and words[0] in FLOW_COMMANDS and not any(a in NO_FLOW_FLAGS for a in args)
+    return (
+        bool(words)
+        and words[0] in FLOW_COMMANDS
+        and not any(a.partition("=")[0] in NO_FLOW_FLAGS for a in args)
+    )
 
 
 def main() -> None:

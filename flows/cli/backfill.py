@@ -109,6 +109,14 @@ def execute_backfill(
     server = start_temporary_server() if deployment is None else None
     try:
         cfg = build_config(flags, config_file=config_file)
+        if cfg.slices is not None and deployment is None:
+            stop_temporary_server()  # the slices run on the configured server's work pool
+            server = None
+            if server_url() is None:
+                raise UsageError(
+                    "--slices runs each partition's slices on a Prefect work pool: set PREFECT_API_URL to "
+                    "the server its workers poll (e.g. http://127.0.0.1:4200/api)"
+                )
         if max_parallel is not None and max_parallel < 1:
             raise UsageError(f"--max-parallel must be at least 1 (got {max_parallel})")
         select_partitions(cfg, start, end)  # fail fast on dates and paths (exit 1)

@@ -26,6 +26,7 @@ from flows.prefect_server import (
     TemporaryServer,
     no_server_anywhere,
     prefect_api,
+    server_url,
     start_temporary_server,
     stop_temporary_server,
     warm_up,
@@ -132,6 +133,21 @@ def run(
     ] = None,
     shard_size: Annotated[int | None, Opt(help="Work items per Prefect task.  [default: 1000]")] = None,
     limit: Annotated[int | None, Opt(help="Only the first N work items.")] = None,
+    slice: Annotated[
+        str | None,
+        Opt(
+            "--slice",
+            help="K/N: only the K-th of N disjoint parts of the job (by a stable hash of the image id); "
+            "N such runs, started anywhere, write one OUT together.",
+        ),
+    ] = None,
+    slices: Annotated[
+        int | None,
+        Opt(
+            help="Run the job as N slices on the Prefect work pool (deployment annotate/annotate-slice; "
+            "needs PREFECT_API_URL): every worker of the pool takes slices."
+        ),
+    ] = None,
     dry_run: Annotated[
         bool | None, Opt("--dry-run", help="Validate and load every image; send nothing.")
     ] = None,
@@ -189,9 +205,9 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
         raise fail(str(exc)) from None
     # First of all, Prefect's temporary server (when no server is configured): it comes up on the other
     # core while this process plans the run and imports the flow.
-    if cfg.dry_run:
-        stop_temporary_server()  # started on a guess from the command line: a dry run needs none
-    server = None if cfg.dry_run else start_temporary_server()
+    if cfg.dry_run or cfg.slices is not None:
+        stop_temporary_server()  # started on a guess: a dry run needs none, --slices the configured one
+    server = None if cfg.dry_run or cfg.slices is not None else start_temporary_server()
     try:
         plan = plan_run(cfg)  # fail fast (exit 1) before a flow run even starts
     except UsageError as exc:
@@ -199,7 +215,17 @@ def execute(flags: dict[str, Any], *, config_file: Path | None = None, verbose: 
         raise fail(str(exc)) from None
 
     images = f" over {plan.num_images} images" if plan.images is not None else " (text only)"
-    if cfg.dry_run:
+    if cfg.slices is not None:
+        if server_url() is None:
+            raise fail(
+                "--slices runs the job's slices on a Prefect work pool: set PREFECT_API_URL to the server "
+                "its workers poll (e.g. http://127.0.0.1:4200/api), or run slices yourself with --slice K/N"
+            )
+        typer.echo(
+            f"{plan.work_items} work items{images}; submitting {cfg.slices} slices to the work pool",
+            err=True,
+        )
+    elif cfg.dry_run:
         typer.echo(
             f"dry run: {plan.work_items} work items{images}; loading every image, sending nothing", err=True
         )
@@ -262,10 +288,13 @@ def _run_flow(cfg: RunConfig, plan: RunPlan, server: TemporaryServer | None, ver
     # The flow's modules import Prefect (a second or more): only a run that starts a flow loads them.
     from flows.annotate import annotate
     from flows.cli.quiet_stops import hide_expected_stops
+    from flows.slices import annotate_slices
 
     if not verbose:
         hide_expected_stops()  # an expected stop gets its one error line, not a traceback
     with prefect_api(server):
+        if cfg.slices is not None:
+            return asyncio.run(annotate_slices(cfg))
         return asyncio.run(annotate(cfg))
 
 

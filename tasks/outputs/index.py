@@ -14,7 +14,7 @@ import threading
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from tasks.inputs.work_items import identity
 
 INDEX_COLUMNS = ["image_id", "prompt_id", "status", "request_key"]
+RowFilter = Callable[[str | None, str], bool]  # (image_id, prompt_id) → whether a row is wanted
 
 
 def h64(text: str) -> int:
@@ -70,13 +71,20 @@ class OutputIndex:
         return cls([], SortedTable(array("Q"), [array("Q"), array("q")]))
 
     @classmethod
-    def load(cls, files: list[Path]) -> OutputIndex:
-        """Index ``files`` (ordered oldest first: on duplicate rows, the newest file wins)."""
+    def load(cls, files: list[Path], keep: RowFilter | None = None) -> OutputIndex:
+        """Index ``files`` (ordered oldest first: on duplicate rows, the newest file wins): the rows
+        ``keep`` takes (by image and prompt id; a slice's own), or all. A file another writer deleted
+        meanwhile held none of them."""
         keys, requests, where = array("Q"), array("Q"), array("q")
         for number, path in enumerate(files):
-            table = pq.read_table(path, columns=INDEX_COLUMNS)
+            try:
+                table = pq.read_table(path, columns=INDEX_COLUMNS)
+            except FileNotFoundError:
+                continue
             cols = [table[name].to_pylist() for name in INDEX_COLUMNS]
             for image_id, prompt_id, status, request_key in zip(*cols, strict=True):
+                if keep is not None and not keep(image_id, prompt_id):
+                    continue
                 keys.append(identity_hash(image_id, prompt_id))
                 requests.append(key_hash(request_key))
                 where.append(number * 2 + (status == "ok"))  # file number and ok flag in one int
@@ -167,7 +175,10 @@ class HashCache:
         keys, slots = array("Q"), array("Q")
         blob = bytearray()
         for path in files:
-            table = pq.read_table(path, columns=["fingerprint", "sha256"])
+            try:
+                table = pq.read_table(path, columns=["fingerprint", "sha256"])
+            except FileNotFoundError:  # gone meanwhile: a cache, not needed
+                continue
             for fingerprint, sha in zip(
                 table["fingerprint"].to_pylist(), table["sha256"].to_pylist(), strict=True
             ):

@@ -8,8 +8,12 @@ moment does OUT hold two rows for one item — at worst, after a crash, none, an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,18 +21,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.outputs.index import HashCache, OutputIndex, identity_hash
-from tasks.outputs.layout import STATE_DIR, fsync_dir, part_files, write_atomic
+from tasks.outputs.index import HashCache, OutputIndex, RowFilter, identity_hash
+from tasks.outputs.layout import OUT_SCOPE, STATE_DIR, fsync_dir, part_files, part_name, write_atomic
 from tasks.outputs.table import rows_to_table
 from tasks.row import LATER_COLUMNS, OUTPUT_SCHEMA, ResultRow
 
 
-def read_index(out: Path) -> tuple[OutputIndex, HashCache]:
-    """The index of what OUT holds (empty if OUT does not exist); read-only."""
+def read_index(
+    out: Path, scope: str = OUT_SCOPE, keep: RowFilter | None = None
+) -> tuple[OutputIndex, HashCache]:
+    """The index of what OUT holds (empty if OUT does not exist); read-only. A slice's (``scope``) holds
+    only its rows (``keep``) and the image hashes of whole-job runs and of its own scope."""
     if not out.is_dir():
         return OutputIndex.empty(), HashCache.load([])
-    hashes = sorted((out / STATE_DIR / "hashes").glob("*.parquet"))
-    return OutputIndex.load(part_files(out)), HashCache.load(hashes)
+    # not the hidden temporaries another writer (a slice) is writing now
+    hashes = sorted(p for p in (out / STATE_DIR / "hashes").glob("*.parquet") if not p.name.startswith("."))
+    if scope != OUT_SCOPE:
+        hashes = [p for p in hashes if file_scope(p.name) in (OUT_SCOPE, scope)]
+    return OutputIndex.load(part_files(out), keep), HashCache.load(hashes)
+
+
+def file_scope(name: str) -> str:
+    """The scope that wrote a part or hash file: ``out`` or ``slice-K-of-N`` (its name's prefix)."""
+    found = _SCOPED.match(name)
+    return found[1] if found else OUT_SCOPE
+
+
+_SCOPED = re.compile(r"(?:part-)?(slice-\d+-of-\d+)-")
 
 
 @dataclass
@@ -53,18 +72,28 @@ def run_tag(run_id: str) -> str:
 class OutputStore:
     """Writes a run's rows into OUT. Not thread-safe: call from one thread (the flow's writer)."""
 
-    def __init__(self, out: Path, schema: pa.Schema, run_tag: str, index: OutputIndex) -> None:
+    def __init__(
+        self,
+        out: Path,
+        schema: pa.Schema,
+        run_tag: str,
+        index: OutputIndex,
+        scope: str = OUT_SCOPE,
+        shared: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> None:
         self.out = out
         self.schema = schema
         self.run_tag = run_tag
         self.index = index
+        self.scope = scope
+        self.shared = shared  # held while rewriting files older runs wrote (other writers may too)
         self.removed: set[int] = set()  # identity hashes whose old rows are gone
         self.shards: dict[int, _ShardFile] = {}
 
     def _shard(self, shard_index: int) -> _ShardFile:
         shard = self.shards.get(shard_index)
         if shard is None:
-            path = self.out / f"part-{shard_index:06d}-{self.run_tag}.parquet"
+            path = self.out / part_name(shard_index, self.run_tag, self.scope)
             shard = self.shards[shard_index] = _ShardFile(path)
         return shard
 
@@ -72,7 +101,9 @@ class OutputStore:
         """A run that wrote no row (an empty manifest, everything beyond --limit) leaves OUT without
         files, and ``pyarrow.dataset(OUT)`` without the contract's columns: give it one empty file."""
         if not part_files(self.out):
-            write_atomic(self.schema.empty_table(), self.out / f"part-000000-{self.run_tag}.parquet")
+            write_atomic(
+                self.schema.empty_table(), self.out / part_name(0, self.run_tag, self.scope), self.scope
+            )
 
     def add(self, shard_index: int, row: ResultRow) -> None:
         """Queue a finished row (event-loop thread); it reaches disk at the next flush."""
@@ -96,11 +127,13 @@ class OutputStore:
             hashes = dict(shard.hashes)
             if len(hashes) > shard.hashes_written:
                 table = pa.table({"fingerprint": list(hashes), "sha256": list(hashes.values())})
-                write_atomic(table, self.out / STATE_DIR / "hashes" / f"{self.run_tag}-{index:06d}.parquet")
+                prefix = "" if self.scope == OUT_SCOPE else f"{self.scope}-"
+                name = f"{prefix}{self.run_tag}-{index:06d}.parquet"
+                write_atomic(table, self.out / STATE_DIR / "hashes" / name, self.scope)
                 shard.hashes_written = len(hashes)
             if len(rows) > shard.written:
                 self._remove_replaced(rows[shard.written :])
-                write_atomic(rows_to_table(rows, self.schema), shard.path)
+                write_atomic(rows_to_table(rows, self.schema), shard.path, self.scope)
                 shard.written = len(rows)
 
     def finish(self, shard_index: int) -> Path | None:
@@ -119,25 +152,30 @@ class OutputStore:
             if identity not in self.removed:
                 by_file.setdefault(found[2], set()).add(identity)
         for number, identities in by_file.items():
-            remove_rows(self.index.files[number], identities)
+            with self.shared():
+                remove_rows(self.index.files[number], identities, self.scope)
             self.removed |= identities
 
-    def heal_duplicates(self) -> int:
-        """Remove rows that a newer file also holds (left by an interrupted older version); returns count."""
+    def heal_duplicates(self, keep: RowFilter | None = None) -> int:
+        """Remove rows that a newer file also holds (left by an interrupted older version); returns count.
+        Only rows in this store's index (a slice's: its own); call holding OUT's gate."""
         removed = 0
         for number, identities in self.index.shadowed_rows().items():
-            remove_rows(self.index.files[number], identities)
+            remove_rows(self.index.files[number], identities, self.scope)
             removed += len(identities)
         if removed:
-            self.index = OutputIndex.load(part_files(self.out))
+            self.index = OutputIndex.load(part_files(self.out), keep)
         return removed
 
 
-def remove_rows(path: Path, identities: set[int]) -> None:
+def remove_rows(path: Path, identities: set[int], scope: str = OUT_SCOPE) -> None:
     """Rewrite ``path`` without the rows whose identity hash is in ``identities`` (delete if empty)."""
     if not path.exists():
         return
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:  # another writer removed its last rows meanwhile
+        return
     ids = zip(table["image_id"].to_pylist(), table["prompt_id"].to_pylist(), strict=True)
     keep = pa.array([identity_hash(i, p) not in identities for i, p in ids])
     if pc.all(keep).as_py():
@@ -147,19 +185,24 @@ def remove_rows(path: Path, identities: set[int]) -> None:
         path.unlink()
         fsync_dir(path.parent)
     else:
-        write_atomic(kept, path)
+        write_atomic(kept, path, scope)
 
 
-def add_later_columns(out: Path, schema: pa.Schema) -> int:
+def add_later_columns(
+    out: Path, schema: pa.Schema, scope: str = OUT_SCOPE, live: Collection[str] = ()
+) -> int:
     """Give OUT's files written before the contract's later columns (``tool_calls``, ``replica``) those of
     them in ``schema``, all null, when this run writes them (tasks/outputs/reading.py, ``check_schema``):
     then every file has the same columns, and pyarrow.dataset(OUT) reads one schema whichever file it
     looks at first. Each file is rewritten atomically and keeps its modification time, by which the
-    index orders files (on duplicate rows the newest wins). Call holding OUT's lock. Returns how many
-    files were rewritten."""
+    index orders files (on duplicate rows the newest wins). Call holding OUT's lock and gate; the files
+    of the other writers running now (their scopes: ``live``) are theirs, and left alone. Returns how
+    many files were rewritten."""
     wanted = [schema.field(name) for name in LATER_COLUMNS if name in schema.names]
     rewritten = 0
     for path in part_files(out) if wanted else []:
+        if file_scope(path.name) in live:
+            continue
         names = pq.read_schema(path).names
         missing = [column for column in wanted if column.name not in names]
         if not missing:
@@ -169,7 +212,7 @@ def add_later_columns(out: Path, schema: pa.Schema) -> int:
             at = _contract_position(table.column_names, column.name)
             table = table.add_column(at, column, pa.nulls(table.num_rows, column.type))
         stat = path.stat()
-        write_atomic(table, path)
+        write_atomic(table, path, scope)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         rewritten += 1
     return rewritten

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -25,7 +26,7 @@ from tasks.endpoint.preflight import PreflightFailed, PreflightResult, Preflight
 from tasks.errors import EndpointUnusable, RunInterrupted
 from tasks.inputs.work_items import Shard
 from tasks.outputs.layout import prepare_out_dir, remove_temporaries
-from tasks.outputs.lock import OutLock
+from tasks.outputs.lock import OutLock, live_scopes, out_gate
 from tasks.outputs.store import OutputStore, add_later_columns, read_index, run_tag
 from tasks.outputs.summary import RunSummary, SummaryBuilder
 from tasks.outputs.writer import AsyncWriter
@@ -159,8 +160,10 @@ class Job:
         on_row: RowListener | None = None,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
         started: float | None = None,
+        lock: OutLock | None = None,
     ) -> None:
         self.plan = plan
+        self.lock = lock  # OUT's lock (of the plan's scope), when the caller took it already
         self.config = config or plan.config  # the flow's may be bound to a share of a global limit
         self.run_id = run_id
         self.api_key = api_key  # held in memory only
@@ -207,24 +210,32 @@ class Job:
         out = Path(config.out)
         with signals_stop(self.stop, on_second=hard_exit), contextlib.ExitStack() as cleanup:
             store = None
+            scope, keep = plan.scope, plan.row_filter()  # a slice: its own part of OUT
             if config.dry_run:
-                index, hashes = read_index(out)
+                index, hashes = read_index(out, scope, keep)
             else:
                 prepare_out_dir(out)
-                lock = OutLock(out, self.run_id)
-                lock.acquire()
+                lock = self.lock or OutLock(out, self.run_id, scope)
+                if not lock.held:
+                    lock.acquire()
                 cleanup.callback(lock.release)
-                remove_temporaries(out)
-                if added := add_later_columns(out, plan.output_schema):
-                    later = ", ".join(n for n in LATER_COLUMNS if n in plan.output_schema.names)
-                    self.log.info(
-                        "added the later columns (%s, null) to %d files written before them", later, added
-                    )
-                index, hashes = read_index(out)
-                store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index)
-                if healed := store.heal_duplicates():
-                    self.log.warning("removed %d duplicate rows left by an interrupted run", healed)
-                    index = store.index
+                with out_gate(out):  # no other writer starts meanwhile; those running are left alone
+                    live = live_scopes(out) - {scope}
+                    remove_temporaries(out, live)
+                    if added := add_later_columns(out, plan.output_schema, scope, live):
+                        later = ", ".join(n for n in LATER_COLUMNS if n in plan.output_schema.names)
+                        self.log.info(
+                            "added the later columns (%s, null) to %d files written before them", later, added
+                        )
+                index, hashes = read_index(out, scope, keep)
+                shared = contextlib.nullcontext if plan.part is None else functools.partial(out_gate, out)
+                store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index, scope, shared)
+                if index.shadowed_rows():
+                    with shared():
+                        healed = store.heal_duplicates(keep)
+                    if healed:
+                        self.log.warning("removed %d duplicate rows left by an interrupted run", healed)
+                        index = store.index
             if len(index) and not config.force:
                 self.log.info(
                     "%s already holds %d rows: items ok with the same request key are skipped",

@@ -7,7 +7,7 @@ nothing it was made from has changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from tasks.config import RunConfig
 from tasks.errors import MAX_LISTED, ConfigError, ManifestError, UsageError
+from tasks.inputs.chains import group_by_root
 from tasks.inputs.manifests import (
     ImagesManifest,
     check_prompt_images,
@@ -23,6 +24,7 @@ from tasks.inputs.manifests import (
     read_prompts_manifest,
 )
 from tasks.inputs.prompt import Prompt
+from tasks.inputs.slice_keys import SliceKeys, jobs_in
 from tasks.inputs.work_items import (
     PromptPlan,
     Shard,
@@ -32,10 +34,11 @@ from tasks.inputs.work_items import (
     limit_items,
 )
 from tasks.outputs.json_columns import json_fields
-from tasks.outputs.layout import check_out_dir
+from tasks.outputs.layout import OUT_SCOPE, check_out_dir
 from tasks.outputs.reading import check_schema
 from tasks.partitions import resolve_paths
 from tasks.row import OUTPUT_SCHEMA, output_schema
+from tasks.slice import Slice
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,27 @@ class RunPlan:
     image_root: Path
     output_schema: pa.Schema  # the contract's columns, carried ones, typed JSON ones
     calls_tools: bool = False  # a prompt has tools: OUT needs the tool_calls column
+    slice_items: int | None = None  # with --slice: the work items of this slice
+
+    @property
+    def part(self) -> Slice | None:
+        """The slice this run does (--slice), or None: the whole job."""
+        return self.config.part
+
+    @property
+    def scope(self) -> str:
+        """What of OUT this run writes, for its lock and clean-up: ``out`` or ``slice-K-of-N``."""
+        part = self.part
+        return part.scope if part is not None else OUT_SCOPE
+
+    @property
+    def slice_keys(self) -> SliceKeys:
+        return SliceKeys(self.prompts.for_all if self.images is None else (), self.prompts.multi)
+
+    def row_filter(self) -> Callable[[str | None, str], bool] | None:
+        """Whether a row of OUT is this run's to resume (None: every row is)."""
+        part = self.part
+        return None if part is None else self.slice_keys.row_filter(part)
 
     @property
     def num_images(self) -> int:
@@ -59,6 +83,8 @@ class RunPlan:
 
     @property
     def work_items(self) -> int:
+        if self.slice_items is not None:
+            return self.slice_items
         if self.images is None:
             total = len(self.prompts.for_all)
         else:
@@ -70,7 +96,10 @@ class RunPlan:
             jobs = iter_text_jobs(self.prompts.for_all)
         else:
             jobs = iter_image_jobs(self.images, self.prompts)
-        return iter_shards(limit_items(jobs, self.config.limit), self.config.shard_size)
+        jobs = limit_items(jobs, self.config.limit)
+        if (part := self.part) is not None:
+            jobs = jobs_in(jobs, part)  # cut after --limit: the slices of a job are the job
+        return iter_shards(jobs, self.config.shard_size)
 
 
 _PLANS: dict[str, RunPlan] = {}  # the last plan, by config and manifest files
@@ -131,7 +160,6 @@ def _plan(config: RunConfig) -> RunPlan:
         )
         if prompts is not None:
             check_prompt_images(prompts, images, config.prompts or "", config.endpoint.max_images_per_prompt)
-        images = images.without_ids()  # checked: a million ids need not stay in memory for the run
     if config.image.image_root is not None:
         image_root = Path(config.image.image_root)
         if not image_root.is_dir():
@@ -142,7 +170,45 @@ def _plan(config: RunConfig) -> RunPlan:
         _check_prompt_features(config, prompts)
     schema = _output_schema(config, images, prompts)
     calls = any(p.tools is not None for p in prompts or ())
-    return RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema, calls)
+    plan = RunPlan(config, images, PromptPlan.build(prompts), image_root.resolve(), schema, calls)
+    if config.part is not None:
+        plan = replace(plan, slice_items=_count_slice(plan, config.part))
+    if images is not None:  # checked and counted: a million ids need not stay in memory for the run
+        plan = replace(plan, images=images.without_ids())
+    return plan
+
+
+def _count_slice(plan: RunPlan, part: Slice) -> int:
+    """The work items of ``part`` (after --limit), from the manifests' ids: no image is read."""
+    remaining = plan.config.limit if plan.config.limit is not None else -1
+    count = 0
+    if plan.images is None:
+        for chain in group_by_root(plan.prompts.for_all):
+            take = len(chain) if remaining < 0 else min(len(chain), remaining)
+            if take <= 0:
+                break
+            count += take if part.holds(chain[0].prompt_id) else 0
+            remaining -= take
+        return count
+    ids = plan.images.ids
+    assert ids is not None  # counted before they are dropped
+    each, by_image = len(plan.prompts.for_all), plan.prompts.by_image
+    for chunk in ids.chunks:
+        for image_id in chunk.to_pylist():
+            items = each + len(by_image.get(image_id, ()))
+            if remaining >= 0:
+                if remaining == 0:
+                    return count
+                items = min(items, remaining)
+                remaining -= items
+            if items and part.holds(image_id):
+                count += items
+    for p in plan.prompts.multi:
+        if remaining == 0:
+            break
+        remaining -= 1 if remaining > 0 else 0
+        count += part.holds(p.prompt_id)
+    return count
 
 
 def _output_schema(
