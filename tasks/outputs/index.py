@@ -14,12 +14,11 @@ import threading
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable
-from pathlib import Path
-
-import pyarrow.parquet as pq
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tasks.inputs.work_items import identity
+from tasks.outputs.layout import read_table
 
 INDEX_COLUMNS = ["image_id", "prompt_id", "status", "request_key"]
 
@@ -61,8 +60,8 @@ class SortedTable:
 class OutputIndex:
     """The rows of an existing output, by work item."""
 
-    def __init__(self, files: list[Path], table: SortedTable) -> None:
-        self.files = files  # file number → path (older files first)
+    def __init__(self, files: Sequence[Any], table: SortedTable) -> None:
+        self.files = list(files)  # file number → path or ObjectPath (older files first)
         self.table = table
 
     @classmethod
@@ -70,11 +69,11 @@ class OutputIndex:
         return cls([], SortedTable(array("Q"), [array("Q"), array("q")]))
 
     @classmethod
-    def load(cls, files: list[Path]) -> OutputIndex:
+    def load(cls, files: Sequence[Any]) -> OutputIndex:
         """Index ``files`` (ordered oldest first: on duplicate rows, the newest file wins)."""
         keys, requests, where = array("Q"), array("Q"), array("q")
         for number, path in enumerate(files):
-            table = pq.read_table(path, columns=INDEX_COLUMNS)
+            table = read_table(path, columns=INDEX_COLUMNS)
             cols = [table[name].to_pylist() for name in INDEX_COLUMNS]
             for image_id, prompt_id, status, request_key in zip(*cols, strict=True):
                 keys.append(identity_hash(image_id, prompt_id))
@@ -139,9 +138,7 @@ class StoredAnswers:
             return answers
         answers = {}
         try:
-            table = pq.read_table(
-                self.index.files[number], columns=["image_id", "prompt_id", "status", "text"]
-            )
+            table = read_table(self.index.files[number], columns=["image_id", "prompt_id", "status", "text"])
         except FileNotFoundError:
             table = None
         if table is not None:
@@ -163,11 +160,11 @@ class HashCache:
         self.digests = digests
 
     @classmethod
-    def load(cls, files: list[Path]) -> HashCache:
+    def load(cls, files: Sequence[Any]) -> HashCache:
         keys, slots = array("Q"), array("Q")
         blob = bytearray()
         for path in files:
-            table = pq.read_table(path, columns=["fingerprint", "sha256"])
+            table = read_table(path, columns=["fingerprint", "sha256"])
             for fingerprint, sha in zip(
                 table["fingerprint"].to_pylist(), table["sha256"].to_pylist(), strict=True
             ):

@@ -4,40 +4,63 @@ A shard's file is rewritten (all its rows so far) about once a second while the 
 crash loses at most about a second of answers. When a work item is redone (its old row failed, or its
 request key changed), the old row is removed from its file *before* the new row is written: at no
 moment does OUT hold two rows for one item — at worst, after a crash, none, and the rerun redoes it.
+
+On an object store (tasks/outputs/object_path.py) the same holds with each write one PUT: a run's own
+files (names no other writer uses) are created only if absent and then replaced only if unchanged
+since this run wrote them, and another run's file loses a replaced row through a read-modify-write
+conditional on the version read (retried when it changed). A write that finds its condition broken,
+or that comes after the run's lease lapsed, is not made (``LeaseLost``): a run that lost OUT never
+writes into it again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.outputs.buckets import PreconditionFailed
 from tasks.outputs.index import HashCache, OutputIndex, identity_hash
-from tasks.outputs.layout import STATE_DIR, fsync_dir, part_files, write_atomic
+from tasks.outputs.layout import (
+    OUT_SCOPE,
+    STATE_DIR,
+    fsync_dir,
+    hash_files,
+    part_files,
+    read_schema,
+    table_bytes,
+    write_atomic,
+)
+from tasks.outputs.object_path import LeaseLost, ObjectPath, OutPath
 from tasks.outputs.table import rows_to_table
 from tasks.row import LATER_COLUMNS, OUTPUT_SCHEMA, ResultRow
 
+log = logging.getLogger(__name__)
 
-def read_index(out: Path) -> tuple[OutputIndex, HashCache]:
+
+def read_index(out: OutPath) -> tuple[OutputIndex, HashCache]:
     """The index of what OUT holds (empty if OUT does not exist); read-only."""
     if not out.is_dir():
         return OutputIndex.empty(), HashCache.load([])
-    hashes = sorted((out / STATE_DIR / "hashes").glob("*.parquet"))
-    return OutputIndex.load(part_files(out)), HashCache.load(hashes)
+    return OutputIndex.load(part_files(out)), HashCache.load(hash_files(out))
 
 
 @dataclass
 class _ShardFile:
-    path: Path
+    path: Any  # OutPath
     rows: list[ResultRow] = field(default_factory=list)
     hashes: dict[str, str] = field(default_factory=dict)  # fingerprint → sha256
     written: int = 0  # rows already on disk
     hashes_written: int = 0
+    tag: str | None = None  # on an object store: the version of the file this run last wrote
+    hashes_tag: str | None = None
 
 
 def run_tag(run_id: str) -> str:
@@ -53,11 +76,23 @@ def run_tag(run_id: str) -> str:
 class OutputStore:
     """Writes a run's rows into OUT. Not thread-safe: call from one thread (the flow's writer)."""
 
-    def __init__(self, out: Path, schema: pa.Schema, run_tag: str, index: OutputIndex) -> None:
+    def __init__(
+        self,
+        out: OutPath,
+        schema: pa.Schema,
+        run_tag: str,
+        index: OutputIndex,
+        *,
+        scope: str = OUT_SCOPE,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
         self.out = out
         self.schema = schema
         self.run_tag = run_tag
         self.index = index
+        self.scope = scope  # the writer's scope of OUT (tasks/outputs/layout.py)
+        self.on_lost = on_lost  # called once when a write is refused for the lease's sake
+        self.lost: str | None = None
         self.removed: set[int] = set()  # identity hashes whose old rows are gone
         self.shards: dict[int, _ShardFile] = {}
 
@@ -72,7 +107,8 @@ class OutputStore:
         """A run that wrote no row (an empty manifest, everything beyond --limit) leaves OUT without
         files, and ``pyarrow.dataset(OUT)`` without the contract's columns: give it one empty file."""
         if not part_files(self.out):
-            write_atomic(self.schema.empty_table(), self.out / f"part-000000-{self.run_tag}.parquet")
+            path = self.out / f"part-000000-{self.run_tag}.parquet"
+            write_atomic(self.schema.empty_table(), path, self.scope)
 
     def add(self, shard_index: int, row: ResultRow) -> None:
         """Queue a finished row (event-loop thread); it reaches disk at the next flush."""
@@ -87,23 +123,50 @@ class OutputStore:
 
         Runs on the writer thread while the event loop appends: it works on snapshots.
         """
+        if self.lost is not None:
+            return  # the lease is gone: nothing more is written (the rerun redoes these rows)
         targets = [shard_index] if shard_index is not None else list(self.shards)
-        for index in targets:
-            shard = self.shards.get(index)
-            if shard is None:
-                continue
-            rows = shard.rows[: len(shard.rows)]
-            hashes = dict(shard.hashes)
-            if len(hashes) > shard.hashes_written:
-                table = pa.table({"fingerprint": list(hashes), "sha256": list(hashes.values())})
-                write_atomic(table, self.out / STATE_DIR / "hashes" / f"{self.run_tag}-{index:06d}.parquet")
-                shard.hashes_written = len(hashes)
-            if len(rows) > shard.written:
-                self._remove_replaced(rows[shard.written :])
-                write_atomic(rows_to_table(rows, self.schema), shard.path)
-                shard.written = len(rows)
+        try:
+            for index in targets:
+                shard = self.shards.get(index)
+                if shard is not None:
+                    self._flush_shard(index, shard)
+        except LeaseLost as exc:
+            self.lost = str(exc)
+            log.error("%s: rows not yet written are dropped; the rerun redoes them", exc)
+            if self.on_lost is not None:
+                self.on_lost(str(exc))
 
-    def finish(self, shard_index: int) -> Path | None:
+    def _flush_shard(self, index: int, shard: _ShardFile) -> None:
+        rows = shard.rows[: len(shard.rows)]
+        hashes = dict(shard.hashes)
+        if len(hashes) > shard.hashes_written:
+            table = pa.table({"fingerprint": list(hashes), "sha256": list(hashes.values())})
+            path = self.out / STATE_DIR / "hashes" / f"{self.run_tag}-{index:06d}.parquet"
+            shard.hashes_tag = self._write_own(table, path, shard.hashes_tag)
+            shard.hashes_written = len(hashes)
+        if len(rows) > shard.written:
+            self._remove_replaced(rows[shard.written :])
+            shard.tag = self._write_own(rows_to_table(rows, self.schema), shard.path, shard.tag)
+            shard.written = len(rows)
+
+    def _write_own(self, table: pa.Table, path: OutPath, tag: str | None) -> str | None:
+        """Write one of this run's own files; on an object store, created only if absent, then replaced
+        only if still the version this run wrote (else another writer touched it: LeaseLost)."""
+        if not isinstance(path, ObjectPath):
+            write_atomic(table, path, self.scope)
+            return None
+        data = table_bytes(table)
+        try:
+            return path.put(data, create=tag is None, match=tag)
+        except PreconditionFailed:
+            found = path.get()
+            if found is not None and found.data == data:  # ours: a retry after a lost response
+                return found.tag
+            message = f"{path} was changed by another writer: this run no longer holds {self.out}"
+            raise LeaseLost(message) from None
+
+    def finish(self, shard_index: int) -> OutPath | None:
         """Final write of a shard; its rows leave memory. Returns its file, if it has rows."""
         self.flush(shard_index)
         shard = self.shards.pop(shard_index, None)
@@ -119,38 +182,71 @@ class OutputStore:
             if identity not in self.removed:
                 by_file.setdefault(found[2], set()).add(identity)
         for number, identities in by_file.items():
-            remove_rows(self.index.files[number], identities)
+            remove_rows(self.index.files[number], identities, self.scope)
             self.removed |= identities
 
     def heal_duplicates(self) -> int:
         """Remove rows that a newer file also holds (left by an interrupted older version); returns count."""
         removed = 0
         for number, identities in self.index.shadowed_rows().items():
-            remove_rows(self.index.files[number], identities)
+            remove_rows(self.index.files[number], identities, self.scope)
             removed += len(identities)
         if removed:
             self.index = OutputIndex.load(part_files(self.out))
         return removed
 
 
-def remove_rows(path: Path, identities: set[int]) -> None:
+def remove_rows(path: OutPath, identities: set[int], scope: str = OUT_SCOPE) -> None:
     """Rewrite ``path`` without the rows whose identity hash is in ``identities`` (delete if empty)."""
+    if isinstance(path, ObjectPath):
+        _rewrite_object(path, lambda table: _without(table, identities), drop_empty=True)
+        return
     if not path.exists():
         return
-    table = pq.read_table(path)
-    ids = zip(table["image_id"].to_pylist(), table["prompt_id"].to_pylist(), strict=True)
-    keep = pa.array([identity_hash(i, p) not in identities for i, p in ids])
-    if pc.all(keep).as_py():
+    kept = _without(pq.read_table(path), identities)
+    if kept is None:
         return
-    kept = table.filter(keep)
     if kept.num_rows == 0:
         path.unlink()
         fsync_dir(path.parent)
     else:
-        write_atomic(kept, path)
+        write_atomic(kept, path, scope)
 
 
-def add_later_columns(out: Path, schema: pa.Schema) -> int:
+def _without(table: pa.Table, identities: set[int]) -> pa.Table | None:
+    """``table`` without those rows, or None when it has none of them."""
+    ids = zip(table["image_id"].to_pylist(), table["prompt_id"].to_pylist(), strict=True)
+    keep = pa.array([identity_hash(i, p) not in identities for i, p in ids], pa.bool_())
+    if pc.all(keep).as_py() is not False:
+        return None
+    return table.filter(keep)
+
+
+def _rewrite_object(
+    path: ObjectPath, change: Callable[[pa.Table], pa.Table | None], drop_empty: bool
+) -> None:
+    """Read-modify-write of an object another run wrote: the new version (or with ``drop_empty`` the
+    deletion, when no row is left) is conditional on the version read, and made again from a fresh
+    read when another writer changed it in between. ``change`` returns None when nothing changes."""
+    for _ in range(20):
+        found = path.get()
+        if found is None:
+            return
+        changed = change(pq.read_table(pa.BufferReader(found.data)))
+        if changed is None:
+            return
+        try:
+            if changed.num_rows == 0 and drop_empty:
+                path.delete(match=found.tag)
+            else:
+                path.put(table_bytes(changed), match=found.tag)
+            return
+        except PreconditionFailed:
+            continue
+    raise LeaseLost(f"{path} kept changing while this run rewrote it")
+
+
+def add_later_columns(out: OutPath, schema: pa.Schema) -> int:
     """Give OUT's files written before the contract's later columns (``tool_calls``, ``replica``) those of
     them in ``schema``, all null, when this run writes them (tasks/outputs/reading.py, ``check_schema``):
     then every file has the same columns, and pyarrow.dataset(OUT) reads one schema whichever file it
@@ -159,15 +255,25 @@ def add_later_columns(out: Path, schema: pa.Schema) -> int:
     files were rewritten."""
     wanted = [schema.field(name) for name in LATER_COLUMNS if name in schema.names]
     rewritten = 0
-    for path in part_files(out) if wanted else []:
-        names = pq.read_schema(path).names
-        missing = [column for column in wanted if column.name not in names]
-        if not missing:
-            continue
-        table = pq.read_table(path)
+
+    def added(table: pa.Table) -> pa.Table | None:
+        missing = [column for column in wanted if column.name not in table.column_names]
         for column in missing:
             at = _contract_position(table.column_names, column.name)
             table = table.add_column(at, column, pa.nulls(table.num_rows, column.type))
+        return table if missing else None
+
+    for path in part_files(out) if wanted else []:
+        names = read_schema(path).names
+        if all(column.name in names for column in wanted):
+            continue
+        if isinstance(path, ObjectPath):  # its modification time cannot be kept: see the README
+            _rewrite_object(path, added, drop_empty=False)
+            rewritten += 1
+            continue
+        table = added(pq.read_table(path))
+        if table is None:
+            continue
         stat = path.stat()
         write_atomic(table, path)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -16,15 +16,16 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 
 from tasks.config import RunConfig
 from tasks.endpoint.client import api_keys
 from tasks.endpoint.preflight import PreflightFailed, PreflightResult, PreflightStopped, preflight_replicas
-from tasks.errors import EndpointUnusable, RunInterrupted
+from tasks.errors import EndpointUnusable, OutLost, RunInterrupted
 from tasks.inputs.work_items import Shard
 from tasks.outputs.layout import prepare_out_dir, remove_temporaries
-from tasks.outputs.lock import OutLock
+from tasks.outputs.lease import Lease
+from tasks.outputs.lock import writer_lock
+from tasks.outputs.object_path import ObjectPath, OutPath, out_path
 from tasks.outputs.store import OutputStore, add_later_columns, read_index, run_tag
 from tasks.outputs.summary import RunSummary, SummaryBuilder
 from tasks.outputs.writer import AsyncWriter
@@ -57,7 +58,7 @@ async def run_shard(
     writer: AsyncWriter | None,
     skipped_before: int,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
-) -> Path | None:
+) -> OutPath | None:
     """One shard: its work items concurrently, its rows written to OUT as they finish; returns its file."""
     started = time.perf_counter()
     skipped = await runner.run(shard)
@@ -136,16 +137,19 @@ class Job:
         """Every shard through ``call``; returns the run's summary (``raise_if_stopped`` says whether the
         run ended early)."""
         config, plan = self.config, self.plan
-        out = Path(config.out)
+        out = out_path(config.out)
         with signals_stop(self.stop, on_second=hard_exit), contextlib.ExitStack() as cleanup:
             store = None
             if config.dry_run:
                 index, hashes = read_index(out)
             else:
-                prepare_out_dir(out)
-                lock = OutLock(out, self.run_id)
+                out = prepare_out_dir(out)
+                lost = self._on_lost(asyncio.get_running_loop())
+                lock = writer_lock(out, self.run_id, on_lost=lost)
                 lock.acquire()
                 cleanup.callback(lock.release)
+                if isinstance(lock, Lease) and isinstance(out, ObjectPath):
+                    out = out.fenced(lock.check)  # no write once the lease has lapsed
                 remove_temporaries(out)
                 if added := add_later_columns(out, plan.output_schema):
                     later = ", ".join(n for n in LATER_COLUMNS if n in plan.output_schema.names)
@@ -153,7 +157,7 @@ class Job:
                         "added the later columns (%s, null) to %d files written before them", later, added
                     )
                 index, hashes = read_index(out)
-                store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index)
+                store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index, on_lost=lost)
                 if healed := store.heal_duplicates():
                     self.log.warning("removed %d duplicate rows left by an interrupted run", healed)
                     index = store.index
@@ -203,11 +207,24 @@ class Job:
             replicas=router.replicas if router is not None and router.several else (),
         )
 
+    def _on_lost(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """What stops the run when its lease on OUT is lost (called from the lease's or the writer's
+        thread)."""
+
+        def lost(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the run is over anyway
+                loop.call_soon_threadsafe(self.stop.set, "lease", reason)
+
+        return lost
+
     def raise_if_stopped(self, result: RunSummary) -> None:
-        """RunStopped when the run ended early: exit 3 for an outage, 130/143 for a signal."""
+        """RunStopped when the run ended early: exit 3 for an outage, 4 for OUT's lease lost, 130/143
+        for a signal."""
         stop, runner = self.stop, self.runner
         if stop.reason == "outage":
             raise EndpointUnusable(f"aborted: {stop.message}", result)
+        if stop.reason == "lease":
+            raise OutLost(f"stopped: {stop.message}; what was written is kept, rerun to continue", result)
         sender = runner.sender if runner is not None else None
         if stop.reason is None and sender and (verdict := sender.detector.final_verdict()):
             raise EndpointUnusable(f"aborted: {verdict}", result)
