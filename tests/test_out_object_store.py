@@ -272,3 +272,36 @@ def test_kill_9_mid_run_then_the_lease_is_taken_over_and_every_item_written_once
     assert [r["image_id"] for r in got] == [f"i{k:03d}" for k in range(n)]
     assert all(r["status"] == "ok" for r in got)
     assert emulator.stats()["requests_total"] == n - len(kept)  # only what the killed run had not written
+
+
+def test_a_run_whose_lease_is_taken_writes_no_more_and_exits_4(
+    tmp_path: Path,
+    emulator: EmulatorServer,
+    s3: str,
+    sub_env: dict[str, str],  # noqa: F811
+    start: Callable[..., subprocess.Popen[str]],  # noqa: F811
+) -> None:
+    """As when the holder was frozen past its lease and another run took OUT over: the next renewal
+    finds the lease not as it left it, and the run stops with exit 4, writing nothing after."""
+    import os
+
+    emulator.configure(latency=0.3)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        sub_env[name] = os.environ[name]
+    sub_env["VLMBATCH_LEASE_TTL"] = "3"
+    images = images_manifest(tmp_path, {f"i{k:03d}": ((10 + k, 10), "red") for k in range(200)})
+    args = ["run", images, "--out", f"s3://{s3}/taken", "--base-url", emulator.base_url,
+            "--concurrency", 4, "--shard-size", 50]  # fmt: skip
+    proc = start(args)
+    wait_for(lambda: emulator.stats()["by_status"].get("200", 0) >= 8, proc)
+    lease = "taken/_vlmbatch/leases/out.json"
+    other = {"run_id": "usurper", "pid": 1, "host": "elsewhere", "since": "now", "ttl": 3}
+    client().put_object(Bucket=s3, Key=lease, Body=json.dumps(other).encode())
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 4, err[-2000:]
+    assert "taken over by run usurper" in err and "Traceback" not in err
+    parts = {k: client().head_object(Bucket=s3, Key=k)["ETag"] for k in keys(s3, "taken/part-")}
+    time.sleep(0.5)
+    assert {k: client().head_object(Bucket=s3, Key=k)["ETag"] for k in keys(s3, "taken/part-")} == parts
+    assert json.loads(client().get_object(Bucket=s3, Key=lease)["Body"].read())["run_id"] == "usurper"
+    assert emulator.stats()["requests_total"] < 200  # it stopped sending
