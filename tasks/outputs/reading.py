@@ -116,6 +116,9 @@ def read_part(path: OutPath, columns: Sequence[str]) -> pa.Table:
     """Contract columns of one part file, each as the contract types it, and null where an older run's
     file lacks it."""
     wanted = pa.schema([OUTPUT_SCHEMA.field(name) for name in columns])
+    if isinstance(path, ObjectPath):  # one GET: the whole object, then the columns it has
+        whole = read_table(path)
+        return conform(whole.select([n for n in columns if n in whole.column_names]), wanted)
     present = set(read_schema(path).names)
     return conform(read_table(path, columns=[n for n in columns if n in present]), wanted)
 
