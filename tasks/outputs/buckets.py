@@ -188,10 +188,8 @@ def _precondition(exc: Exception) -> bool:
 
 
 class GcsBucket:
-    """GCS through google-cloud-storage's documented interface (generation preconditions).
-
-    Not tested here: no GCS emulator with preconditions runs in this project's tests (see README).
-    """
+    """GCS through google-cloud-storage's documented interface (generation preconditions); tested
+    against fake-gcs-server (tests/test_out_gcs.py), which ignores preconditions on deletes."""
 
     def __init__(self, bucket: str, emulator: str | None) -> None:
         try:
