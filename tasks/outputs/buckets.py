@@ -66,12 +66,15 @@ class Bucket(Protocol):
         """The object, or None when there is none."""
         ...
 
-    def put(self, key: str, data: bytes, *, create: bool = False, match: str | None = None) -> str:
-        """Write ``data`` (one request); ``create``: only if absent; ``match``: only if its version is
-        still ``match``. Raises PreconditionFailed otherwise. Returns the new version's tag."""
+    def put(
+        self, key: str, data: bytes, *, create: bool = False, match: str | None = None, once: bool = False
+    ) -> str:
+        """Write ``data``; ``create``: only if absent; ``match``: only if its version is still
+        ``match``. Raises PreconditionFailed otherwise. Returns the new version's tag. ``once``: one
+        attempt, no retry by the SDK (the caller retries, checking its lease before each attempt)."""
         ...
 
-    def delete(self, key: str, *, match: str | None = None) -> None:
+    def delete(self, key: str, *, match: str | None = None, once: bool = False) -> None:
         """Delete (absent is fine); ``match``: only if its version is still ``match``."""
         ...
 
@@ -85,19 +88,25 @@ class S3Bucket:
         scheme, host = endpoint_parts(endpoint_url) if endpoint_url else (None, None)
         self.url = f"s3://{bucket}"
         self.bucket = bucket
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=f"{scheme or 'https'}://{host}" if host else None,
-            region_name=region or ("us-east-1" if host else None),
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key if access_key else None,
-            aws_session_token=token if access_key else None,
-            config=Config(
-                connect_timeout=CONNECT_TIMEOUT,
-                read_timeout=REQUEST_TIMEOUT,
-                retries={"mode": "standard", "max_attempts": 4},
-            ),
-        )
+        session = boto3.session.Session()
+
+        def client(attempts: int) -> Any:
+            return session.client(
+                "s3",
+                endpoint_url=f"{scheme or 'https'}://{host}" if host else None,
+                region_name=region or ("us-east-1" if host else None),
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key if access_key else None,
+                aws_session_token=token if access_key else None,
+                config=Config(
+                    connect_timeout=CONNECT_TIMEOUT,
+                    read_timeout=REQUEST_TIMEOUT,
+                    retries={"mode": "standard", "max_attempts": attempts},
+                ),
+            )
+
+        self.client = client(4)
+        self.once = client(1)  # for fenced writes: a retry must check the lease again first
 
     def exists(self) -> bool:
         try:
@@ -134,26 +143,30 @@ class S3Bucket:
         now = parsedate_to_datetime(date) if date else datetime.now(UTC)
         return Fetched(data, response["ETag"], response["LastModified"], now)
 
-    def put(self, key: str, data: bytes, *, create: bool = False, match: str | None = None) -> str:
+    def put(
+        self, key: str, data: bytes, *, create: bool = False, match: str | None = None, once: bool = False
+    ) -> str:
         conditions: dict[str, str] = {}
         if create:
             conditions["IfNoneMatch"] = "*"
         if match is not None:
             conditions["IfMatch"] = match
+        client = self.once if once else self.client
         try:
-            response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions)
+            response = client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions)
         except Exception as exc:
             if _precondition(exc) or (match is not None and _status(exc) == 404):
                 raise PreconditionFailed(f"{self.url}/{key}") from None
             raise
         return str(response["ETag"])
 
-    def delete(self, key: str, *, match: str | None = None) -> None:
+    def delete(self, key: str, *, match: str | None = None, once: bool = False) -> None:
+        client = self.once if once else self.client
         try:
             if match is None:
-                self.client.delete_object(Bucket=self.bucket, Key=key)
+                client.delete_object(Bucket=self.bucket, Key=key)
             else:
-                self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=match)
+                client.delete_object(Bucket=self.bucket, Key=key, IfMatch=match)
         except Exception as exc:
             if _precondition(exc):
                 raise PreconditionFailed(f"{self.url}/{key}") from None
@@ -177,6 +190,13 @@ def _status(exc: Exception) -> int | None:
         return int(status) if status is not None else None
     code = getattr(exc, "code", None)  # google.api_core's exceptions
     return int(code) if isinstance(code, int) else None
+
+
+def retryable(exc: Exception) -> bool:
+    """Whether a failed request may succeed if sent again: not a 4xx (denied, no bucket, bad request)
+    other than 408 and 429; network errors and 5xx may."""
+    status = _status(exc)
+    return status is None or status >= 500 or status in {408, 429}
 
 
 def _precondition(exc: Exception) -> bool:
@@ -238,22 +258,31 @@ class GcsBucket:
         # GCS does not expose its clock through this client: the local clock stands in (NTP-synced)
         return Fetched(data, str(blob.generation), blob.updated, datetime.now(UTC))
 
-    def put(self, key: str, data: bytes, *, create: bool = False, match: str | None = None) -> str:
+    def put(
+        self, key: str, data: bytes, *, create: bool = False, match: str | None = None, once: bool = False
+    ) -> str:
         from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
 
         blob = self.bucket.blob(key)
         generation = 0 if create else (int(match) if match is not None else None)
         try:
-            blob.upload_from_string(data, if_generation_match=generation)
+            blob.upload_from_string(
+                data, if_generation_match=generation, retry=None if once else DEFAULT_RETRY
+            )
         except exceptions.PreconditionFailed:
             raise PreconditionFailed(f"{self.url}/{key}") from None
         return str(blob.generation)
 
-    def delete(self, key: str, *, match: str | None = None) -> None:
+    def delete(self, key: str, *, match: str | None = None, once: bool = False) -> None:
         from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
 
+        generation = int(match) if match is not None else None
         try:
-            self.bucket.blob(key).delete(if_generation_match=int(match) if match is not None else None)
+            self.bucket.blob(key).delete(
+                if_generation_match=generation, retry=None if once else DEFAULT_RETRY
+            )
         except exceptions.PreconditionFailed:
             raise PreconditionFailed(f"{self.url}/{key}") from None
         except exceptions.NotFound:

@@ -12,12 +12,17 @@ tasks/outputs/layout.py take either (``OutPath``).
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from tasks.errors import UsageError
-from tasks.outputs.buckets import Bucket, Fetched, ObjectInfo, bucket_for
+from tasks.outputs.buckets import Bucket, Fetched, ObjectInfo, PreconditionFailed, bucket_for, retryable
+
+T = TypeVar("T")
 
 OBJECT_SCHEMES = ("s3", "gs")
 
@@ -79,14 +84,39 @@ class ObjectPath:
         return self.bucket.get(self.key)
 
     def put(self, data: bytes, *, create: bool = False, match: str | None = None) -> str:
-        if self.fence is not None:
-            self.fence()
-        return self.bucket.put(self.key, data, create=create, match=match)
+        """One PUT (a fenced one: the lease checked before each attempt)."""
+        if self.fence is None:
+            return self.bucket.put(self.key, data, create=create, match=match)
+        return _fenced(
+            self.fence, lambda: self.bucket.put(self.key, data, create=create, match=match, once=True)
+        )
 
     def delete(self, *, match: str | None = None) -> None:
-        if self.fence is not None:
-            self.fence()
-        self.bucket.delete(self.key, match=match)
+        if self.fence is None:
+            self.bucket.delete(self.key, match=match)
+        else:
+            _fenced(self.fence, lambda: self.bucket.delete(self.key, match=match, once=True))
+
+
+WRITE_ATTEMPTS = 5
+
+
+def _fenced(fence: Callable[[], None], request: Callable[[], T]) -> T:
+    """``request`` made only while ``fence`` allows, retried (a transient failure) with the fence
+    checked again before each attempt: an attempt's retry never goes out after the lease lapsed, as
+    an SDK's own retries would. A retried conditional write whose first attempt landed unseen fails
+    its condition: the callers check for that (tasks/outputs/store.py)."""
+    for attempt in range(WRITE_ATTEMPTS):
+        fence()
+        try:
+            return request()
+        except PreconditionFailed:
+            raise
+        except Exception as exc:
+            if attempt == WRITE_ATTEMPTS - 1 or not retryable(exc):
+                raise
+            time.sleep(min(0.2 * 2**attempt, 2.0) * (0.5 + random.random() / 2))
+    raise AssertionError("unreachable")
 
 
 OutPath = Path | ObjectPath

@@ -106,9 +106,14 @@ class OutputStore:
     def keep_columns(self) -> None:
         """A run that wrote no row (an empty manifest, everything beyond --limit) leaves OUT without
         files, and ``pyarrow.dataset(OUT)`` without the contract's columns: give it one empty file."""
-        if not part_files(self.out):
-            path = self.out / f"part-000000-{self.run_tag}.parquet"
-            write_atomic(self.schema.empty_table(), path, self.scope)
+        if self.lost is not None or part_files(self.out):
+            return
+        try:
+            write_atomic(
+                self.schema.empty_table(), self.out / f"part-000000-{self.run_tag}.parquet", self.scope
+            )
+        except LeaseLost as exc:
+            self._lose(exc)
 
     def add(self, shard_index: int, row: ResultRow) -> None:
         """Queue a finished row (event-loop thread); it reaches disk at the next flush."""
@@ -132,10 +137,13 @@ class OutputStore:
                 if shard is not None:
                     self._flush_shard(index, shard)
         except LeaseLost as exc:
-            self.lost = str(exc)
-            log.error("%s: rows not yet written are dropped; the rerun redoes them", exc)
-            if self.on_lost is not None:
-                self.on_lost(str(exc))
+            self._lose(exc)
+
+    def _lose(self, exc: LeaseLost) -> None:
+        self.lost = str(exc)
+        log.error("%s: rows not yet written are dropped; the rerun redoes them", exc)
+        if self.on_lost is not None:
+            self.on_lost(str(exc))
 
     def _flush_shard(self, index: int, shard: _ShardFile) -> None:
         rows = shard.rows[: len(shard.rows)]
