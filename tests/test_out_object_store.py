@@ -99,6 +99,7 @@ def test_a_run_into_s3_resumes_replaces_and_reads_back(
 ) -> None:
     images = images_manifest(tmp_path, {f"i{k}": ((20 + k, 20), "red") for k in range(6)})
     out = f"s3://{s3}/runs/out"
+    client().put_object(Bucket=s3, Key="runs/out/.probe-0123", Body=b"")  # a killed run's debris
     args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--shard-size", 4]
     res = vlmbatch(*args)
     assert res.code == 0, res.err
@@ -109,6 +110,7 @@ def test_a_run_into_s3_resumes_replaces_and_reads_back(
     assert len([k for k in stored if k.startswith("runs/out/part-")]) == 2  # a file per shard
     assert any(k.startswith("runs/out/_vlmbatch/hashes/") for k in stored)  # the hash cache
     assert not any("leases" in k for k in stored)  # released at the end
+    assert "runs/out/.probe-0123" not in stored  # the debris cleaned up
 
     emulator.reset()  # resume: nothing sent, no image read again (the hash cache)
     assert vlmbatch(*args).code == 0

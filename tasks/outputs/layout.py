@@ -188,9 +188,14 @@ def hash_files(out: OutPath) -> list[Any]:
 def remove_temporaries(out: OutPath, scope: str = OUT_SCOPE) -> int:
     """Delete temporaries a killed writer of ``scope`` left behind (call while holding the scope's lock:
     none of them can be live); other scopes' temporaries are left alone. An object store has none: each
-    file is one PUT, which lands whole or not at all."""
+    file is one PUT, which lands whole or not at all; what a killed run can leave there is the empty
+    object of ``prepare_out_dir``'s writability probe, which any run may delete (its own run deletes
+    it again, as an absent object, if it still lives)."""
     if isinstance(out, ObjectPath):
-        return 0
+        probes = [o for o in out.listing()[0] if o.name.startswith(".probe-")]
+        for probe in probes:
+            probe.delete()
+        return len(probes)
     pattern = f"{_tmp_prefix(scope)}*"
     stale = [*out.glob(pattern), *(out / STATE_DIR / "hashes").glob(pattern)]
     for path in stale:
