@@ -116,9 +116,13 @@ def test_a_run_into_s3_resumes_replaces_and_reads_back(
     assert vlmbatch(*args).code == 0
     assert emulator.stats()["requests_total"] == 0
 
-    emulator.reset()  # a changed request key: every row replaced, none doubled
+    emulator.reset()  # a changed request key for 3 items: their rows leave the older file (rewritten)
+    assert vlmbatch(*args, "--max-tokens", 77, "--limit", 3).code == 0
+    assert emulator.stats()["requests_total"] == 3
+    assert [r["image_id"] for r in plain_rows(out)] == [f"i{k}" for k in range(6)]
+    emulator.reset()  # and for all: every row replaced (emptied files deleted), none doubled
     assert vlmbatch(*args, "--max-tokens", 77).code == 0
-    assert emulator.stats()["requests_total"] == 6
+    assert emulator.stats()["requests_total"] == 3
     again = plain_rows(out)
     assert [r["image_id"] for r in again] == [f"i{k}" for k in range(6)]
     assert all(r["request_key"] != old["request_key"] for r, old in zip(again, got, strict=True))
@@ -307,3 +311,32 @@ def test_a_run_whose_lease_is_taken_writes_no_more_and_exits_4(
     assert {k: client().head_object(Bucket=s3, Key=k)["ETag"] for k in keys(s3, "taken/part-")} == parts
     assert json.loads(client().get_object(Bucket=s3, Key=lease)["Body"].read())["run_id"] == "usurper"
     assert emulator.stats()["requests_total"] < 200  # it stopped sending
+
+
+def test_rows_removed_from_one_file_by_writers_at_once_all_stay_removed(s3: str) -> None:
+    """Writers of several scopes may each remove their rows from one older file at the same moment:
+    each rewrite is conditional on the version it read, so none brings back another's removed row."""
+    from tasks.outputs.index import identity_hash
+    from tasks.outputs.layout import read_table, write_atomic
+    from tasks.outputs.store import remove_rows
+    from tasks.outputs.table import rows_to_table
+    from tasks.row import OUTPUT_SCHEMA
+    from tests.test_outputs import row
+
+    out = out_path(f"s3://{s3}/shared")
+    assert isinstance(out, ObjectPath)
+    path = out / "part-000000-old.parquet"
+    ids = [f"img{k}" for k in range(9)]
+    write_atomic(rows_to_table([row(i) for i in ids], OUTPUT_SCHEMA), path)
+    gate = threading.Barrier(8)
+
+    def remove(image_id: str) -> None:
+        gate.wait()
+        remove_rows(path, {identity_hash(image_id, "cap")})
+
+    threads = [threading.Thread(target=remove, args=(i,)) for i in ids[:8]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert read_table(path)["image_id"].to_pylist() == ["img8"]
