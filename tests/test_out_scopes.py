@@ -46,3 +46,34 @@ def test_a_starting_writer_deletes_only_its_own_scopes_temporaries(tmp_path: Pat
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == [names[0], names[2]]
     assert remove_temporaries(out) == 1  # the whole-OUT writer: its own, as always
     assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == [names[2]]
+
+
+def test_rows_removed_from_one_local_file_by_writers_at_once_all_stay_removed(tmp_path: Path) -> None:
+    """Writers of several scopes removing their rows from one older file at the same moment: each
+    read-modify-replace holds ``_vlmbatch/rewrite.lock``, so none brings back another's row."""
+    import threading
+
+    from tasks.outputs.index import identity_hash
+    from tasks.outputs.layout import write_atomic
+    from tasks.outputs.reading import read_output
+    from tasks.outputs.store import remove_rows
+    from tasks.outputs.table import rows_to_table
+    from tasks.row import OUTPUT_SCHEMA
+    from tests.test_outputs import row
+
+    out = prepare_out_dir(tmp_path / "out")
+    assert isinstance(out, Path)
+    ids = [f"img{k}" for k in range(9)]
+    write_atomic(rows_to_table([row(i) for i in ids * 300], OUTPUT_SCHEMA), out / "part-000000-old.parquet")
+    gate = threading.Barrier(8)
+
+    def remove(image_id: str) -> None:
+        gate.wait()
+        remove_rows(out / "part-000000-old.parquet", {identity_hash(image_id, "cap")}, f"s-{image_id}")
+
+    threads = [threading.Thread(target=remove, args=(i,)) for i in ids[:8]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(read_output(out, ["image_id"])["image_id"].to_pylist()) == {"img8"}

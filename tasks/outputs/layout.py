@@ -5,6 +5,7 @@ Layout of OUT (a local directory, or a prefix in an S3 or GCS bucket: tasks/outp
     part-<shard>-<run>.parquet     the rows (what pyarrow.dataset.dataset(OUT) reads)
     _vlmbatch/lock                 local: held (flock) by the run writing OUT; the kernel frees it on a crash
     _vlmbatch/lock-<scope>         local: the same for a writer of one scope (a slice) of OUT
+    _vlmbatch/rewrite.lock         local: held while a file other writers may change is rewritten
     _vlmbatch/leases/<scope>.json  object store: the lease of the run writing OUT (or one scope of it)
     _vlmbatch/hashes/*.parquet     image sha256 by source fingerprint, so reruns need not re-read images
 
@@ -18,12 +19,14 @@ temporaries of its own scope: never those of a live writer of another scope.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import fnmatch
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +136,22 @@ def prepare_out_dir(out: str | Path | ObjectPath) -> OutPath:
     except OSError as exc:
         raise UsageError(f"--out {path} is not writable: {exc.strerror or exc}") from None
     return path
+
+
+@contextlib.contextmanager
+def rewriting(out: Path) -> Iterator[None]:
+    """Hold ``_vlmbatch/rewrite.lock`` (flock) while a file of a local OUT that other writers may also
+    change (an older run's: rows removed, a later column added) is read, changed and replaced:
+    writers of several scopes (slices) never lose each other's changes to one file. On an object
+    store the same is a write conditional on the version read (tasks/outputs/store.py)."""
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "rewrite.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def table_bytes(table: pa.Table) -> bytes:

@@ -35,6 +35,7 @@ from tasks.outputs.layout import (
     hash_files,
     part_files,
     read_schema,
+    rewriting,
     table_bytes,
     write_atomic,
 )
@@ -209,16 +210,17 @@ def remove_rows(path: OutPath, identities: set[int], scope: str = OUT_SCOPE) -> 
     if isinstance(path, ObjectPath):
         _rewrite_object(path, lambda table: _without(table, identities), drop_empty=True)
         return
-    if not path.exists():
-        return
-    kept = _without(pq.read_table(path), identities)
-    if kept is None:
-        return
-    if kept.num_rows == 0:
-        path.unlink()
-        fsync_dir(path.parent)
-    else:
-        write_atomic(kept, path, scope)
+    with rewriting(path.parent):
+        if not path.exists():
+            return
+        kept = _without(pq.read_table(path), identities)
+        if kept is None:
+            return
+        if kept.num_rows == 0:
+            path.unlink()
+            fsync_dir(path.parent)
+        else:
+            write_atomic(kept, path, scope)
 
 
 def _without(table: pa.Table, identities: set[int]) -> pa.Table | None:
@@ -254,7 +256,7 @@ def _rewrite_object(
     raise LeaseLost(f"{path} kept changing while this run rewrote it")
 
 
-def add_later_columns(out: OutPath, schema: pa.Schema) -> int:
+def add_later_columns(out: OutPath, schema: pa.Schema, scope: str = OUT_SCOPE) -> int:
     """Give OUT's files written before the contract's later columns (``tool_calls``, ``replica``) those of
     them in ``schema``, all null, when this run writes them (tasks/outputs/reading.py, ``check_schema``):
     then every file has the same columns, and pyarrow.dataset(OUT) reads one schema whichever file it
@@ -279,12 +281,13 @@ def add_later_columns(out: OutPath, schema: pa.Schema) -> int:
             _rewrite_object(path, added, drop_empty=False)
             rewritten += 1
             continue
-        table = added(pq.read_table(path))
-        if table is None:
-            continue
-        stat = path.stat()
-        write_atomic(table, path)
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        with rewriting(path.parent):
+            table = added(pq.read_table(path)) if path.exists() else None
+            if table is None:
+                continue
+            stat = path.stat()
+            write_atomic(table, path, scope)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         rewritten += 1
     return rewritten
 
