@@ -22,7 +22,7 @@ from tasks.endpoint.client import api_keys
 from tasks.endpoint.preflight import PreflightFailed, PreflightResult, PreflightStopped, preflight_replicas
 from tasks.errors import EndpointUnusable, OutLost, RunInterrupted
 from tasks.inputs.work_items import Shard
-from tasks.outputs.layout import prepare_out_dir, remove_temporaries
+from tasks.outputs.layout import OUT_SCOPE, prepare_out_dir, remove_temporaries
 from tasks.outputs.lease import Lease
 from tasks.outputs.lock import writer_lock
 from tasks.outputs.object_path import ObjectPath, OutPath, out_path
@@ -92,8 +92,10 @@ class Job:
         on_row: RowListener | None = None,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
         started: float | None = None,
+        scope: str = OUT_SCOPE,
     ) -> None:
         self.plan = plan
+        self.scope = scope  # the part of OUT this run writes: all of it, or one slice (its own lock)
         self.config = config or plan.config  # the flow's may be bound to a share of a global limit
         self.run_id = run_id
         self.api_key = api_key  # held in memory only
@@ -145,19 +147,20 @@ class Job:
             else:
                 out = prepare_out_dir(out)
                 lost = self._on_lost(asyncio.get_running_loop())
-                lock = writer_lock(out, self.run_id, on_lost=lost)
+                lock = writer_lock(out, self.run_id, self.scope, on_lost=lost)
                 lock.acquire()
                 cleanup.callback(lock.release)
                 if isinstance(lock, Lease) and isinstance(out, ObjectPath):
                     out = out.fenced(lock.check)  # no write once the lease has lapsed
-                remove_temporaries(out)
-                if added := add_later_columns(out, plan.output_schema):
+                remove_temporaries(out, self.scope)
+                if added := add_later_columns(out, plan.output_schema, self.scope):
                     later = ", ".join(n for n in LATER_COLUMNS if n in plan.output_schema.names)
                     self.log.info(
                         "added the later columns (%s, null) to %d files written before them", later, added
                     )
                 index, hashes = read_index(out)
-                store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index, on_lost=lost)
+                tag = run_tag(self.run_id)
+                store = OutputStore(out, plan.output_schema, tag, index, scope=self.scope, on_lost=lost)
                 if healed := store.heal_duplicates():
                     self.log.warning("removed %d duplicate rows left by an interrupted run", healed)
                     index = store.index
