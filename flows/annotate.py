@@ -41,7 +41,8 @@ from tasks.config import RunConfig
 from tasks.errors import ConfigError, RunStopped
 from tasks.inputs.work_items import Shard
 from tasks.outputs.layout import prepare_out_dir
-from tasks.outputs.lock import OutLock
+from tasks.outputs.lease import Lease
+from tasks.outputs.lock import OutLock, writer_lock
 from tasks.outputs.summary import AnswerSample, RunSummary
 from tasks.outputs.writer import AsyncWriter
 from tasks.partitions import needs_date, resolve_paths
@@ -138,19 +139,21 @@ async def annotate(config: RunConfig) -> RunSummary:
             lock.release()
 
 
-def slice_lock(config: RunConfig, run_id: str) -> OutLock | None:
+def slice_lock(config: RunConfig, run_id: str) -> OutLock | Lease | None:
     """A slice takes its lock first thing: from then on OUT shows it alive (flows/slices.py watches
     for a slice whose process is gone), before planning or preflight, which may take minutes."""
     part = config.part
     if part is None or config.dry_run:
         return None
     out = prepare_out_dir(resolve_paths(config).out)
-    lock = OutLock(out, run_id, part.scope)
+    lock = writer_lock(out, run_id, part.scope)
     lock.acquire()
     return lock
 
 
-async def _annotate(config: RunConfig, run_id: str, lock: OutLock | None, started: float) -> RunSummary:
+async def _annotate(
+    config: RunConfig, run_id: str, lock: OutLock | Lease | None, started: float
+) -> RunSummary:
     logger = get_run_logger()
     plan = plan_run(config)
     config = plan.config  # paths resolved

@@ -23,7 +23,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -41,6 +40,7 @@ from flows.states import with_failed_rows
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, EndpointUnusable, RunInterrupted, RunStopped
 from tasks.outputs.lock import scope_holder
+from tasks.outputs.object_path import OutPath, out_path
 from tasks.outputs.summary import ReplicaSummary, RunSummary
 from tasks.run.plan import plan_run
 from tasks.slice import Slice
@@ -110,7 +110,7 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
         raise ConfigError("annotate-slices needs --slices N")
     plan = plan_run(config.model_copy(update={"slices": None}))  # exit 1 before anything is submitted
     config = plan.config  # paths resolved ({date})
-    out = Path(config.out)
+    out = out_path(config.out)
     parent = str(flow_run.id or "local")
     watches = [_Watch(Slice(k, n)) for k in range(1, n + 1)]
     async with get_client() as client:
@@ -151,7 +151,7 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
             for watch in pending:
                 assert watch.run is not None
                 run = watch.run = runs.get(watch.run.id, watch.run)
-                lost = _lost(watch, run, out)
+                lost = await asyncio.to_thread(_lost, watch, run, out)  # an object store: requests
                 if lost is not None:
                     logger.warning("%s: %s; marking its run Crashed", watch.part.scope, lost)
                     await client.set_flow_run_state(run.id, Crashed(message=lost), force=True)
@@ -202,7 +202,7 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
     return summary
 
 
-def _lost(watch: _Watch, run: FlowRun, out: Path) -> str | None:
+def _lost(watch: _Watch, run: FlowRun, out: OutPath) -> str | None:
     """Why a slice's run that Prefect still shows Pending or Running is gone, or None."""
     state = run.state
     if state is None or state.type not in (StateType.RUNNING, StateType.PENDING):
@@ -279,7 +279,7 @@ def exit_code(codes: list[int]) -> int:
     return max(codes, default=0)
 
 
-def summed(parts: list[RunSummary], work_items: int, out: Path, started: float) -> RunSummary:
+def summed(parts: list[RunSummary], work_items: int, out: OutPath, started: float) -> RunSummary:
     """One summary of the slices' (latency percentiles are per slice: not summed, left out)."""
     errors: Counter[str] = Counter()
     reasons: Counter[str] = Counter()

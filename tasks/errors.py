@@ -20,6 +20,7 @@ Run-level stops, raised after what was done is written (a rerun continues)::
 
     RunStopped                   carries the run's summary and exit status
     ├── EndpointUnusable         exit 3: unreachable too long, credentials rejected, unknown model
+    ├── OutLost                  exit 4: the run's lease on an object-store OUT lapsed or was taken over
     └── RunInterrupted           exit 130 (SIGINT) / 143 (SIGTERM)
 
 The ``error_type`` names are the contract's (README.md, "Error types"); ``ERROR_TYPES`` documents them.
@@ -132,6 +133,10 @@ class RunStopped(Exception):
 
 class EndpointUnusable(RunStopped):
     exit_code = 3
+
+
+class OutLost(RunStopped):
+    exit_code = 4
 
 
 class RunInterrupted(RunStopped):

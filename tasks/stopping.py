@@ -20,7 +20,7 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 class StopSwitch:
     def __init__(self) -> None:
         self._event = asyncio.Event()
-        self.reason: str | None = None  # "SIGINT", "SIGTERM" or "outage"
+        self.reason: str | None = None  # "SIGINT", "SIGTERM", "outage" or "lease" (OUT's lease lost)
         self.message: str | None = None
         self._callbacks: list[Callable[[], None]] = []
 

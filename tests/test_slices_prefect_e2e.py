@@ -302,8 +302,11 @@ def test_a_worker_killed_mid_slice_has_its_slice_run_again_and_every_item_once(
     for name in killed:
         number = name.split("-")[1]
         assert table[f"{number}/4"]["attempts"] == 2 and table[f"{number}/4"]["state"] == "Completed", table
+    # w2 may also have just started another slice (no lock or part file yet): it is lost as well
+    rerun = [row for row in table.values() if row["attempts"] == 2]
+    assert all(row["state"] == "Completed" for row in rerun), table
     lost = "nothing has held its lock in OUT for 15 s (its worker is gone); marking its run Crashed"
-    assert text.count(lost) == len(killed)
+    assert text.count(lost) == len(rerun) >= len(killed)
     per_item = emulator.stats()["per_item"]
     assert set(per_item) == {item_id(i, "caption") for i in ids}
     resent = sum(count - 1 for count in per_item.values())

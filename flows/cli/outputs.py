@@ -13,15 +13,25 @@ from tasks.errors import UsageError
 from tasks.inputs.manifests import read_prompts_manifest
 from tasks.outputs.export import export_output
 from tasks.outputs.lock import writer_of
+from tasks.outputs.object_path import out_path
 from tasks.outputs.reading import read_summary_columns
 from tasks.outputs.summary import summarize_table
 
+OUT_HELP = "An output dataset: a directory, or s3://bucket/prefix or gs://bucket/prefix."
 
-def inspect(out: Annotated[Path, typer.Argument(help="An output dataset directory.")]) -> None:
+
+def inspect(out_arg: Annotated[str, typer.Argument(metavar="OUT", help=OUT_HELP)]) -> None:
     """Counts by status and error type, token totals and latency percentiles of OUT."""
-    if not out.is_dir():
-        raise fail(f"{out} is not a directory")
-    if (who := writer_of(out)) is not None:
+    try:
+        out = out_path(out_arg)
+        if isinstance(out, Path) and not out.is_dir():
+            raise UsageError(f"{out} is not a directory")
+        who = writer_of(out)
+    except UsageError as exc:
+        raise fail(str(exc)) from None
+    except Exception as exc:  # an object store's SDK: no bucket, access denied, no endpoint
+        raise fail(f"{out_arg} cannot be read: {type(exc).__name__}: {exc}"[:300]) from None
+    if who is not None:
         typer.echo(f"warning: {out} is being written by {who}: these counts are a snapshot", err=True)
     try:
         table = read_summary_columns(out)
@@ -33,7 +43,7 @@ def inspect(out: Annotated[Path, typer.Argument(help="An output dataset director
 
 
 def export(
-    out: Annotated[Path, typer.Argument(help="An output dataset directory.")],
+    out: Annotated[str, typer.Argument(help=OUT_HELP)],
     dest: Annotated[Path, typer.Argument(help="The Parquet file to write (outside OUT).")],
     json_columns: Annotated[
         bool,
@@ -54,7 +64,7 @@ def export(
 
     try:
         schemas = read_prompts_manifest(prompts) if prompts is not None else None
-        written = export_output(out, dest, json_columns=json_columns, prompts=schemas, force=force)
+        written = export_output(out_path(out), dest, json_columns=json_columns, prompts=schemas, force=force)
     except UsageError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"wrote {written} rows to {dest}")

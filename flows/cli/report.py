@@ -10,11 +10,15 @@ import typer
 from flows.cli.common import Opt, fail
 from tasks.errors import UsageError
 from tasks.outputs.lock import writer_of
+from tasks.outputs.object_path import out_path
 from tasks.outputs.report import write_report
 
 
 def report(
-    out: Annotated[Path, typer.Argument(help="An output dataset directory.")],
+    out_arg: Annotated[
+        str,
+        typer.Argument(metavar="OUT", help="An output dataset: a directory, or s3://bucket/prefix, gs://..."),
+    ],
     images: Annotated[
         Path | None,
         Opt(help="The run's images manifest: thumbnails of the sampled rows' images (none: no thumbnails)."),
@@ -40,9 +44,10 @@ def report(
     ] = False,
 ) -> None:
     """OUT as one self-contained HTML page: figures, charts, and sampled rows beside their images."""
-    if out.is_dir() and (who := writer_of(out)) is not None:
-        typer.echo(f"warning: {out} is being written by {who}: this report is a snapshot", err=True)
     try:
+        out = out_path(out_arg)
+        if out.is_dir() and (who := writer_of(out)) is not None:
+            typer.echo(f"warning: {out} is being written by {who}: this report is a snapshot", err=True)
         made = write_report(
             out,
             output,

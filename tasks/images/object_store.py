@@ -67,7 +67,7 @@ def parse_object_url(url: str) -> ObjectURL:
     return ObjectURL(scheme, bucket, key)
 
 
-def _endpoint(value: str) -> tuple[str | None, str]:
+def endpoint_parts(value: str) -> tuple[str | None, str]:
     """``http://host:port`` → ("http", "host:port"); ``host:port`` → (None, "host:port")."""
     scheme, sep, rest = value.partition("://")
     if not sep:
@@ -131,9 +131,7 @@ class ObjectStore:
         env = self.environ
         if scheme == "gs":
             return (env.get("STORAGE_EMULATOR_HOST") or None,)
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-        return (endpoint, region, *(env.get(name) or None for name in _SECRET_VARS))
+        return s3_settings(env)
 
     def _make(self, scheme: str, bucket: str) -> pafs.FileSystem:
         if scheme == "gs":
@@ -141,7 +139,7 @@ class ObjectStore:
             limit = timedelta(seconds=REQUEST_TIMEOUT)  # the client library's own retries stop then
             if not emulator:
                 return pafs.GcsFileSystem(retry_time_limit=limit)
-            emulator_scheme, emulator_host = _endpoint(emulator)
+            emulator_scheme, emulator_host = endpoint_parts(emulator)
             return pafs.GcsFileSystem(
                 anonymous=True,
                 endpoint_override=emulator_host,
@@ -149,7 +147,7 @@ class ObjectStore:
                 retry_time_limit=limit,
             )
         endpoint_url, region, access_key, secret_key, token = self._settings("s3")
-        endpoint_scheme, endpoint = _endpoint(endpoint_url) if endpoint_url else (None, None)
+        endpoint_scheme, endpoint = endpoint_parts(endpoint_url) if endpoint_url else (None, None)
         if region is None and endpoint is None:
             try:
                 region = pafs.resolve_s3_region(bucket)
@@ -187,6 +185,13 @@ class ObjectStore:
                 :500
             ]
         return f"cannot read image {url}: {type(exc).__name__}: {text}"[:500]
+
+
+def s3_settings(env: Mapping[str, str]) -> tuple[str | None, ...]:
+    """(endpoint URL, region, access key, secret key, session token) from the environment; None: unset."""
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+    return (endpoint, region, *(env.get(name) or None for name in _SECRET_VARS))
 
 
 _default: ObjectStore | None = None

@@ -23,15 +23,16 @@ import pyarrow.parquet as pq
 from tasks.errors import UsageError
 from tasks.inputs.prompt import Prompt
 from tasks.outputs.json_columns import PROPERTY_KEY, fields_for, json_fields, json_object, json_value
-from tasks.outputs.layout import STATE_DIR
+from tasks.outputs.layout import STATE_DIR, read_table
 from tasks.outputs.lock import writer_of
+from tasks.outputs.object_path import ObjectPath, OutPath
 from tasks.outputs.reading import conform, output_files, output_files_schema
 from tasks.outputs.table import column_array
 from tasks.row import OUTPUT_SCHEMA, without_later_columns
 
 
 def export_output(
-    out: Path,
+    out: OutPath,
     dest: Path,
     *,
     json_columns: bool = False,
@@ -57,7 +58,7 @@ def export_output(
     try:
         with pq.ParquetWriter(temporary, target) as writer:
             for path in files:
-                table = conform(pq.read_table(path), schema)
+                table = conform(read_table(path), schema)
                 if fields:
                     documents = [json_object(doc) for doc in table["json"].to_pylist()]
                     for field in fields:
@@ -71,11 +72,11 @@ def export_output(
     return rows
 
 
-def infer_json_fields(files: Sequence[Path], taken: Sequence[str]) -> list[pa.Field]:
+def infer_json_fields(files: Sequence[OutPath], taken: Sequence[str]) -> list[pa.Field]:
     """Typed columns for the top-level properties found in the ``json`` column, from their values."""
     types: dict[str, pa.DataType] = {}
     for path in files:
-        for document in pq.read_table(path, columns=["json"])["json"].to_pylist():
+        for document in read_table(path, columns=["json"])["json"].to_pylist():
             if document is None:
                 continue
             value = json.loads(document)
@@ -144,11 +145,11 @@ def _value_type(value: Any) -> pa.DataType | None:
 EXPORT_KEY = b"vlmbatch.export"  # in an export's schema metadata: what export may replace
 
 
-def _check(out: Path, dest: Path, force: bool) -> list[Path]:
+def _check(out: OutPath, dest: Path, force: bool) -> list[OutPath]:
     files = output_files(out)
     if (who := writer_of(out)) is not None:
         raise UsageError(f"{out} is being written by {who}; export it when that run has finished")
-    if dest.resolve().is_relative_to(out.resolve()):
+    if not isinstance(out, ObjectPath) and dest.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"{dest} is inside {out}: it would become part of the output; export elsewhere")
     if (dest.parent / STATE_DIR).is_dir():
         raise UsageError(

@@ -14,12 +14,11 @@ import threading
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from pathlib import Path
-
-import pyarrow.parquet as pq
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from tasks.inputs.work_items import identity
+from tasks.outputs.layout import read_table
 
 INDEX_COLUMNS = ["image_id", "prompt_id", "status", "request_key"]
 RowFilter = Callable[[str | None, str], bool]  # (image_id, prompt_id) → whether a row is wanted
@@ -62,8 +61,8 @@ class SortedTable:
 class OutputIndex:
     """The rows of an existing output, by work item."""
 
-    def __init__(self, files: list[Path], table: SortedTable) -> None:
-        self.files = files  # file number → path (older files first)
+    def __init__(self, files: Sequence[Any], table: SortedTable) -> None:
+        self.files = list(files)  # file number → path or ObjectPath (older files first)
         self.table = table
 
     @classmethod
@@ -71,14 +70,14 @@ class OutputIndex:
         return cls([], SortedTable(array("Q"), [array("Q"), array("q")]))
 
     @classmethod
-    def load(cls, files: list[Path], keep: RowFilter | None = None) -> OutputIndex:
+    def load(cls, files: Sequence[Any], keep: RowFilter | None = None) -> OutputIndex:
         """Index ``files`` (ordered oldest first: on duplicate rows, the newest file wins): the rows
         ``keep`` takes (by image and prompt id; a slice's own), or all. A file another writer deleted
         meanwhile held none of them."""
         keys, requests, where = array("Q"), array("Q"), array("q")
         for number, path in enumerate(files):
             try:
-                table = pq.read_table(path, columns=INDEX_COLUMNS)
+                table = read_table(path, columns=INDEX_COLUMNS)
             except FileNotFoundError:
                 continue
             cols = [table[name].to_pylist() for name in INDEX_COLUMNS]
@@ -147,9 +146,7 @@ class StoredAnswers:
             return answers
         answers = {}
         try:
-            table = pq.read_table(
-                self.index.files[number], columns=["image_id", "prompt_id", "status", "text"]
-            )
+            table = read_table(self.index.files[number], columns=["image_id", "prompt_id", "status", "text"])
         except FileNotFoundError:
             table = None
         if table is not None:
@@ -171,12 +168,12 @@ class HashCache:
         self.digests = digests
 
     @classmethod
-    def load(cls, files: list[Path]) -> HashCache:
+    def load(cls, files: Sequence[Any]) -> HashCache:
         keys, slots = array("Q"), array("Q")
         blob = bytearray()
         for path in files:
             try:
-                table = pq.read_table(path, columns=["fingerprint", "sha256"])
+                table = read_table(path, columns=["fingerprint", "sha256"])
             except FileNotFoundError:  # gone meanwhile: a cache, not needed
                 continue
             for fingerprint, sha in zip(

@@ -15,6 +15,9 @@ A scope is a plain string naming what of OUT a run writes: ``out`` for a run of 
 
 Each lock file also says who holds it (run id, pid, host, since), for the message a refused run gets
 and for readers (``inspect``, ``export``, ``report``) that warn or refuse while a run is writing.
+
+OUT on an object store has no flock: a writer holds a lease per scope (tasks/outputs/lease.py) under
+the same rules; ``writer_lock``, ``live_scopes``, ``scope_holder`` and ``writer_of`` choose.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from tasks.errors import UsageError
 from tasks.outputs.layout import OUT_SCOPE, STATE_DIR
+from tasks.outputs.lease import Lease, live_leases
+from tasks.outputs.object_path import ObjectPath, OutPath
 from tasks.slice import scope_of_slice
 
 SLICES_DIR = "slices"  # _vlmbatch/slices/<scope>: a slice's own lock
@@ -124,6 +129,27 @@ class OutLock:
         self._held = []
 
 
+def writer_lock(
+    out: OutPath, run_id: str, scope: str = OUT_SCOPE, on_lost: Callable[[str], None] | None = None
+) -> OutLock | Lease:
+    """The lock of a run writing ``scope`` of OUT: flocks on a local OUT, a lease on an object store
+    (``on_lost`` is called, from another thread, if the lease is lost while the run holds it)."""
+    if isinstance(out, ObjectPath):
+        return Lease(out, run_id, scope, on_lost=on_lost)
+    return OutLock(out, run_id, scope)
+
+
+@contextlib.contextmanager
+def writers_gate(out: OutPath) -> Iterator[None]:
+    """``out_gate`` on a local OUT; nothing on an object store, where every rewrite of a file another
+    writer may also change is conditional on the version read (tasks/outputs/store.py)."""
+    if isinstance(out, ObjectPath):
+        yield
+        return
+    with out_gate(out):
+        yield
+
+
 LOCK_PATIENCE_S = 1.0  # a reader's probe (writer_of) holds a lock shared for a moment: not a run
 
 
@@ -190,24 +216,34 @@ def live_slices(out: Path) -> dict[str, str]:
     return found
 
 
-def live_scopes(out: Path) -> set[str]:
+def live_scopes(out: OutPath) -> set[str]:
     """The scopes with a live writer (``out``, or the slices)."""
+    if isinstance(out, ObjectPath):
+        return set(live_leases(out))
     scopes = set(live_slices(out))
     if _probe(out / STATE_DIR / "lock") is not None:
         scopes.add(OUT_SCOPE)
     return scopes
 
 
-def scope_holder(out: Path, scope: str) -> str | None:
-    """Who writes ``scope`` of OUT now, or None (no live writer: never started, finished or died)."""
+def scope_holder(out: OutPath, scope: str) -> str | None:
+    """Who writes ``scope`` of OUT now, or None (no live writer: never started, finished or died; on an
+    object store, a writer that died is live until its lease expires)."""
+    if isinstance(out, ObjectPath):
+        return live_leases(out).get(scope)
     if scope == OUT_SCOPE:
         return _probe(out / STATE_DIR / "lock")
     return _probe(out / STATE_DIR / SLICES_DIR / scope)
 
 
-def writer_of(out: Path) -> str | None:
+def writer_of(out: OutPath) -> str | None:
     """Which run (or slices) is writing OUT now, or None: for readers (export, inspect), which would
     otherwise read part files as they are rewritten or replaced."""
+    if isinstance(out, ObjectPath):
+        leases = live_leases(out)
+        if OUT_SCOPE in leases:
+            return leases[OUT_SCOPE]
+        return _listed(leases) if leases else None
     if (who := _probe(out / STATE_DIR / "lock")) is not None:
         return who
     slices = live_slices(out)

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from tasks.errors import UsageError
-from tasks.outputs.layout import part_files
+from tasks.outputs.layout import part_files, read_schema, read_table
+from tasks.outputs.object_path import ObjectPath, OutPath, out_path
 from tasks.row import LATER_COLUMNS, OUTPUT_SCHEMA, without_later_columns
 
 
-def check_schema(out: str | Path, schema: pa.Schema, needed: Collection[str] = ()) -> pa.Schema:
+def check_schema(out: str | OutPath, schema: pa.Schema, needed: Collection[str] = ()) -> pa.Schema:
     """The columns this run writes into OUT: ``schema``, if OUT's files have them (or OUT has none).
 
     An OUT written before some of the contract's ``LATER_COLUMNS`` keeps its columns, so a rerun that
@@ -27,11 +28,11 @@ def check_schema(out: str | Path, schema: pa.Schema, needed: Collection[str] = (
     it to the older files (tasks/outputs/store.py, ``add_later_columns``). Otherwise OUT's files must
     have this run's columns, or pyarrow.dataset(OUT) would read them inconsistently: raise UsageError
     naming the difference (other --carry or --json-columns)."""
-    path = Path(out)
+    path = out_path(out)
     files = part_files(path) if path.is_dir() else []
     if not files:
         return schema
-    existing = pq.read_schema(files[-1])
+    existing = read_schema(files[-1])
     lacking = [name for name in LATER_COLUMNS if name in schema.names and name not in existing.names]
     if not _same_columns(existing, without_later_columns(schema, lacking)):
         raise _other_columns(path, existing, without_later_columns(schema, lacking))
@@ -46,17 +47,17 @@ def _same_columns(a: pa.Schema, b: pa.Schema) -> bool:
     return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
 
 
-def _later_columns_in(files: list[Path], names: list[str]) -> set[str]:
+def _later_columns_in(files: Sequence[OutPath], names: list[str]) -> set[str]:
     """Which of the later columns ``names`` some of ``files`` has (newest first, stopping once all are)."""
     found: set[str] = set()
     for file in reversed(files):
-        found |= set(names) & set(pq.read_schema(file).names)
+        found |= set(names) & set(read_schema(file).names)
         if len(found) == len(names):
             break
     return found
 
 
-def _other_columns(path: Path, existing: pa.Schema, schema: pa.Schema) -> UsageError:
+def _other_columns(path: OutPath, existing: pa.Schema, schema: pa.Schema) -> UsageError:
     ours, theirs = set(schema.names), set(existing.names)
     missing, extra = sorted(theirs - ours), sorted(ours - theirs - set(LATER_COLUMNS))
     changed = sorted(n for n in ours & theirs if not schema.field(n).type.equals(existing.field(n).type))
@@ -87,39 +88,48 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
-def output_files(out: Path) -> list[Path]:
+def output_files(out: OutPath) -> list[Any]:
     """OUT's part files, oldest first; UsageError unless OUT is a vlmbatch output with at least one."""
-    if not out.is_dir():
+    if isinstance(out, ObjectPath):
+        try:
+            files = part_files(out)
+        except Exception as exc:  # the SDK's: no bucket, access denied, no such endpoint
+            raise UsageError(f"{out} cannot be listed: {type(exc).__name__}: {exc}"[:300]) from None
+    elif not out.is_dir():
         raise UsageError(f"{out} is not a directory")
-    files = part_files(out)
+    else:
+        files = part_files(out)
     if not files:
         raise UsageError(f"{out} holds no vlmbatch part files")
-    if "status" not in pq.read_schema(files[-1]).names:
+    if "status" not in read_schema(files[-1]).names:
         raise UsageError(f"{out} is not a vlmbatch output (no status column)")
     return files
 
 
-def read_summary_columns(out: Path) -> pa.Table:
+def read_summary_columns(out: OutPath) -> pa.Table:
     """What ``inspect`` counts, file by file: only these columns in memory, whatever OUT's size, each as
     the contract types it, and null where an older run's file lacks it."""
     return pa.concat_tables([read_part(f, SUMMARY_COLUMNS) for f in output_files(out)])
 
 
-def read_part(path: Path, columns: Sequence[str]) -> pa.Table:
+def read_part(path: OutPath, columns: Sequence[str]) -> pa.Table:
     """Contract columns of one part file, each as the contract types it, and null where an older run's
     file lacks it."""
     wanted = pa.schema([OUTPUT_SCHEMA.field(name) for name in columns])
-    present = set(pq.read_schema(path).names)
-    return conform(pq.read_table(path, columns=[n for n in columns if n in present]), wanted)
+    if isinstance(path, ObjectPath):  # one GET: the whole object, then the columns it has
+        whole = read_table(path)
+        return conform(whole.select([n for n in columns if n in whole.column_names]), wanted)
+    present = set(read_schema(path).names)
+    return conform(read_table(path, columns=[n for n in columns if n in present]), wanted)
 
 
-def output_files_schema(files: Sequence[Path]) -> pa.Schema:
+def output_files_schema(files: Sequence[OutPath]) -> pa.Schema:
     """One schema for files that older runs may have written with other columns (one without
     ``tool_calls``, one with a column since dropped): every column of any of them, each with a type
     they all fit (pyarrow's permissive promotion); UsageError naming a column whose types cannot meet."""
-    fields: dict[str, list[tuple[pa.Field, Path]]] = {}
+    fields: dict[str, list[tuple[pa.Field, OutPath]]] = {}
     for f in files:
-        for column in pq.read_schema(f):
+        for column in read_schema(f):
             fields.setdefault(column.name, []).append((column, f))
     unified = []
     for name, found in fields.items():

@@ -16,6 +16,7 @@ from tasks.config import ImageConfig
 from tasks.errors import ConfigError, UsageError
 from tasks.inputs.manifests import read_images_manifest
 from tasks.outputs.layout import STATE_DIR
+from tasks.outputs.object_path import ObjectPath, OutPath
 from tasks.outputs.report_data import collect_report, report_files
 from tasks.outputs.report_html import GENERATOR, render_report
 from tasks.outputs.report_images import make_thumbnails
@@ -33,7 +34,7 @@ class ReportMade:
 
 
 def write_report(
-    out: Path,
+    out: OutPath,
     dest: Path,
     *,
     images: Path | None = None,
@@ -74,8 +75,8 @@ def write_report(
     return ReportMade(data.rows, len(data.sample), shown, len(thumbnails or {}) - shown, len(page))
 
 
-def _check_dest(out: Path, dest: Path, force: bool) -> None:
-    if dest.resolve().is_relative_to(out.resolve()):
+def _check_dest(out: OutPath, dest: Path, force: bool) -> None:
+    if not isinstance(out, ObjectPath) and dest.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"{dest} is inside {out}: a run would refuse an OUT holding it; write it elsewhere")
     if (dest.parent / STATE_DIR).is_dir():
         raise UsageError(f"{dest.parent} is a vlmbatch output: a file there would become part of it")

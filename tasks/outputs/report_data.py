@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 
 from tasks.errors import UsageError
 from tasks.latency import LatencyHistogram
+from tasks.outputs.object_path import OutPath
 from tasks.outputs.reading import output_files, read_part
 
 MAX_PROMPTS = 1000
@@ -219,7 +220,7 @@ class _Sampler:
         return chosen
 
 
-def collect_report(out: Path, *, sample: int = 200) -> ReportData:
+def collect_report(out: OutPath, *, sample: int = 200) -> ReportData:
     """The figures and the sample of OUT; UsageError unless OUT is a vlmbatch output, or if a run changed
     it while it was read."""
     files = report_files(out)
@@ -333,7 +334,7 @@ def _count_runs(table: pa.Table, runs: dict[str | None, RunSpan]) -> None:
             run.last = last if run.last is None else max(run.last, last)
 
 
-def _read_sample(files: Sequence[Path], chosen: Sequence[Candidate]) -> list[SampledRow]:
+def _read_sample(files: Sequence[OutPath], chosen: Sequence[Candidate]) -> list[SampledRow]:
     """The chosen rows, read from their files (each file once), in image and prompt order."""
     by_file: dict[int, list[Candidate]] = {}
     for candidate in chosen:
@@ -351,7 +352,7 @@ def _read_sample(files: Sequence[Path], chosen: Sequence[Candidate]) -> list[Sam
     return sorted(sampled, key=lambda r: (r.image_id is None, r.image_id or "", r.prompt_id))
 
 
-def report_files(out: Path) -> list[Path]:
+def report_files(out: OutPath) -> list[OutPath]:
     """OUT's part files (``output_files``), a part file that a run deleted while they were listed
     reported as ``_changed``."""
     try:
@@ -360,7 +361,7 @@ def report_files(out: Path) -> list[Path]:
         raise _unreadable(Path(exc.filename) if exc.filename else out, exc) from None
 
 
-def _read_part(path: Path, columns: Sequence[str]) -> pa.Table:
+def _read_part(path: OutPath, columns: Sequence[str]) -> pa.Table:
     """``read_part``, a part file that a run deleted since OUT was listed (its ``remove_rows``, on a
     rerun) reported as ``_changed``."""
     try:
@@ -369,11 +370,11 @@ def _read_part(path: Path, columns: Sequence[str]) -> pa.Table:
         raise _unreadable(path, exc) from None
 
 
-def _unreadable(path: Path, exc: OSError) -> UsageError:
+def _unreadable(path: OutPath, exc: OSError) -> UsageError:
     if isinstance(exc, FileNotFoundError):
         return _changed(path)
     return UsageError(f"cannot read {path}: {exc.strerror or exc}")
 
 
-def _changed(path: Path) -> UsageError:
+def _changed(path: OutPath) -> UsageError:
     return UsageError(f"{path} changed while the report was being made (is a run writing OUT?); try again")

@@ -8,6 +8,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tasks.outputs.object_path import ObjectPath, OutPath
 from tasks.outputs.store import OutputStore
 
 FLUSH_INTERVAL = 1.0  # seconds: what a crash can lose of answered rows
@@ -52,6 +53,6 @@ class AsyncWriter:
                     "writing to %s failed, trying again in %g s: %s", self.store.out, self.interval, exc
                 )
 
-    async def finish(self, shard_index: int) -> Path | None:
+    async def finish(self, shard_index: int) -> OutPath | None:
         path = await self._run(self.store.finish, shard_index)
-        return path if isinstance(path, Path) else None
+        return path if isinstance(path, Path | ObjectPath) else None

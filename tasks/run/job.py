@@ -18,15 +18,16 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from tasks.config import RunConfig
 from tasks.endpoint.client import api_keys
 from tasks.endpoint.preflight import PreflightFailed, PreflightResult, PreflightStopped, preflight_replicas
-from tasks.errors import EndpointUnusable, RunInterrupted
+from tasks.errors import EndpointUnusable, OutLost, RunInterrupted
 from tasks.inputs.work_items import Shard
 from tasks.outputs.layout import prepare_out_dir, remove_temporaries
-from tasks.outputs.lock import OutLock, live_scopes, out_gate
+from tasks.outputs.lease import Lease
+from tasks.outputs.lock import OutLock, live_scopes, writer_lock, writers_gate
+from tasks.outputs.object_path import ObjectPath, OutPath, out_path
 from tasks.outputs.store import OutputStore, add_later_columns, read_index, run_tag
 from tasks.outputs.summary import RunSummary, SummaryBuilder
 from tasks.outputs.writer import AsyncWriter
@@ -59,7 +60,7 @@ async def run_shard(
     writer: AsyncWriter | None,
     skipped_before: int,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
-) -> Path | None:
+) -> OutPath | None:
     """One shard: its work items concurrently, its rows written to OUT as they finish; returns its file."""
     started = time.perf_counter()
     skipped = await runner.run(shard)
@@ -82,9 +83,9 @@ class StartedShard:
 
     shard: Shard
     skipped_before: int
-    finished: asyncio.Future[tuple[Path | None, BaseException | None]]
+    finished: asyncio.Future[tuple[OutPath | None, BaseException | None]]
 
-    async def wait(self) -> Path | None:
+    async def wait(self) -> OutPath | None:
         """Until the shard is done: its file, or the error that ended it raised here."""
         path, error = await asyncio.shield(self.finished)
         if error is not None:
@@ -160,10 +161,10 @@ class Job:
         on_row: RowListener | None = None,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
         started: float | None = None,
-        lock: OutLock | None = None,
+        lock: OutLock | Lease | None = None,
     ) -> None:
         self.plan = plan
-        self.lock = lock  # OUT's lock (of the plan's scope), when the caller took it already
+        self.lock = lock  # OUT's lock or lease (of the plan's scope), when the caller took it already
         self.config = config or plan.config  # the flow's may be bound to a share of a global limit
         self.run_id = run_id
         self.api_key = api_key  # held in memory only
@@ -207,19 +208,24 @@ class Job:
         """Every shard through ``call``; returns the run's summary (``raise_if_stopped`` says whether the
         run ended early)."""
         config, plan = self.config, self.plan
-        out = Path(config.out)
+        out = out_path(config.out)
         with signals_stop(self.stop, on_second=hard_exit), contextlib.ExitStack() as cleanup:
             store = None
             scope, keep = plan.scope, plan.row_filter()  # a slice: its own part of OUT
             if config.dry_run:
                 index, hashes = read_index(out, scope, keep)
             else:
-                prepare_out_dir(out)
-                lock = self.lock or OutLock(out, self.run_id, scope)
+                out = prepare_out_dir(out)
+                lost = self._on_lost(asyncio.get_running_loop())
+                lock = self.lock or writer_lock(out, self.run_id, scope)
+                if isinstance(lock, Lease):
+                    lock.on_lost = lost
                 if not lock.held:
                     lock.acquire()
                 cleanup.callback(lock.release)
-                with out_gate(out):  # no other writer starts meanwhile; those running are left alone
+                if isinstance(lock, Lease) and isinstance(out, ObjectPath):
+                    out = out.fenced(lock.check)  # no write once the lease has lapsed
+                with writers_gate(out):  # no other writer starts meanwhile; those running are left alone
                     live = live_scopes(out) - {scope}
                     remove_temporaries(out, live)
                     if added := add_later_columns(out, plan.output_schema, scope, live):
@@ -228,8 +234,11 @@ class Job:
                             "added the later columns (%s, null) to %d files written before them", later, added
                         )
                 index, hashes = read_index(out, scope, keep)
-                shared = contextlib.nullcontext if plan.part is None else functools.partial(out_gate, out)
-                store = OutputStore(out, plan.output_schema, run_tag(self.run_id), index, scope, shared)
+                tag = run_tag(self.run_id)
+                shared = contextlib.nullcontext if plan.part is None else functools.partial(writers_gate, out)
+                store = OutputStore(
+                    out, plan.output_schema, tag, index, scope=scope, shared=shared, on_lost=lost
+                )
                 if index.shadowed_rows():
                     with shared():
                         healed = store.heal_duplicates(keep)
@@ -282,11 +291,24 @@ class Job:
             replicas=router.replicas if router is not None and router.several else (),
         )
 
+    def _on_lost(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """What stops the run when its lease on OUT is lost (called from the lease's or the writer's
+        thread)."""
+
+        def lost(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the run is over anyway
+                loop.call_soon_threadsafe(self.stop.set, "lease", reason)
+
+        return lost
+
     def raise_if_stopped(self, result: RunSummary) -> None:
-        """RunStopped when the run ended early: exit 3 for an outage, 130/143 for a signal."""
+        """RunStopped when the run ended early: exit 3 for an outage, 4 for OUT's lease lost, 130/143
+        for a signal."""
         stop, runner = self.stop, self.runner
         if stop.reason == "outage":
             raise EndpointUnusable(f"aborted: {stop.message}", result)
+        if stop.reason == "lease":
+            raise OutLost(f"stopped: {stop.message}; what was written is kept, rerun to continue", result)
         sender = runner.sender if runner is not None else None
         if stop.reason is None and sender and (verdict := sender.detector.final_verdict()):
             raise EndpointUnusable(f"aborted: {verdict}", result)
