@@ -7,7 +7,6 @@ and the deletion of a file emptied of rows use (a file once empty stays empty: s
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from tasks.outputs.lease import Lease
 from tasks.outputs.object_path import ObjectPath, out_path
 from tests.builders import images_manifest
 from tests.cli import vlmbatch
+from tests.leases import race
 
 
 @pytest.fixture(scope="module")
@@ -91,24 +91,7 @@ def test_gcs_leases_race_lapse_and_are_taken_over(gcs: str) -> None:
     out = out_path(f"gs://{gcs}/race")
     assert isinstance(out, ObjectPath)
     leases = [Lease(out, f"run-{k}", ttl=2) for k in range(3)]
-    outcomes: list[str] = []
-    gate = threading.Barrier(len(leases))
-
-    def take(lease: Lease) -> None:
-        gate.wait()
-        try:
-            lease.acquire()
-            outcomes.append("held")
-        except UsageError as exc:
-            outcomes.append(str(exc))
-
-    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert outcomes.count("held") == 1, outcomes
-    winner = next(lease for lease in leases if lease._tag is not None)
+    _, winner = race(leases)
     winner._stop.set()  # stops renewing, as if killed
     winner._thread.join()  # type: ignore[union-attr]
     with pytest.raises(UsageError, match=f"is being written by run {winner.run_id}"):

@@ -8,6 +8,7 @@ over), and a ``kill -9`` mid-run with the rerun writing every item exactly once.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -31,6 +32,7 @@ from tasks.outputs.lock import live_scopes, scope_holder, writer_of
 from tasks.outputs.object_path import LeaseLost, ObjectPath, out_path
 from tests.builders import images_manifest
 from tests.cli import vlmbatch
+from tests.leases import race
 from tests.test_interrupts_e2e import kill_9, start, sub_env, wait_for  # noqa: F401 - fixtures
 
 KEY_ID, SECRET = "AKIAVLMBATCHOUTTEST1", "vlmbatch-out-test-secret"
@@ -67,8 +69,6 @@ def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def client():  # type: ignore[no-untyped-def]
-    import os
-
     return boto3.client(
         "s3",
         endpoint_url=os.environ["AWS_ENDPOINT_URL"],
@@ -78,10 +78,15 @@ def client():  # type: ignore[no-untyped-def]
     )
 
 
+def to_s3(env: dict[str, str]) -> None:
+    """Point the CLI subprocesses' environment at the bucket's S3 server, as ``s3`` does this process."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        env[name] = os.environ[name]
+    env["VLMBATCH_LEASE_TTL"] = "3"
+
+
 def plain_rows(url: str) -> list[dict]:
     """What a plain ``pyarrow.dataset`` reader of OUT sees (pyarrow's own S3 filesystem)."""
-    import os
-
     host = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
     filesystem = pafs.S3FileSystem(
         access_key=KEY_ID, secret_key=SECRET, region="us-east-1", endpoint_override=host, scheme="http"
@@ -164,24 +169,7 @@ def test_two_runs_racing_for_a_lease_one_wins(s3: str) -> None:
     out = out_path(f"s3://{s3}/race")
     assert isinstance(out, ObjectPath)
     leases = [Lease(out, f"run-{k}", ttl=30) for k in range(4)]
-    outcomes: list[str] = []
-    gate = threading.Barrier(len(leases))
-
-    def take(lease: Lease) -> None:
-        gate.wait()
-        try:
-            lease.acquire()
-            outcomes.append("held")
-        except UsageError as exc:
-            outcomes.append(str(exc))
-
-    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert outcomes.count("held") == 1, outcomes
-    winner = next(lease for lease in leases if lease._tag is not None)
+    outcomes, winner = race(leases)
     refusals = [o for o in outcomes if o != "held"]
     assert all(f"is being written by run {winner.run_id} (pid " in o for o in refusals), refusals
     winner.release()
@@ -247,13 +235,10 @@ def test_slices_written_side_by_side_into_s3_are_the_job_once(
     """Two slices run at once into one s3:// OUT (as two workers would), each holding its own lease;
     a slice cut another way refuses meanwhile; together they are every item once, and a run of the
     whole job afterwards sends nothing."""
-    import os
 
     n = 40
     emulator.configure(latency=0.1)
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-        sub_env[name] = os.environ[name]
-    sub_env["VLMBATCH_LEASE_TTL"] = "3"
+    to_s3(sub_env)
     images = images_manifest(tmp_path, {f"i{k:03d}": ((10 + k, 10), "red") for k in range(n)})
     out = f"s3://{s3}/sliced"
     args = [
@@ -294,16 +279,13 @@ def test_kill_9_mid_run_then_the_lease_is_taken_over_and_every_item_written_once
     sub_env: dict[str, str],  # noqa: F811
     start: Callable[..., subprocess.Popen[str]],  # noqa: F811
 ) -> None:
-    import os
 
     n, concurrency, latency = 120, 4, 0.3
     warm = images_manifest(tmp_path / "warm", {"w": ((10, 10), "red")})  # Prefect's API up in this process
     assert vlmbatch("run", warm, "--out", f"s3://{s3}/warm", "--base-url", emulator.base_url).code == 0
     emulator.configure(latency=latency)
     emulator.reset()
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-        sub_env[name] = os.environ[name]
-    sub_env["VLMBATCH_LEASE_TTL"] = "3"
+    to_s3(sub_env)
     images = images_manifest(tmp_path, {f"i{k:03d}": ((10 + k, 10), "red") for k in range(n)})
     out = f"s3://{s3}/killed"
     args = ["run", images, "--out", out, "--base-url", emulator.base_url,
@@ -349,12 +331,9 @@ def test_a_run_whose_lease_is_taken_writes_no_more_and_exits_4(
 ) -> None:
     """As when the holder was frozen past its lease and another run took OUT over: the next renewal
     finds the lease not as it left it, and the run stops with exit 4, writing nothing after."""
-    import os
 
     emulator.configure(latency=0.3)
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-        sub_env[name] = os.environ[name]
-    sub_env["VLMBATCH_LEASE_TTL"] = "3"
+    to_s3(sub_env)
     images = images_manifest(tmp_path, {f"i{k:03d}": ((10 + k, 10), "red") for k in range(200)})
     args = ["run", images, "--out", f"s3://{s3}/taken", "--base-url", emulator.base_url,
             "--concurrency", 4, "--shard-size", 50]  # fmt: skip
