@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +24,6 @@ pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 tes
 import boto3
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from moto.server import ThreadedMotoServer
 from pyarrow import fs as pafs
 
 from emulator import EmulatorServer
@@ -33,20 +34,37 @@ from tasks.outputs.object_path import LeaseLost, ObjectPath, out_path
 from tests.builders import images_manifest
 from tests.cli import vlmbatch
 from tests.leases import race
+from tests.prefect_processes import free_port
 from tests.test_interrupts_e2e import kill_9, start, sub_env, wait_for  # noqa: F401 - fixtures
 
 KEY_ID, SECRET = "AKIAVLMBATCHOUTTEST1", "vlmbatch-out-test-secret"
 
 
 @pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server in a process of its own (as a real store is): in this process its thread would
+    wait on pytest's for the GIL, and the CLI's lease renewals with it."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://{host}:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.1)
+        yield url
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture
@@ -57,7 +75,6 @@ def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         "AWS_ACCESS_KEY_ID": KEY_ID,
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_REGION": "us-east-1",
-        "VLMBATCH_LEASE_TTL": "3",
     }
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
@@ -78,11 +95,15 @@ def client():  # type: ignore[no-untyped-def]
     )
 
 
-def to_s3(env: dict[str, str]) -> None:
-    """Point the CLI subprocesses' environment at the bucket's S3 server, as ``s3`` does this process."""
+def to_s3(env: dict[str, str], lease_ttl: float = 30) -> None:
+    """Point the CLI subprocesses' environment at the bucket's S3 server, as ``s3`` does this process.
+
+    A lease counts as lost ``lease_ttl / 2`` seconds after its last renewal: short ones (for tests of
+    take-overs) must still leave a loaded 2-core CI machine, where moto's server shares its process
+    with pytest, a few seconds to renew."""
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
         env[name] = os.environ[name]
-    env["VLMBATCH_LEASE_TTL"] = "3"
+    env["VLMBATCH_LEASE_TTL"] = f"{lease_ttl:g}"
 
 
 def plain_rows(url: str) -> list[dict]:
@@ -285,7 +306,7 @@ def test_kill_9_mid_run_then_the_lease_is_taken_over_and_every_item_written_once
     assert vlmbatch("run", warm, "--out", f"s3://{s3}/warm", "--base-url", emulator.base_url).code == 0
     emulator.configure(latency=latency)
     emulator.reset()
-    to_s3(sub_env)
+    to_s3(sub_env, lease_ttl=6)
     images = images_manifest(tmp_path, {f"i{k:03d}": ((10 + k, 10), "red") for k in range(n)})
     out = f"s3://{s3}/killed"
     args = ["run", images, "--out", out, "--base-url", emulator.base_url,
@@ -308,10 +329,10 @@ def test_kill_9_mid_run_then_the_lease_is_taken_over_and_every_item_written_once
     lost = answered_before_kill - len(kept)
     assert 0 <= lost <= concurrency + (concurrency / latency) * 1.5  # in flight and ~a second of answers
 
-    refused = vlmbatch(*args)  # its lease is still live (renewed under 3 s ago)
-    if time.monotonic() - killed_at < 2:
+    refused = vlmbatch(*args)  # its lease is still live (renewed under 6 s ago)
+    if time.monotonic() - killed_at < 4:
         assert refused.code == 1 and f"pid {proc.pid} " in refused.err
-    time.sleep(max(0.0, killed_at + 4.2 - time.monotonic()))  # its lease expired: the next run takes over
+    time.sleep(max(0.0, killed_at + 7.2 - time.monotonic()))  # its lease expired: the next run takes over
     emulator.configure(latency=0.01)
     emulator.reset()
     res = vlmbatch(*args)
@@ -333,7 +354,7 @@ def test_a_run_whose_lease_is_taken_writes_no_more_and_exits_4(
     finds the lease not as it left it, and the run stops with exit 4, writing nothing after."""
 
     emulator.configure(latency=0.3)
-    to_s3(sub_env)
+    to_s3(sub_env, lease_ttl=6)
     images = images_manifest(tmp_path, {f"i{k:03d}": ((10 + k, 10), "red") for k in range(200)})
     args = ["run", images, "--out", f"s3://{s3}/taken", "--base-url", emulator.base_url,
             "--concurrency", 4, "--shard-size", 50]  # fmt: skip
