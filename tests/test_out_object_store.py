@@ -7,6 +7,7 @@ over), and a ``kill -9`` mid-run with the rerun writing every item exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -27,10 +28,13 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from emulator import EmulatorServer
-from tasks.errors import UsageError
+from tasks.config import RunConfig
+from tasks.errors import OutLost, UsageError
 from tasks.outputs.lease import Lease
 from tasks.outputs.lock import live_scopes, scope_holder, writer_of
 from tasks.outputs.object_path import LeaseLost, ObjectPath, out_path
+from tasks.run.job import Job
+from tasks.run.plan import plan_run
 from tests.builders import images_manifest
 from tests.cli import vlmbatch
 from tests.leases import race
@@ -371,6 +375,35 @@ def test_a_run_whose_lease_is_taken_writes_no_more_and_exits_4(
     assert {k: client().head_object(Bucket=s3, Key=k)["ETag"] for k in keys(s3, "taken/part-")} == parts
     assert json.loads(client().get_object(Bucket=s3, Key=lease)["Body"].read())["run_id"] == "usurper"
     assert emulator.stats()["requests_total"] < 200  # it stopped sending
+
+
+def test_a_lease_taken_over_before_the_run_began_stops_it_with_exit_4_before_any_request(
+    tmp_path: Path, emulator: EmulatorServer, s3: str
+) -> None:
+    """The CLI takes OUT's lease before Prefect's flow run begins (early start): lost meanwhile, with no
+    one yet told, the run stops as exit 4 (OutLost) when it begins, not as a crash."""
+
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    out = out_path(f"s3://{s3}/early")
+    assert isinstance(out, ObjectPath)
+    lease = Lease(out, "early-run", ttl=2)
+    lease.acquire()
+    other = {"run_id": "usurper", "pid": 1, "host": "elsewhere", "since": "now", "ttl": 30}
+    client().put_object(Bucket=s3, Key="early/_vlmbatch/leases/out.json", Body=json.dumps(other).encode())
+    time.sleep(1.5)  # a renewal (every ttl / 6) finds it taken over
+    config = RunConfig(
+        images=str(images), out=str(out), endpoint={"base_url": emulator.base_url, "preflight": False}
+    )
+
+    async def main() -> None:
+        job = Job(plan_run(config), run_id="early-run", lock=lease)
+        await job.run()
+
+    with pytest.raises(OutLost, match="taken over by run usurper") as stopped:
+        asyncio.run(main())
+    assert stopped.value.exit_code == 4 and "nothing was sent" in str(stopped.value)
+    assert emulator.stats()["requests_total"] == 0
+    assert keys(s3, "early/part-") == []
 
 
 def test_rows_removed_from_one_file_by_writers_at_once_all_stay_removed(s3: str) -> None:

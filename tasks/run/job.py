@@ -24,10 +24,11 @@ from tasks.endpoint.client import api_keys
 from tasks.endpoint.preflight import PreflightFailed, PreflightResult, PreflightStopped, preflight_replicas
 from tasks.errors import EndpointUnusable, OutLost, RunInterrupted
 from tasks.inputs.work_items import Shard
+from tasks.outputs.index import HashCache
 from tasks.outputs.layout import prepare_out_dir, remove_temporaries
 from tasks.outputs.lease import Lease
 from tasks.outputs.lock import OutLock, live_scopes, writer_lock, writers_gate
-from tasks.outputs.object_path import ObjectPath, OutPath, out_path
+from tasks.outputs.object_path import LeaseLost, ObjectPath, OutPath, out_path
 from tasks.outputs.store import OutputStore, add_later_columns, read_index, run_tag
 from tasks.outputs.summary import RunSummary, SummaryBuilder
 from tasks.outputs.writer import AsyncWriter
@@ -215,36 +216,13 @@ class Job:
             if config.dry_run:
                 index, hashes = read_index(out, scope, keep)
             else:
-                out = prepare_out_dir(out)
-                lost = self._on_lost(asyncio.get_running_loop())
-                lock = self.lock or writer_lock(out, self.run_id, scope)
-                if isinstance(lock, Lease):
-                    lock.on_lost = lost
-                if not lock.held:
-                    lock.acquire()
-                cleanup.callback(lock.release)
-                if isinstance(lock, Lease) and isinstance(out, ObjectPath):
-                    out = out.fenced(lock.check)  # no write once the lease has lapsed
-                with writers_gate(out):  # no other writer starts meanwhile; those running are left alone
-                    live = live_scopes(out) - {scope}
-                    remove_temporaries(out, live)
-                    if added := add_later_columns(out, plan.output_schema, scope, live):
-                        later = ", ".join(n for n in LATER_COLUMNS if n in plan.output_schema.names)
-                        self.log.info(
-                            "added the later columns (%s, null) to %d files written before them", later, added
-                        )
-                index, hashes = read_index(out, scope, keep)
-                tag = run_tag(self.run_id)
-                shared = contextlib.nullcontext if plan.part is None else functools.partial(writers_gate, out)
-                store = OutputStore(
-                    out, plan.output_schema, tag, index, scope=scope, shared=shared, on_lost=lost
-                )
-                if index.shadowed_rows():
-                    with shared():
-                        healed = store.heal_duplicates(keep)
-                    if healed:
-                        self.log.warning("removed %d duplicate rows left by an interrupted run", healed)
-                        index = store.index
+                try:
+                    out, store, hashes = self._open_out(out, cleanup)
+                except LeaseLost as exc:  # lapsed or taken over before the first request
+                    raise OutLost(
+                        f"stopped: {exc}; nothing was sent, rerun to continue", self._summary_so_far()
+                    ) from None
+                index = store.index
             if len(index) and not config.force:
                 self.log.info(
                     "%s already holds %d rows: items ok with the same request key are skipped",
@@ -289,6 +267,54 @@ class Job:
             out=None if config.dry_run else str(config.out),
             dry_run=config.dry_run,
             replicas=router.replicas if router is not None and router.several else (),
+        )
+
+    def _open_out(
+        self, out: OutPath, cleanup: contextlib.ExitStack
+    ) -> tuple[OutPath, OutputStore, HashCache]:
+        """Take OUT (its lock or lease, released by ``cleanup``), clean up after killed writers and
+        read back what is done: the store this run writes through. LeaseLost if the lease is lost
+        meanwhile."""
+        plan = self.plan
+        scope, keep = plan.scope, plan.row_filter()
+        out = prepare_out_dir(out)
+        lost = self._on_lost(asyncio.get_running_loop())
+        lock = self.lock or writer_lock(out, self.run_id, scope)
+        if isinstance(lock, Lease):
+            lock.on_lost = lost
+        if not lock.held:
+            lock.acquire()
+        cleanup.callback(lock.release)
+        if isinstance(lock, Lease) and isinstance(out, ObjectPath):
+            lock.check()  # taken early (before the flow run): lost before anyone was told?
+            out = out.fenced(lock.check)  # no write once the lease has lapsed
+        with writers_gate(out):  # no other writer starts meanwhile; those running are left alone
+            live = live_scopes(out) - {scope}
+            remove_temporaries(out, live)
+            if added := add_later_columns(out, plan.output_schema, scope, live):
+                later = ", ".join(n for n in LATER_COLUMNS if n in plan.output_schema.names)
+                self.log.info(
+                    "added the later columns (%s, null) to %d files written before them", later, added
+                )
+        index, hashes = read_index(out, scope, keep)
+        shared = contextlib.nullcontext if plan.part is None else functools.partial(writers_gate, out)
+        store = OutputStore(
+            out, plan.output_schema, run_tag(self.run_id), index, scope=scope, shared=shared, on_lost=lost
+        )
+        if index.shadowed_rows():
+            with shared():
+                healed = store.heal_duplicates(keep)
+            if healed:
+                self.log.warning("removed %d duplicate rows left by an interrupted run", healed)
+        return out, store, hashes
+
+    def _summary_so_far(self) -> RunSummary:
+        return self.summary.build(
+            work_items=self.plan.work_items,
+            skipped=0,
+            elapsed_s=time.perf_counter() - self.started,
+            out=str(self.config.out),
+            dry_run=self.config.dry_run,
         )
 
     def _on_lost(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
