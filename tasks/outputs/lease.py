@@ -269,6 +269,14 @@ def excludes(scope: str, other: str) -> bool:
     return mine is None or theirs is None or mine[1] != theirs[1]
 
 
+def lease_holder(out: ObjectPath, scope: str) -> str | None:
+    """Who holds the live lease on ``scope`` of OUT, or None (one request)."""
+    fetched = lease_key(out, scope).get()
+    if fetched is not None and (holder := Holder.of(fetched)).live:
+        return holder.describe()
+    return None
+
+
 def live_leases(out: ObjectPath) -> dict[str, str]:
     """The live leases on OUT: scope → who holds it (for inspect, export, report, the slices' parent)."""
     found = {}

@@ -34,7 +34,7 @@ from typing import IO
 
 from tasks.errors import UsageError
 from tasks.outputs.layout import OUT_SCOPE, STATE_DIR
-from tasks.outputs.lease import Lease, live_leases
+from tasks.outputs.lease import Lease, lease_holder, live_leases
 from tasks.outputs.object_path import ObjectPath, OutPath
 from tasks.slice import scope_of_slice
 
@@ -230,7 +230,7 @@ def scope_holder(out: OutPath, scope: str) -> str | None:
     """Who writes ``scope`` of OUT now, or None (no live writer: never started, finished or died; on an
     object store, a writer that died is live until its lease expires)."""
     if isinstance(out, ObjectPath):
-        return live_leases(out).get(scope)
+        return lease_holder(out, scope)
     if scope == OUT_SCOPE:
         return _probe(out / STATE_DIR / "lock")
     return _probe(out / STATE_DIR / SLICES_DIR / scope)
