@@ -9,8 +9,12 @@ every worker polling the pool, on any machine, takes slices; they write one OUT 
   a retried parent (same flow run id) finds the slices it already submitted instead of doubling them.
 - The parent waits for them. A slice whose run crashed — Prefect says so, or its run still shows
   Running while OUT shows no live holder of the slice's lock for ``LOST_AFTER_S`` (its worker or node
-  is gone: nobody will tell Prefect) — is marked Crashed and submitted again (Prefect does not retry
-  crashed runs), up to ``MAX_ATTEMPTS`` runs a slice. The new run resumes what the lost one wrote.
+  is gone: nobody will tell Prefect; on an object store the dead run's lease counts as held until it
+  lapses, its TTL after the last renewal) — is marked Crashed and submitted again (Prefect does not
+  retry crashed runs), up to ``MAX_ATTEMPTS`` runs a slice, as is a slice that stopped because it lost
+  its lease (exit 4). A slice is submitted again only once nothing holds its part of OUT (a killed
+  run's lease lapsed), or after ``LAPSE_WAIT_S`` (then the new run names the holder). The new run
+  resumes what the lost one wrote.
 - It ends like a run: the slices' summaries summed, the same exit statuses and final states
   (CompletedWithFailures), and a table artifact (``slices``) with one row per slice.
 """
@@ -50,8 +54,10 @@ MAX_ATTEMPTS = 3  # runs of one slice, the first included
 LOST_AFTER_S = 15.0  # a Running slice with no live lock holder this long is lost
 PENDING_LOST_AFTER_S = 300.0  # a run a worker took (Pending) that never started: its worker is gone
 # (generous: on a container pool, Pending includes starting the container, pulling its image)
+LAPSE_WAIT_S = 615.0  # the longest lease TTL (VLMBATCH_LEASE_TTL ≤ 600 s) and a margin
 POLL_S = 1.0
 EXIT_CRASHED = 70
+EXIT_LEASE_LOST = 4  # OutLost: the slice stopped writing; what it wrote is kept, a rerun continues
 
 
 class SliceOutcome(BaseModel):
@@ -83,6 +89,7 @@ class _Watch:
     running_since: float | None = None  # when this attempt was first seen Running (monotonic)
     pending_since: float | None = None
     held_at: float | None = None  # when its lock was last seen held
+    again_since: float | None = None  # waiting since to submit it again (a dead run's lease to lapse)
     summary: RunSummary | None = None
     exit_code: int | None = None  # set once the slice is over
     detail: str = ""
@@ -141,7 +148,27 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
                 timeout=0,
                 as_subflow=True,
             )
-            watch.running_since = watch.pending_since = watch.held_at = None
+            watch.running_since = watch.pending_since = watch.held_at = watch.again_since = None
+
+        async def again(watch: _Watch, why: str) -> bool:
+            """Submit a slice again once nothing holds its part of OUT: False while it waits."""
+            now = time.monotonic()
+            first = watch.again_since is None
+            watch.again_since = watch.again_since or now
+            if now - watch.again_since < LAPSE_WAIT_S:
+                holder = await asyncio.to_thread(scope_holder, out, watch.part.scope)  # a request
+                if holder is not None:
+                    if first:
+                        logger.warning(
+                            "%s: %s; submitting it again once its part of OUT is free (%s)",
+                            watch.part.scope,
+                            why,
+                            holder,
+                        )
+                    return False
+            logger.warning("%s: %s; submitting it again", watch.part.scope, why)
+            await submit(watch)
+            return True
 
         for watch in watches:
             await submit(watch)
@@ -161,18 +188,15 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
                     continue
                 if state.type == StateType.CRASHED:
                     if watch.attempts < MAX_ATTEMPTS:
-                        logger.warning(
-                            "%s: run %s crashed (%s); submitting it again",
-                            watch.part.scope,
-                            run.name,
-                            state.message,
-                        )
-                        await submit(watch)
+                        await again(watch, f"run {run.name} crashed ({state.message})")
                         continue
                     watch.exit_code = EXIT_CRASHED
                     watch.detail = f"crashed {watch.attempts} times; last: {state.message}"
                     continue
                 await _settle(watch, run)
+                if watch.exit_code == EXIT_LEASE_LOST and watch.attempts < MAX_ATTEMPTS:
+                    why, watch.exit_code, watch.summary = f"run {run.name} {watch.detail}", None, None
+                    await again(watch, why)
     outcomes = [_outcome(w) for w in watches]
     await publish_table(
         [o.model_dump(mode="json") for o in outcomes],
@@ -272,8 +296,9 @@ def _outcome(watch: _Watch) -> SliceOutcome:
 
 
 def exit_code(codes: list[int]) -> int:
-    """The run's exit status from its slices': interrupted, endpoint unusable, crashed, usage, rows."""
-    for code in (143, 130, 3, EXIT_CRASHED, 1, 2):
+    """The run's exit status from its slices': interrupted, endpoint unusable, lease lost, crashed,
+    usage, rows."""
+    for code in (143, 130, 3, EXIT_LEASE_LOST, EXIT_CRASHED, 1, 2):
         if code in codes:
             return code
     return max(codes, default=0)

@@ -11,10 +11,8 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,10 +20,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 tests")
-import boto3
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from pyarrow import fs as pafs
 
 from emulator import EmulatorServer
 from tasks.config import RunConfig
@@ -38,48 +33,21 @@ from tasks.run.plan import plan_run
 from tests.builders import images_manifest
 from tests.cli import vlmbatch
 from tests.leases import race
-from tests.prefect_processes import free_port
+from tests.s3_server import moto_server, s3_client, s3_env
+from tests.s3_server import plain_rows as s3_rows
 from tests.test_interrupts_e2e import kill_9, start, sub_env, wait_for  # noqa: F401 - fixtures
-
-KEY_ID, SECRET = "AKIAVLMBATCHOUTTEST1", "vlmbatch-out-test-secret"
 
 
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server in a process of its own (as a real store is): in this process its thread would
-    wait on pytest's for the GIL, and the CLI's lease renewals with it."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=5).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
-                time.sleep(0.1)
+    with moto_server(tmp_path_factory.mktemp("moto") / "server.log") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture
 def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A new bucket, and the environment pointing at it (as a user's would): its name."""
-    values = {
-        "AWS_ENDPOINT_URL": moto_url,
-        "AWS_ACCESS_KEY_ID": KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-    }
+    values = s3_env(moto_url)
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
@@ -90,13 +58,7 @@ def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def client():  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=os.environ["AWS_ENDPOINT_URL"],
-        region_name="us-east-1",
-        aws_access_key_id=KEY_ID,
-        aws_secret_access_key=SECRET,
-    )
+    return s3_client(os.environ["AWS_ENDPOINT_URL"])
 
 
 def to_s3(env: dict[str, str], lease_ttl: float = 30) -> None:
@@ -112,12 +74,7 @@ def to_s3(env: dict[str, str], lease_ttl: float = 30) -> None:
 
 def plain_rows(url: str) -> list[dict]:
     """What a plain ``pyarrow.dataset`` reader of OUT sees (pyarrow's own S3 filesystem)."""
-    host = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
-    filesystem = pafs.S3FileSystem(
-        access_key=KEY_ID, secret_key=SECRET, region="us-east-1", endpoint_override=host, scheme="http"
-    )
-    table = ds.dataset(url.removeprefix("s3://"), filesystem=filesystem, format="parquet").to_table()
-    return sorted(table.to_pylist(), key=lambda r: (r["image_id"], r["prompt_id"]))
+    return s3_rows(os.environ["AWS_ENDPOINT_URL"], url)
 
 
 def keys(bucket: str, prefix: str = "") -> list[str]:

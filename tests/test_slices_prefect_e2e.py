@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tasks.outputs.layout import STATE_DIR
 from tests.builders import images_manifest
 from tests.cli import rows
 from tests.prefect_processes import REPO, Processes, descendants, free_port, prefect_server
+from tests.s3_server import moto_server, plain_rows, s3_client, s3_env
 
 POOL = "vlmbatch-pool"  # prefect.yaml's
 
@@ -38,12 +40,17 @@ class Pool:
     procs: Processes
     workers: dict[str, subprocess.Popen[bytes]]
     logs: Path
+    s3: str  # moto's S3 server, in the environment of the workers and the CLI
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     base = tmp_path_factory.mktemp("prefect")
-    with prefect_server(base / "home", base / "logs") as (url, procs):
+    with (
+        prefect_server(base / "home", base / "logs") as (url, procs),
+        moto_server(base / "logs" / "moto.log") as s3,
+    ):
+        procs.env.update(s3_env(s3), VLMBATCH_LEASE_TTL="20")  # longer than a new run takes to start
         procs.run("prefect", "work-pool", "create", POOL, "--type", "process")
         procs.run("prefect", "deploy", "--all")
         workers = {
@@ -52,7 +59,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             )
             for name in ("w1", "w2")
         }
-        yield Pool(url, procs, workers, base / "logs")
+        yield Pool(url, procs, workers, base / "logs", s3)
 
 
 def _cli(pool: Pool, *args: object) -> subprocess.Popen[str]:
@@ -311,3 +318,45 @@ def test_a_worker_killed_mid_slice_has_its_slice_run_again_and_every_item_once(
     assert set(per_item) == {item_id(i, "caption") for i in ids}
     resent = sum(count - 1 for count in per_item.values())
     assert resent <= 2 * 8  # each lost slice: what was in flight (2) and about a second of answers
+
+
+def test_a_slice_killed_on_an_object_store_runs_again_once_its_lease_has_lapsed(
+    tmp_path: Path, pool: Pool, emulator: EmulatorServer
+) -> None:
+    """OUT on s3://: a slice's run killed (its worker reports it Crashed at once) still holds its lease
+    until it lapses; the parent submits the slice again only then, so the new run is not refused."""
+
+    ids = list(_items(24))
+    images = images_manifest(tmp_path, _items(24))
+    bucket = f"sliced-{uuid.uuid4().hex[:8]}"
+    store = s3_client(pool.s3)
+    store.create_bucket(Bucket=bucket)
+    out = f"s3://{bucket}/out"
+    emulator.configure(latency=0.3)
+    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 2, "--shard-size", 2]
+    args += ["--concurrency", 2, "--concurrency-limit", "off"]
+    parent = _cli(pool, *args)
+
+    def listed(prefix: str) -> list[str]:
+        found = store.list_objects_v2(Bucket=bucket, Prefix=f"out/{prefix}").get("Contents", [])
+        return [item["Key"] for item in found]
+
+    deadline = time.monotonic() + 90
+    while not listed("part-slice-1-of-2-"):
+        assert parent.poll() is None, _finish(parent, pool)
+        assert time.monotonic() < deadline, "slice 1/2 wrote nothing:\n" + pool.procs.tails()
+        time.sleep(0.1)
+    lease = store.get_object(Bucket=bucket, Key="out/_vlmbatch/leases/slice-1-of-2.json")
+    os.kill(json.loads(lease["Body"].read())["pid"], signal.SIGKILL)  # the slice's flow run process
+    code, text = _finish(parent, pool, timeout=180)
+    assert code == 0, text + pool.procs.tails()
+    assert "slice-1-of-2: run slice-1-of-2 crashed" in text
+    assert "submitting it again once its part of OUT is free (run " in text  # its lease, still live
+    got = plain_rows(pool.s3, out)
+    assert sorted(r["image_id"] for r in got) == sorted(ids) and {r["status"] for r in got} == {"ok"}
+    table = {row["slice"]: row for row in asyncio.run(_slice_table(pool.url))}
+    assert (table["1/2"]["attempts"], table["1/2"]["state"]) == (2, "Completed"), table
+    assert (table["2/2"]["attempts"], table["2/2"]["state"]) == (1, "Completed"), table
+    per_item = emulator.stats()["per_item"]
+    assert set(per_item) == {item_id(i, "caption") for i in ids}
+    assert sum(count - 1 for count in per_item.values()) <= 2 + 2 * 4  # in flight, ~a second of answers
