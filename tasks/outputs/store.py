@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import re
 import secrets
+import time
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -260,8 +262,11 @@ def _rewrite_object(
 ) -> None:
     """Read-modify-write of an object another run wrote: the new version (or with ``drop_empty`` the
     deletion, when no row is left) is conditional on the version read, and made again from a fresh
-    read when another writer changed it in between. ``change`` returns None when nothing changes."""
-    for _ in range(20):
+    read when another writer changed it in between (after a short random pause, so that writers
+    contending for one object draw apart). ``change`` returns None when nothing changes."""
+    for attempt in range(20):
+        if attempt:
+            time.sleep(random.uniform(0, 0.05 * attempt))
         found = path.get()
         if found is None:
             return
@@ -276,7 +281,7 @@ def _rewrite_object(
             return
         except PreconditionFailed:
             continue
-    raise LeaseLost(f"{path} kept changing while this run rewrote it")
+    raise LeaseLost(f"{path} was changed by other writers 20 times while this run rewrote it")
 
 
 def add_later_columns(
