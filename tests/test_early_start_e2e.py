@@ -20,6 +20,9 @@ import pytest
 
 from emulator import EmulatorServer
 from flows.prefect_server import TemporaryServer
+from tasks.outputs.layout import OUT_SCOPE, prepare_out_dir
+from tasks.outputs.lock import writer_lock
+from tasks.outputs.object_path import out_path
 from tests.builders import images_manifest
 from tests.cli import rows
 from tests.test_prefect_server import IMPORT_PROBE, ROOT
@@ -126,3 +129,28 @@ def test_a_server_that_never_comes_up_leaves_the_run_to_finish_without_a_flow_ru
     assert "the temporary Prefect server exited with status" in done.stderr
     assert [r["status"] for r in rows(out)] == ["ok"] * 6
     assert emulator.stats()["requests_total"] == 6
+
+
+def test_a_run_refused_because_another_writes_out_ends_at_once_with_no_flow_run(
+    tmp_path: Path, emulator: EmulatorServer, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = images_manifest(tmp_path, {"a": ((10, 10), "red")})
+    out = prepare_out_dir(out_path(str(tmp_path / "out")))
+    holder = writer_lock(out, "the-other-run", OUT_SCOPE)
+    holder.acquire()
+    try:
+        done, _ = run_cli(["run", images, "--out", out, "--base-url", emulator.base_url], home)
+    finally:
+        holder.release()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"error: --out {out} is being written by run the-other-run (pid {os.getpid()} " in done.stderr
+    assert "Traceback" not in done.stderr and "Failed to initialize plugins" not in done.stderr
+    assert emulator.stats()["requests_total"] == 0
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    server = TemporaryServer()
+    try:
+        url = server.wait_ready()
+        runs = post(url, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}})
+        assert runs == []  # no flow run was made for it (the CLI's own error line is the record)
+    finally:
+        server.stop()

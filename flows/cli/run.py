@@ -311,7 +311,8 @@ async def _early_run(cfg: RunConfig, plan: RunPlan, server: TemporaryServer, ver
     """The job starts now, with no Prefect (it sends while the temporary server comes up and Prefect
     is imported on a thread); once both are there, the annotate flow run takes it over (flows/annotate.py
     ``_adopt``) and the run goes on as a flow run. If the server does not come up, the job finishes
-    without one (a warning says so); a signal before the flow run ends the job with no flow run."""
+    without one (a warning says so); a signal before the flow run ends the job with no flow run, as
+    does a usage error (another run writes OUT: nothing was sent)."""
     loop = asyncio.get_running_loop()
     flows = _in_background(_load_flows)
     answers = AnswerSample()  # the summary artifact's few answers, as the flow keeps them
@@ -331,8 +332,11 @@ async def _early_run(cfg: RunConfig, plan: RunPlan, server: TemporaryServer, ver
 
     running = loop.create_task(work(), name="vlmbatch-job")
     while not (server.settled and flows.done()):
-        if running.done() and job.stop.reason in EXIT_CODES:  # a signal: out now, with no flow run
+        if running.done() and (job.stop.reason in EXIT_CODES or _refused(running)):
+            # a signal, or another run writes OUT (nothing sent): out now, with no flow run; Prefect's
+            # import finishes first (the exit would wait for it anyway, and cut short it complains)
             stop_temporary_server()
+            await asyncio.wait({flows})
             return _outcome(job, await running)
         await asyncio.wait({running}, timeout=0.05)
     # Prefect's modules came after the job froze the long-lived objects (tasks/run/job.py): frozen too,
@@ -361,6 +365,11 @@ async def _early_run(cfg: RunConfig, plan: RunPlan, server: TemporaryServer, ver
         # the flow run never started (its server was lost on the way): the job finishes without it
         typer.echo(f"warning: the run goes on without Prefect, and no flow run records it: {exc}", err=True)
         return _outcome(job, await running)
+
+
+def _refused(running: asyncio.Task[RunSummary]) -> bool:
+    """Whether the job stopped on a usage error before sending (another run writes OUT)."""
+    return not running.cancelled() and isinstance(running.exception(), UsageError)
 
 
 def _outcome(job: Job, result: RunSummary) -> RunSummary:
