@@ -15,6 +15,8 @@ every worker polling the pool, on any machine, takes slices; they write one OUT 
   its lease (exit 4). A slice is submitted again only once nothing holds its part of OUT (a killed
   run's lease lapsed), or after ``LAPSE_WAIT_S`` (then the new run names the holder). The new run
   resumes what the lost one wrote.
+- Ctrl-C or SIGTERM cancels the slices' runs (through their workers, which stop them as a SIGTERM
+  does a run) and waits up to ``CANCEL_WAIT_S`` for them; the parent exits 130 or 143.
 - It ends like a run: the slices' summaries summed, the same exit statuses and final states
   (CompletedWithFailures), and a table artifact (``slices``) with one row per slice.
 """
@@ -22,6 +24,7 @@ every worker polling the pool, on any machine, takes slices; they write one OUT 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -32,11 +35,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.states import Crashed
+from prefect.states import Cancelled, Cancelling, Crashed
 from pydantic import BaseModel
 
 from flows.artifacts import SLICE_RESULT, publish_table, read_artifacts
@@ -48,6 +51,7 @@ from tasks.outputs.object_path import OutPath, out_path
 from tasks.outputs.summary import ReplicaSummary, RunSummary
 from tasks.run.plan import plan_run
 from tasks.slice import Slice
+from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
 
 SLICE_DEPLOYMENT = "annotate/annotate-slice"
 MAX_ATTEMPTS = 3  # runs of one slice, the first included
@@ -56,6 +60,7 @@ PENDING_LOST_AFTER_S = 300.0  # a run a worker took (Pending) that never started
 # (generous: on a container pool, Pending includes starting the container, pulling its image)
 LAPSE_WAIT_S = 615.0  # the longest lease TTL (VLMBATCH_LEASE_TTL ≤ 600 s) and a margin
 POLL_S = 1.0
+CANCEL_WAIT_S = 60.0  # after a Ctrl-C, how long the slices' runs have to end (a worker's grace: 30 s)
 EXIT_CRASHED = 70
 EXIT_LEASE_LOST = 4  # OutLost: the slice stopped writing; what it wrote is kept, a rerun continues
 
@@ -170,33 +175,49 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
             await submit(watch)
             return True
 
-        for watch in watches:
-            await submit(watch)
-        while pending := [w for w in watches if w.exit_code is None]:
-            await asyncio.sleep(POLL_S)
-            runs = await _read_runs(client, [w.run.id for w in pending if w.run is not None])
-            for watch in pending:
-                assert watch.run is not None
-                run = watch.run = runs.get(watch.run.id, watch.run)
-                lost = await asyncio.to_thread(_lost, watch, run, out)  # an object store: requests
-                if lost is not None:
-                    logger.warning("%s: %s; marking its run Crashed", watch.part.scope, lost)
-                    await client.set_flow_run_state(run.id, Crashed(message=lost), force=True)
-                    run = watch.run = await client.read_flow_run(run.id)
-                state = run.state
-                if state is None or not state.is_final():
-                    continue
-                if state.type == StateType.CRASHED:
-                    if watch.attempts < MAX_ATTEMPTS:
-                        await again(watch, f"run {run.name} crashed ({state.message})")
+        stop = StopSwitch()  # Ctrl-C or SIGTERM: the slices' runs are cancelled, and waited for
+        stopped_at: float | None = None
+        with signals_stop(stop, on_second=hard_exit):
+            for watch in watches:
+                await submit(watch)
+            while pending := [w for w in watches if w.exit_code is None]:
+                await stop.sleep(POLL_S)
+                if stop.is_set and stopped_at is None:
+                    stopped_at = time.monotonic()
+                    logger.warning(
+                        "%s: cancelling the slices' runs (each writes what it has done); a second one "
+                        "stops at once",
+                        stop.reason,
+                    )
+                    await _cancel(client, [w.run for w in pending if w.run is not None], stop)
+                runs = await _read_runs(client, [w.run.id for w in pending if w.run is not None])
+                for watch in pending:
+                    assert watch.run is not None
+                    run = watch.run = runs.get(watch.run.id, watch.run)
+                    if stopped_at is not None:
+                        _settled_after_stop(watch, run, stop, time.monotonic() - stopped_at)
+                        if watch.exit_code is None and run.state is not None and run.state.is_final():
+                            await _settle(watch, run)
                         continue
-                    watch.exit_code = EXIT_CRASHED
-                    watch.detail = f"crashed {watch.attempts} times; last: {state.message}"
-                    continue
-                await _settle(watch, run)
-                if watch.exit_code == EXIT_LEASE_LOST and watch.attempts < MAX_ATTEMPTS:
-                    why, watch.exit_code, watch.summary = f"run {run.name} {watch.detail}", None, None
-                    await again(watch, why)
+                    lost = await asyncio.to_thread(_lost, watch, run, out)  # an object store: requests
+                    if lost is not None:
+                        logger.warning("%s: %s; marking its run Crashed", watch.part.scope, lost)
+                        await client.set_flow_run_state(run.id, Crashed(message=lost), force=True)
+                        run = watch.run = await client.read_flow_run(run.id)
+                    state = run.state
+                    if state is None or not state.is_final():
+                        continue
+                    if state.type == StateType.CRASHED:
+                        if watch.attempts < MAX_ATTEMPTS:
+                            await again(watch, f"run {run.name} crashed ({state.message})")
+                            continue
+                        watch.exit_code = EXIT_CRASHED
+                        watch.detail = f"crashed {watch.attempts} times; last: {state.message}"
+                        continue
+                    await _settle(watch, run)
+                    if watch.exit_code == EXIT_LEASE_LOST and watch.attempts < MAX_ATTEMPTS:
+                        why, watch.exit_code, watch.summary = f"run {run.name} {watch.detail}", None, None
+                        await again(watch, why)
     outcomes = [_outcome(w) for w in watches]
     await publish_table(
         [o.model_dump(mode="json") for o in outcomes],
@@ -210,6 +231,14 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
         )
     code = exit_code([o.exit_code for o in outcomes])
     broken = [o for o in outcomes if o.exit_code not in (0, 2)]
+    if stop.reason in EXIT_CODES:  # the parent was stopped: its signal's status, whatever the slices'
+        cut = [o.slice for o in broken]
+        message = f"slices {', '.join(cut)} cancelled" if cut else "every slice had finished"
+        raise RunInterrupted(
+            f"interrupted by {stop.reason}: {message}; what was written is kept, rerun to continue",
+            summary,
+            EXIT_CODES[stop.reason],
+        )
     if broken:
         message = "; ".join(f"{o.slice}: {o.detail or o.state}" for o in broken)
         if code in (130, 143):
@@ -248,6 +277,35 @@ def _lost(watch: _Watch, run: FlowRun, out: OutPath) -> str | None:
             "(its worker is gone)"
         )
     return None
+
+
+async def _cancel(client: PrefectClient, runs: list[FlowRun], stop: StopSwitch) -> None:
+    """Cancel the slices' runs: one no worker has taken yet at once; one a worker runs through its
+    worker (Cancelling), which stops it as a SIGTERM does a run: in-flight requests finished, rows
+    written."""
+    message = f"the run of all slices was stopped ({stop.reason})"
+    for run in runs:
+        state = run.state
+        if state is None or state.is_final():
+            continue
+        new: State[Any] = (
+            Cancelled(message=message) if state.type == StateType.SCHEDULED else Cancelling(message=message)
+        )
+        with contextlib.suppress(Exception):  # one that ended meanwhile: read back as it is
+            await client.set_flow_run_state(run.id, new, force=True)
+
+
+def _settled_after_stop(watch: _Watch, run: FlowRun, stop: StopSwitch, waited: float) -> None:
+    """After a stop, a slice that is not over within ``CANCEL_WAIT_S`` (a lost worker never confirms)
+    is left, as interrupted; a crashed one is not submitted again."""
+    state = run.state
+    code = EXIT_CODES.get(stop.reason or "", 130)
+    if state is not None and state.type == StateType.CRASHED:
+        watch.exit_code, watch.detail = code, f"crashed while cancelled: {state.message or ''}".strip()
+    elif (state is None or not state.is_final()) and waited > CANCEL_WAIT_S:
+        watch.exit_code = code
+        shown = state.name if state is not None else "unknown"
+        watch.detail = f"cancelled, not over after {CANCEL_WAIT_S:.0f} s (state {shown})"
 
 
 async def _read_runs(client: PrefectClient, ids: list[Any]) -> dict[Any, FlowRun]:

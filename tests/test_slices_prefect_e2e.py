@@ -360,3 +360,36 @@ def test_a_slice_killed_on_an_object_store_runs_again_once_its_lease_has_lapsed(
     per_item = emulator.stats()["per_item"]
     assert set(per_item) == {item_id(i, "caption") for i in ids}
     assert sum(count - 1 for count in per_item.values()) <= 2 + 2 * 4  # in flight, ~a second of answers
+
+
+def test_ctrl_c_on_a_run_of_slices_cancels_their_runs_and_a_rerun_finishes_the_job(
+    tmp_path: Path, pool: Pool, emulator: EmulatorServer
+) -> None:
+    ids = list(_items(40))
+    images = images_manifest(tmp_path, _items(40))
+    out = tmp_path / "out"
+    emulator.configure(latency=0.4)
+    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 2, "--shard-size", 2]
+    args += ["--concurrency", 2, "--concurrency-limit", "off"]
+    parent = _cli(pool, *args)
+    deadline = time.monotonic() + 90
+    while not all(list(out.glob(f"part-slice-{k}-of-2-*")) for k in (1, 2)):
+        assert parent.poll() is None, _finish(parent, pool)
+        assert time.monotonic() < deadline, "the slices wrote nothing:\n" + pool.procs.tails()
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGINT)
+    code, text = _finish(parent, pool, timeout=120)
+    assert code == 130, text + pool.procs.tails()
+    assert "SIGINT: cancelling the slices' runs" in text
+    assert "error: interrupted by SIGINT: slices 1/2, 2/2 cancelled; what was written is kept" in text
+    table = {row["slice"]: row for row in asyncio.run(_slice_table(pool.url))}
+    assert {row["state"] for row in table.values()} == {"Cancelled"}, table
+    assert not [p for w in pool.workers.values() for p in descendants(w.pid)]  # no slice still runs
+    kept = rows(out)
+    assert 0 < len(kept) < len(ids) and len({r["image_id"] for r in kept}) == len(kept)
+    emulator.configure(latency=0.01)
+    emulator.reset()
+    code, text = _finish(_cli(pool, *args), pool)
+    assert code == 0, text + pool.procs.tails()
+    _exactly_once(out, ids)
+    assert emulator.stats()["requests_total"] == len(ids) - len(kept)  # only what was not written
