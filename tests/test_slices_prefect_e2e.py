@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pytest
 from emulator import EmulatorServer
 from tasks.inputs.work_items import item_id
 from tasks.outputs.layout import STATE_DIR
+from tasks.slice import Slice
 from tests.builders import images_manifest
 from tests.cli import rows
 from tests.prefect_processes import REPO, Processes, descendants, free_port, prefect_server
@@ -88,6 +90,27 @@ def _finish(proc: subprocess.Popen[str], pool: Pool, timeout: float = 150) -> tu
 
 def _items(n: int) -> dict[str, tuple[tuple[int, int], str]]:
     return {f"s{k:03d}": ((12 + k % 7, 10), "blue") for k in range(n)}
+
+
+def _slow_slices(
+    tmp_path: Path, pool: Pool, emulator: EmulatorServer, n: int, slices: int, out: Path | str
+) -> tuple[list[str], list[object], subprocess.Popen[str]]:
+    """A run of ``slices`` slices of ``n`` items, slow enough to be caught mid-slice (2 requests at a
+    time per slice, 0.4 s each): the item ids, its arguments and its parent process."""
+    items = _items(n)
+    images = images_manifest(tmp_path, items)
+    emulator.configure(latency=0.4)
+    args: list[object] = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", slices]
+    args += ["--shard-size", 2, "--concurrency", 2, "--concurrency-limit", "off"]
+    return list(items), args, _cli(pool, *args)
+
+
+def _wait_for(done: Callable[[], object], parent: subprocess.Popen[str], pool: Pool, what: str) -> None:
+    deadline = time.monotonic() + 90
+    while not done():
+        assert parent.poll() is None, _finish(parent, pool)
+        assert time.monotonic() < deadline, f"{what}:\n" + pool.procs.tails()
+        time.sleep(0.1)
 
 
 def _exactly_once(out: Path, ids: list[str]) -> None:
@@ -277,27 +300,27 @@ def test_a_run_of_slices_exits_with_its_slices_status(tmp_path: Path, pool: Pool
 def test_a_worker_killed_mid_slice_has_its_slice_run_again_and_every_item_once(
     tmp_path: Path, pool: Pool, emulator: EmulatorServer
 ) -> None:
-    ids = list(_items(40))
-    images = images_manifest(tmp_path, _items(40))
     out = tmp_path / "out"
-    emulator.configure(latency=0.4)
-    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 4, "--shard-size", 2]
-    args += ["--concurrency", 2, "--concurrency-limit", "off"]
-    parent = _cli(pool, *args)
+    ids, _, parent = _slow_slices(tmp_path, pool, emulator, 40, 4, out)
     victim = pool.workers["w2"]
-    deadline = time.monotonic() + 90
     killed: list[str] = []
-    # w2 writing a slice, and no run Pending (one that w2 took and never started would wait 5 minutes)
-    while not killed or asyncio.run(_pending_runs(pool.url)):
-        assert parent.poll() is None, _finish(parent, pool)
-        assert time.monotonic() < deadline, "no slice ran on w2:\n" + pool.procs.tails()
+
+    shards = {k: math.ceil(sum(Slice(k, 4).holds(i) for i in ids) / 2) for k in range(1, 5)}
+
+    def w2_writes_and_none_pending() -> bool:
+        # w2 writing a slice, mid-way (a shard written, two or more to go: it cannot finish before the
+        # kill), and no run Pending (one that w2 took and never started would wait 5 minutes)
         below = set(descendants(victim.pid))
-        killed = []
+        killed.clear()
         for lock in (out / STATE_DIR / "slices").glob("slice-*") if out.exists() else ():
             with contextlib.suppress(ValueError, OSError):
-                if json.loads(lock.read_text()).get("pid") in below and list(out.glob(f"part-{lock.name}-*")):
+                written = len(list(out.glob(f"part-{lock.name}-*")))
+                left = shards[int(lock.name.split("-")[1])] - written
+                if json.loads(lock.read_text()).get("pid") in below and written and left >= 2:
                     killed.append(lock.name)
-        time.sleep(0.1)
+        return bool(killed) and not asyncio.run(_pending_runs(pool.url))
+
+    _wait_for(w2_writes_and_none_pending, parent, pool, "no slice ran on w2")
     for pid in [victim.pid, *descendants(victim.pid)]:  # the worker's machine is gone
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -326,26 +349,16 @@ def test_a_slice_killed_on_an_object_store_runs_again_once_its_lease_has_lapsed(
     """OUT on s3://: a slice's run killed (its worker reports it Crashed at once) still holds its lease
     until it lapses; the parent submits the slice again only then, so the new run is not refused."""
 
-    ids = list(_items(24))
-    images = images_manifest(tmp_path, _items(24))
     bucket = f"sliced-{uuid.uuid4().hex[:8]}"
     store = s3_client(pool.s3)
     store.create_bucket(Bucket=bucket)
     out = f"s3://{bucket}/out"
-    emulator.configure(latency=0.3)
-    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 2, "--shard-size", 2]
-    args += ["--concurrency", 2, "--concurrency-limit", "off"]
-    parent = _cli(pool, *args)
+    ids, _, parent = _slow_slices(tmp_path, pool, emulator, 24, 2, out)
 
-    def listed(prefix: str) -> list[str]:
-        found = store.list_objects_v2(Bucket=bucket, Prefix=f"out/{prefix}").get("Contents", [])
-        return [item["Key"] for item in found]
+    def written() -> object:
+        return store.list_objects_v2(Bucket=bucket, Prefix="out/part-slice-1-of-2-").get("Contents")
 
-    deadline = time.monotonic() + 90
-    while not listed("part-slice-1-of-2-"):
-        assert parent.poll() is None, _finish(parent, pool)
-        assert time.monotonic() < deadline, "slice 1/2 wrote nothing:\n" + pool.procs.tails()
-        time.sleep(0.1)
+    _wait_for(written, parent, pool, "slice 1/2 wrote nothing")
     lease = store.get_object(Bucket=bucket, Key="out/_vlmbatch/leases/slice-1-of-2.json")
     os.kill(json.loads(lease["Body"].read())["pid"], signal.SIGKILL)  # the slice's flow run process
     code, text = _finish(parent, pool, timeout=180)
@@ -365,18 +378,10 @@ def test_a_slice_killed_on_an_object_store_runs_again_once_its_lease_has_lapsed(
 def test_ctrl_c_on_a_run_of_slices_cancels_their_runs_and_a_rerun_finishes_the_job(
     tmp_path: Path, pool: Pool, emulator: EmulatorServer
 ) -> None:
-    ids = list(_items(40))
-    images = images_manifest(tmp_path, _items(40))
     out = tmp_path / "out"
-    emulator.configure(latency=0.4)
-    args = ["run", images, "--out", out, "--base-url", emulator.base_url, "--slices", 2, "--shard-size", 2]
-    args += ["--concurrency", 2, "--concurrency-limit", "off"]
-    parent = _cli(pool, *args)
-    deadline = time.monotonic() + 90
-    while not all(list(out.glob(f"part-slice-{k}-of-2-*")) for k in (1, 2)):
-        assert parent.poll() is None, _finish(parent, pool)
-        assert time.monotonic() < deadline, "the slices wrote nothing:\n" + pool.procs.tails()
-        time.sleep(0.1)
+    ids, args, parent = _slow_slices(tmp_path, pool, emulator, 40, 2, out)
+    both_wrote = lambda: all(list(out.glob(f"part-slice-{k}-of-2-*")) for k in (1, 2))  # noqa: E731
+    _wait_for(both_wrote, parent, pool, "the slices wrote nothing")
     parent.send_signal(signal.SIGINT)
     code, text = _finish(parent, pool, timeout=120)
     assert code == 130, text + pool.procs.tails()
