@@ -93,12 +93,13 @@ def outcome_of(partition: Partition, summary: RunSummary) -> PartitionOutcome:
 
 def exit_code(outcomes: Sequence[PartitionOutcome]) -> int:
     """130/143 interrupted, else 3 when the endpoint was unusable, else 2 when some partition has
-    failed rows or an error, else 0 (ok, skipped and missing-input partitions)."""
+    failed rows or an error (any other status: a usage error, a lost lease, slices that crashed), else
+    0 (ok, skipped and missing-input partitions)."""
     codes = {o.exit_code for o in outcomes}
     for code in (143, 130, 3):
         if code in codes:
             return code
-    return 2 if codes & {1, 2} else 0
+    return 2 if codes - {0} else 0
 
 
 @flow(name="backfill", description="The annotate flow over a range of date partitions ({date} in paths).")

@@ -11,6 +11,7 @@ import pytest
 
 from emulator import EmulatorServer
 from flows.artifacts import read_artifacts
+from flows.backfill import PartitionOutcome, exit_code
 from tasks.config import RunConfig
 from tasks.errors import EndpointUnusable
 from tasks.outputs.summary import RunSummary
@@ -178,3 +179,15 @@ def test_a_partition_that_finished_before_the_signal_is_ok_not_interrupted(
         "--base-url", "http://127.0.0.1:9/v1",
     )  # fmt: skip
     assert alone.code == 143  # complete, but the backfill was still stopped by the signal
+
+
+def test_a_partition_stopped_with_any_other_status_makes_the_backfill_exit_2() -> None:
+    """A partition whose run lost its lease (4) or whose slices crashed (70) is an error, as README
+    says: exit 2 (it exited 0 before), unless a stronger status (3, 130, 143) comes from another."""
+    ok = PartitionOutcome(partition="2026-01-01", outcome="ok")
+    for code in (1, 2, 4, 70):
+        stopped = PartitionOutcome(partition="2026-01-02", outcome="error", exit_code=code)
+        assert exit_code([ok, stopped]) == 2
+    unusable = PartitionOutcome(partition="2026-01-03", outcome="error", exit_code=3)
+    assert exit_code([ok, PartitionOutcome(partition="b", outcome="error", exit_code=4), unusable]) == 3
+    assert exit_code([ok]) == 0
