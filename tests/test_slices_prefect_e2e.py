@@ -105,6 +105,12 @@ def _slow_slices(
     return list(items), args, _cli(pool, *args)
 
 
+def _shards(ids: list[str], n: int) -> dict[str, int]:
+    """Each slice's shards (2 items each) by its scope: a slice with two or more still to write cannot
+    finish before a kill or a Ctrl-C that follows at once."""
+    return {Slice(k, n).scope: math.ceil(sum(Slice(k, n).holds(i) for i in ids) / 2) for k in range(1, n + 1)}
+
+
 def _wait_for(done: Callable[[], object], parent: subprocess.Popen[str], pool: Pool, what: str) -> None:
     deadline = time.monotonic() + 90
     while not done():
@@ -305,7 +311,7 @@ def test_a_worker_killed_mid_slice_has_its_slice_run_again_and_every_item_once(
     victim = pool.workers["w2"]
     killed: list[str] = []
 
-    shards = {k: math.ceil(sum(Slice(k, 4).holds(i) for i in ids) / 2) for k in range(1, 5)}
+    shards = _shards(ids, 4)
 
     def w2_writes_and_none_pending() -> bool:
         # w2 writing a slice, mid-way (a shard written, two or more to go: it cannot finish before the
@@ -315,7 +321,7 @@ def test_a_worker_killed_mid_slice_has_its_slice_run_again_and_every_item_once(
         for lock in (out / STATE_DIR / "slices").glob("slice-*") if out.exists() else ():
             with contextlib.suppress(ValueError, OSError):
                 written = len(list(out.glob(f"part-{lock.name}-*")))
-                left = shards[int(lock.name.split("-")[1])] - written
+                left = shards[lock.name] - written
                 if json.loads(lock.read_text()).get("pid") in below and written and left >= 2:
                     killed.append(lock.name)
         return bool(killed) and not asyncio.run(_pending_runs(pool.url))
@@ -353,18 +359,20 @@ def test_a_slice_killed_on_an_object_store_runs_again_once_its_lease_has_lapsed(
     store = s3_client(pool.s3)
     store.create_bucket(Bucket=bucket)
     out = f"s3://{bucket}/out"
-    ids, _, parent = _slow_slices(tmp_path, pool, emulator, 24, 2, out)
+    ids, _, parent = _slow_slices(tmp_path, pool, emulator, 40, 2, out)
+    shards = _shards(ids, 2)["slice-1-of-2"]
 
-    def written() -> object:
-        return store.list_objects_v2(Bucket=bucket, Prefix="out/part-slice-1-of-2-").get("Contents")
+    def mid_way() -> bool:
+        found = store.list_objects_v2(Bucket=bucket, Prefix="out/part-slice-1-of-2-").get("Contents", [])
+        return 0 < len(found) <= shards - 2
 
-    _wait_for(written, parent, pool, "slice 1/2 wrote nothing")
+    _wait_for(mid_way, parent, pool, "slice 1/2 wrote nothing")
     lease = store.get_object(Bucket=bucket, Key="out/_vlmbatch/leases/slice-1-of-2.json")
     os.kill(json.loads(lease["Body"].read())["pid"], signal.SIGKILL)  # the slice's flow run process
     code, text = _finish(parent, pool, timeout=180)
     assert code == 0, text + pool.procs.tails()
     assert "slice-1-of-2: run slice-1-of-2 crashed" in text
-    assert "submitting it again once its part of OUT is free (run " in text  # its lease, still live
+    assert "submitting it again once its earlier run's lease lapses (run " in text  # still live
     got = plain_rows(pool.s3, out)
     assert sorted(r["image_id"] for r in got) == sorted(ids) and {r["status"] for r in got} == {"ok"}
     table = {row["slice"]: row for row in asyncio.run(_slice_table(pool.url))}
@@ -379,9 +387,13 @@ def test_ctrl_c_on_a_run_of_slices_cancels_their_runs_and_a_rerun_finishes_the_j
     tmp_path: Path, pool: Pool, emulator: EmulatorServer
 ) -> None:
     out = tmp_path / "out"
-    ids, args, parent = _slow_slices(tmp_path, pool, emulator, 40, 2, out)
-    both_wrote = lambda: all(list(out.glob(f"part-slice-{k}-of-2-*")) for k in (1, 2))  # noqa: E731
-    _wait_for(both_wrote, parent, pool, "the slices wrote nothing")
+    ids, args, parent = _slow_slices(tmp_path, pool, emulator, 80, 2, out)  # 4 s or more a slice
+    shards = _shards(ids, 2)
+
+    def both_mid_way() -> bool:
+        return all(0 < len(list(out.glob(f"part-{s}-*"))) <= shards[s] - 2 for s in shards)
+
+    _wait_for(both_mid_way, parent, pool, "the slices did not both write")
     parent.send_signal(signal.SIGINT)
     code, text = _finish(parent, pool, timeout=120)
     assert code == 130, text + pool.procs.tails()

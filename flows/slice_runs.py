@@ -1,0 +1,300 @@
+"""The slices' flow runs, as the parent of ``--slices N`` (flows/slices.py) submits, watches, submits
+again and cancels them.
+
+- Each submission has an idempotency key made of the parent's flow run id, the slice and the attempt:
+  a retried parent (same flow run id) finds the slices it already submitted instead of doubling them.
+- A slice whose run crashed — Prefect says so, or its run still shows Running while OUT shows no live
+  holder of the slice's lock for ``LOST_AFTER_S`` (its worker or node is gone: nobody will tell
+  Prefect; on an object store the dead run's lease counts as held until it lapses, its TTL after the
+  last renewal) — is marked Crashed and submitted again (Prefect does not retry crashed runs), up to
+  ``MAX_ATTEMPTS`` runs a slice, as is a slice that stopped because it lost its lease (exit 4). It is
+  submitted again once nothing holds its part of OUT: while its own earlier run's lease is live it
+  waits (``LAPSE_WAIT_S`` at most); held by another run, the slice ends with exit 4 naming it. The new
+  run resumes what the earlier one wrote (and counts those rows as skipped).
+- The first Ctrl-C or SIGTERM cancels the slices' runs at once (through their workers, which stop
+  them as a SIGTERM stops a run: rows written) and waits up to ``CANCEL_WAIT_S`` for them to end; a
+  second one exits once the cancellations are sent (5 s at most). A failure to reach Prefect or OUT
+  is tried again each poll for ``UNREACHABLE_S``; the parent failing for any reason cancels them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.deployments import arun_deployment
+from prefect.states import Cancelling, Crashed
+
+from flows.artifacts import SLICE_RESULT, read_artifacts
+from tasks.outputs.lock import scope_holder
+from tasks.outputs.object_path import OutPath
+from tasks.outputs.summary import RunSummary
+from tasks.slice import Slice
+from tasks.stopping import EXIT_CODES, StopSwitch, hard_exit, signals_stop
+
+MAX_ATTEMPTS = 3  # runs of one slice, the first included
+LOST_AFTER_S = 15.0  # a Running slice with no live lock holder this long is lost
+PENDING_LOST_AFTER_S = 300.0  # a run a worker took (Pending) that never started: its worker is gone
+# (generous: on a container pool, Pending includes starting the container, pulling its image)
+LAPSE_WAIT_S = 615.0  # the longest lease TTL (VLMBATCH_LEASE_TTL ≤ 600 s) and a margin
+CANCEL_WAIT_S = 60.0  # after a Ctrl-C, how long the slices' runs have to end (a worker's grace: 30 s)
+SECOND_SIGNAL_WAIT_S = 5.0  # a second Ctrl-C waits this long at most for the cancellations to be sent
+UNREACHABLE_S = 300.0  # Prefect's API or OUT failing every poll this long: the parent gives up
+POLL_S = 1.0
+EXIT_CRASHED = 70
+EXIT_LEASE_LOST = 4  # OutLost: the slice stopped writing; what it wrote is kept, a rerun continues
+
+
+@dataclass
+class SliceWatch:
+    part: Slice
+    run: FlowRun | None = None
+    attempts: int = 0
+    running_since: float | None = None  # when this attempt was first seen Running (monotonic)
+    pending_since: float | None = None
+    held_at: float | None = None  # when its lock was last seen held
+    again_since: float | None = None  # waiting since to submit it again (its earlier run's lease)
+    summary: RunSummary | None = None
+    exit_code: int | None = None  # set once the slice is over
+    detail: str = ""
+
+
+class SliceRuns:
+    """The parent's hold on its slices' runs (create it inside the flow run, in its event loop)."""
+
+    def __init__(
+        self,
+        client: PrefectClient,
+        deployment_id: UUID,
+        parameters: dict[Slice, dict[str, Any]],
+        out: OutPath,
+        parent: str,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.client, self.deployment_id, self.parameters = client, deployment_id, parameters
+        self.out, self.parent, self.log = out, parent, logger
+        self.watches = [SliceWatch(part) for part in parameters]
+        self.stop = StopSwitch()  # Ctrl-C or SIGTERM
+        self.stopped_at: float | None = None
+        self.cancelling: asyncio.Task[None] | None = None
+        self.failing_since: float | None = None
+
+    async def run(self) -> list[SliceWatch]:
+        """Submit every slice and watch them until each is over; the watches, each with its exit
+        status, summary (when its run published one) and detail."""
+        self.stop.when_set(self._on_stop)
+        with signals_stop(self.stop, on_second=self._on_second):
+            try:
+                for watch in self.watches:
+                    if self.stop.is_set:
+                        break
+                    await self._submit(watch)
+                while pending := [w for w in self.watches if w.exit_code is None]:
+                    await self.stop.sleep(POLL_S)
+                    await self._poll_or_wait(pending)
+            except BaseException:
+                if self.cancelling is None:  # the parent failed: its slices must not run on unwatched
+                    failed = f"the run of all slices failed ({self.parent})"
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._cancel_all(failed))
+                raise
+            finally:
+                if self.cancelling is not None and not self.cancelling.done():
+                    with contextlib.suppress(Exception):
+                        await self.cancelling
+        return self.watches
+
+    # --- submitting ---------------------------------------------------------------------------
+
+    async def _submit(self, watch: SliceWatch) -> None:
+        watch.attempts += 1
+        scope = watch.part.scope
+        watch.run = await arun_deployment(
+            self.deployment_id,
+            parameters={"config": self.parameters[watch.part]},
+            flow_run_name=scope + (f"-attempt-{watch.attempts}" if watch.attempts > 1 else ""),
+            idempotency_key=f"{self.parent}/{scope}/attempt-{watch.attempts}",
+            timeout=0,
+            as_subflow=True,
+        )
+        watch.running_since = watch.pending_since = watch.held_at = watch.again_since = None
+
+    async def _again(self, watch: SliceWatch, why: str) -> None:
+        """Submit a slice again once nothing holds its part of OUT (its earlier run's lease may be
+        live a while after that run died); held by another run, the slice ends with exit 4."""
+        assert watch.run is not None
+        now = time.monotonic()
+        first = watch.again_since is None
+        watch.again_since = watch.again_since or now
+        holder = await asyncio.to_thread(scope_holder, self.out, watch.part.scope)  # a request
+        if holder is not None and now - watch.again_since < LAPSE_WAIT_S:
+            if f"run {watch.run.id} " not in holder:
+                watch.exit_code = EXIT_LEASE_LOST
+                watch.detail = f"{why}; not run again: another run writes its part of OUT, {holder}"
+                return
+            if first:
+                self.log.warning(
+                    "%s: %s; submitting it again once its earlier run's lease lapses (%s)",
+                    watch.part.scope,
+                    why,
+                    holder,
+                )
+            return
+        self.log.warning("%s: %s; submitting it again", watch.part.scope, why)
+        watch.exit_code, watch.summary = None, None
+        await self._submit(watch)
+
+    # --- watching -------------------------------------------------------------------------------
+
+    async def _poll_or_wait(self, pending: list[SliceWatch]) -> None:
+        """One poll; a failure to reach Prefect or OUT is tried again next poll, ``UNREACHABLE_S`` long."""
+        try:
+            await self._poll(pending)
+            self.failing_since = None
+        except Exception as exc:
+            now = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = now
+                self.log.warning("watching the slices failed (%s: %s); trying again", type(exc).__name__, exc)
+            elif now - self.failing_since > UNREACHABLE_S:
+                raise
+
+    async def _poll(self, pending: list[SliceWatch]) -> None:
+        runs = await _read_runs(self.client, [w.run.id for w in pending if w.run is not None])
+        for watch in pending:
+            if watch.run is None:  # never submitted: the parent was stopped first
+                watch.exit_code, watch.detail = self._stop_code(), "not submitted (the parent was stopped)"
+                continue
+            run = watch.run = runs.get(watch.run.id, watch.run)
+            if self.stop.is_set:
+                await self._after_stop(watch, run)
+                continue
+            lost = await asyncio.to_thread(_lost, watch, run, self.out)  # an object store: requests
+            if lost is not None:
+                self.log.warning("%s: %s; marking its run Crashed", watch.part.scope, lost)
+                await self.client.set_flow_run_state(run.id, Crashed(message=lost), force=True)
+                run = watch.run = await self.client.read_flow_run(run.id)
+            state = run.state
+            if state is None or not state.is_final():
+                continue
+            if state.type == StateType.CRASHED:
+                if watch.attempts < MAX_ATTEMPTS:
+                    await self._again(watch, f"run {run.name} crashed ({state.message})")
+                    continue
+                watch.exit_code = EXIT_CRASHED
+                watch.detail = f"crashed {watch.attempts} times; last: {state.message}"
+                continue
+            await _settle(watch, run)
+            if watch.exit_code == EXIT_LEASE_LOST and watch.attempts < MAX_ATTEMPTS:
+                await self._again(watch, f"run {run.name} {watch.detail}")
+
+    # --- stopping -------------------------------------------------------------------------------
+
+    def _stop_code(self) -> int:
+        return EXIT_CODES.get(self.stop.reason or "", 130)
+
+    def _on_stop(self) -> None:
+        """The first signal: cancel the slices' runs now (not at the next poll)."""
+        self.stopped_at = time.monotonic()
+        self.log.warning(
+            "%s: cancelling the slices' runs (each writes what it has done); a second one stops at once",
+            self.stop.reason,
+        )
+        stopped = f"the run of all slices was stopped ({self.stop.reason})"
+        self.cancelling = asyncio.ensure_future(self._cancel_all(stopped))
+
+    def _on_second(self, code: int) -> None:
+        """The second signal: exit once the cancellations are sent (``SECOND_SIGNAL_WAIT_S`` at most)."""
+        cancelling = self.cancelling
+        if cancelling is None or cancelling.done():
+            hard_exit(code)
+            return
+        cancelling.add_done_callback(lambda _: hard_exit(code))
+        asyncio.get_running_loop().call_later(SECOND_SIGNAL_WAIT_S, hard_exit, code)
+
+    async def _cancel_all(self, message: str) -> None:
+        """Cancel every slice run not over, as ``prefect flow-run cancel`` does: Cancelling, not forced
+        (Prefect refuses it for a run that ended meanwhile, and cancels one no worker took at once)."""
+        runs = await _read_runs(self.client, [w.run.id for w in self.watches if w.run is not None])
+
+        async def cancel(run: FlowRun) -> None:
+            with contextlib.suppress(Exception):  # refused (ended meanwhile) or unreachable: read back
+                await self.client.set_flow_run_state(run.id, Cancelling(message=message))
+
+        await asyncio.gather(*(cancel(r) for r in runs.values() if r.state is None or not r.state.is_final()))
+
+    async def _after_stop(self, watch: SliceWatch, run: FlowRun) -> None:
+        """After a stop: a run that ended is settled from its result (a slice that had finished is
+        not cut short); a crashed one is not submitted again; one not over within ``CANCEL_WAIT_S``
+        (a lost worker never confirms) is left as interrupted."""
+        state = run.state
+        if state is not None and state.type == StateType.CRASHED:
+            watch.exit_code = self._stop_code()
+            watch.detail = f"crashed, not run again (the parent was stopped): {state.message or ''}".strip()
+        elif state is not None and state.is_final():
+            await _settle(watch, run)
+        elif time.monotonic() - (self.stopped_at or 0.0) > CANCEL_WAIT_S:
+            watch.exit_code = self._stop_code()
+            shown = state.name if state is not None else "unknown"
+            watch.detail = f"cancelled, not over after {CANCEL_WAIT_S:.0f} s (state {shown})"
+
+
+def _lost(watch: SliceWatch, run: FlowRun, out: OutPath) -> str | None:
+    """Why a slice's run that Prefect still shows Pending or Running is gone, or None."""
+    state = run.state
+    if state is None or state.type not in (StateType.RUNNING, StateType.PENDING):
+        return None
+    now = time.monotonic()
+    if state.type == StateType.PENDING:
+        watch.pending_since = watch.pending_since or now
+        if now - watch.pending_since > PENDING_LOST_AFTER_S:
+            return f"its run was Pending for {PENDING_LOST_AFTER_S:.0f} s without starting"
+        return None
+    watch.running_since = watch.running_since or now
+    if scope_holder(out, watch.part.scope) is not None:
+        watch.held_at = now
+        return None
+    since = max(watch.running_since, watch.held_at or 0.0)
+    if now - since > LOST_AFTER_S:
+        return (
+            f"its run shows Running but nothing has held its lock in OUT for {LOST_AFTER_S:.0f} s "
+            "(its worker is gone)"
+        )
+    return None
+
+
+async def _read_runs(client: PrefectClient, ids: list[Any]) -> dict[Any, FlowRun]:
+    if not ids:
+        return {}
+    runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return {run.id: run for run in runs}
+
+
+async def _settle(watch: SliceWatch, run: FlowRun) -> None:
+    """A slice's run is over (not crashed): its summary and exit status from its artifact."""
+    state = run.state
+    assert state is not None
+    found = await read_artifacts(key=SLICE_RESULT, flow_run_ids=[run.id])
+    if found:
+        data = found[0].data
+        rows = data if isinstance(data, list) else json.loads(data)
+        row = rows[0]
+        watch.summary = RunSummary.model_validate_json(row["summary"])
+        watch.exit_code = int(row["exit_code"])
+        watch.detail = str(row.get("message") or "")
+        return
+    if state.type == StateType.CANCELLED:
+        watch.exit_code, watch.detail = 130, f"cancelled: {state.message or ''}".strip()
+    elif state.type == StateType.COMPLETED:
+        watch.exit_code, watch.detail = EXIT_CRASHED, "completed without its result"
+    else:  # failed before it ran (a usage error: the manifest or OUT, as a worker sees them)
+        watch.exit_code, watch.detail = 1, state.message or state.name or "failed"
