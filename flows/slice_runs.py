@@ -132,6 +132,7 @@ class SliceRuns:
         """Submit a slice again once nothing holds its part of OUT (its earlier run's lease may be
         live a while after that run died); held by another run, the slice ends with exit 4."""
         assert watch.run is not None
+        watch.exit_code = None  # pending again (its result read again next poll)
         now = time.monotonic()
         first = watch.again_since is None
         watch.again_since = watch.again_since or now
@@ -150,7 +151,7 @@ class SliceRuns:
                 )
             return
         self.log.warning("%s: %s; submitting it again", watch.part.scope, why)
-        watch.exit_code, watch.summary = None, None
+        watch.summary = None  # the new run's replaces it (the earlier one's rows count as skipped)
         await self._submit(watch)
 
     # --- watching -------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ async def _settle(watch: SliceWatch, run: FlowRun) -> None:
         watch.detail = str(row.get("message") or "")
         return
     if state.type == StateType.CANCELLED:
-        watch.exit_code, watch.detail = 130, f"cancelled: {state.message or ''}".strip()
+        watch.exit_code, watch.detail = 130, f"cancelled: {state.message}" if state.message else "cancelled"
     elif state.type == StateType.COMPLETED:
         watch.exit_code, watch.detail = EXIT_CRASHED, "completed without its result"
     else:  # failed before it ran (a usage error: the manifest or OUT, as a worker sees them)

@@ -1,0 +1,187 @@
+"""The parent of ``--slices N`` deciding what to do with each slice's run (flows/slice_runs.py), with
+Prefect's API and OUT's holders played by this test: which states it reads, which results its slices
+published, who holds their part of OUT. The real server, workers and OUT run in
+tests/test_slices_prefect_e2e.py; here are the turns that are hard to bring about there (a slice that
+lost its lease, another run holding a slice's part, a Ctrl-C as a slice finishes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.schemas.objects import FlowRun, State, StateType
+
+from flows import slice_runs
+from flows.slice_runs import SliceRuns
+from tasks.outputs.summary import RunSummary
+from tasks.slice import Slice
+
+log = logging.getLogger("test-slice-runs")
+
+
+class FakePrefect:
+    """The flow runs of the slices, as Prefect's API would show them; ``states`` set by each test."""
+
+    def __init__(self) -> None:
+        self.runs: dict[uuid.UUID, FlowRun] = {}
+        self.submitted: list[str] = []  # flow run names, in order
+        self.state_requests: list[tuple[str, str, bool]] = []  # (run name, state type, force)
+        self.results: dict[uuid.UUID, tuple[int, str]] = {}  # published slice results
+        self.refuse_final = True  # as Prefect does an unforced transition out of a final state
+
+    def set(self, name: str, kind: StateType) -> None:
+        run = next(r for r in self.runs.values() if r.name == name)
+        run.state = State(type=kind, name=kind.value.title())
+
+    def publish(self, name: str, code: int, message: str = "") -> None:
+        run = next(r for r in self.runs.values() if r.name == name)
+        self.results[run.id] = (code, message)
+
+    async def arun_deployment(self, deployment_id: Any, *, flow_run_name: str, **_: Any) -> FlowRun:
+        running = State(type=StateType.RUNNING)
+        run = FlowRun(id=uuid.uuid4(), name=flow_run_name, flow_id=uuid.uuid4(), state=running)
+        self.runs[run.id] = run
+        self.submitted.append(flow_run_name)
+        return run
+
+    async def read_flow_runs(self, flow_run_filter: Any) -> list[FlowRun]:
+        return [self.runs[i] for i in flow_run_filter.id.any_ if i in self.runs]
+
+    async def read_flow_run(self, run_id: uuid.UUID) -> FlowRun:
+        return self.runs[run_id]
+
+    async def set_flow_run_state(self, run_id: uuid.UUID, state: State[Any], force: bool = False) -> None:
+        run = self.runs[run_id]
+        self.state_requests.append((run.name, state.type.value, force))
+        if run.state is not None and run.state.is_final() and not force and self.refuse_final:
+            return
+        run.state = state
+
+    async def read_artifacts(self, *, key: str, flow_run_ids: list[Any]) -> list[Any]:
+        found = []
+        for run_id in flow_run_ids:
+            if run_id in self.results:
+                code, message = self.results[run_id]
+                summary = RunSummary(out="out", work_items=4, ok=4 if code == 0 else 1)
+                row = {"summary": summary.model_dump_json(), "exit_code": code, "message": message}
+                found.append(type("Artifact", (), {"data": json.dumps([row])})())
+        return found
+
+
+@pytest.fixture
+def prefect(monkeypatch: pytest.MonkeyPatch) -> FakePrefect:
+    fake = FakePrefect()
+    monkeypatch.setattr(slice_runs, "arun_deployment", fake.arun_deployment)
+    monkeypatch.setattr(slice_runs, "read_artifacts", fake.read_artifacts)
+    monkeypatch.setattr(slice_runs, "POLL_S", 0.01)
+    return fake
+
+
+def run_parent(
+    prefect: FakePrefect,
+    holders: Callable[[str], str | None],
+    script: Callable[[SliceRuns], Any],
+    monkeypatch: pytest.MonkeyPatch,
+    n: int = 2,
+) -> SliceRuns:
+    """The parent over ``n`` slices, OUT's holders by scope from ``holders``, while ``script`` plays
+    the slices' runs."""
+    monkeypatch.setattr(slice_runs, "scope_holder", lambda out, scope: holders(scope))
+    parameters = {Slice(k, n): {"slice": f"{k}/{n}"} for k in range(1, n + 1)}
+
+    async def main() -> SliceRuns:
+        runs = SliceRuns(prefect, uuid.uuid4(), parameters, Path("out"), "parent", log)  # type: ignore[arg-type]
+        playing = asyncio.create_task(script(runs))
+        await asyncio.wait_for(runs.run(), timeout=20)
+        await playing
+        return runs
+
+    return asyncio.run(main())
+
+
+def by_slice(runs: SliceRuns) -> dict[str, tuple[int | None, int, str]]:
+    return {w.part.spec: (w.exit_code, w.attempts, w.detail) for w in runs.watches}
+
+
+async def ticks(k: int = 5) -> None:
+    await asyncio.sleep(k * 0.01 + 0.02)
+
+
+def test_a_slice_that_lost_its_lease_runs_again_once_its_own_lease_lapsed(
+    prefect: FakePrefect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held: dict[str, str] = {}
+
+    async def script(runs: SliceRuns) -> None:
+        await ticks()
+        first = next(r for r in prefect.runs.values() if r.name == "slice-1-of-2")
+        held["slice-1-of-2"] = f"run {first.id} (pid 1 on gone, since then; lease renewed 3 s ago)"
+        prefect.publish("slice-1-of-2", 4, "stopped: the lease was not renewed")
+        prefect.set("slice-1-of-2", StateType.FAILED)
+        prefect.publish("slice-2-of-2", 0)
+        prefect.set("slice-2-of-2", StateType.COMPLETED)
+        await ticks(10)
+        assert prefect.submitted == ["slice-1-of-2", "slice-2-of-2"]  # waits while its own lease lives
+        del held["slice-1-of-2"]  # lapsed
+        await ticks(10)
+        assert prefect.submitted[-1] == "slice-1-of-2-attempt-2"
+        prefect.publish("slice-1-of-2-attempt-2", 0)
+        prefect.set("slice-1-of-2-attempt-2", StateType.COMPLETED)
+
+    runs = run_parent(prefect, held.get, script, monkeypatch)
+    assert by_slice(runs) == {"1/2": (0, 2, ""), "2/2": (0, 1, "")}
+    assert all(w.summary is not None and w.summary.ok == 4 for w in runs.watches)  # the last attempt's
+
+
+def test_a_crashed_slice_whose_part_of_out_another_run_holds_ends_with_exit_4_naming_it(
+    prefect: FakePrefect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stranger = "run by-hand (pid 7 on laptop, since 10:00; lease renewed 1 s ago)"
+
+    async def script(runs: SliceRuns) -> None:
+        await ticks()
+        prefect.set("slice-1-of-2", StateType.CRASHED)
+        prefect.publish("slice-2-of-2", 2)
+        prefect.set("slice-2-of-2", StateType.COMPLETED)
+
+    runs = run_parent(prefect, {"slice-1-of-2": stranger}.get, script, monkeypatch)
+    code, attempts, detail = by_slice(runs)["1/2"]
+    assert (code, attempts) == (4, 1) and f"another run writes its part of OUT, {stranger}" in detail
+    assert prefect.submitted == ["slice-1-of-2", "slice-2-of-2"]  # not run again
+    assert by_slice(runs)["2/2"][0] == 2
+
+
+def test_a_ctrl_c_cancels_the_running_slices_unforced_and_one_that_had_finished_keeps_its_result(
+    prefect: FakePrefect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def script(runs: SliceRuns) -> None:
+        await ticks()
+        prefect.publish("slice-2-of-3", 0)
+        prefect.set("slice-2-of-3", StateType.COMPLETED)  # finished as the Ctrl-C came
+        prefect.set("slice-3-of-3", StateType.SCHEDULED)  # no worker took it yet
+        signal.raise_signal(signal.SIGINT)
+        await ticks()
+        # the runs are cancelled at once, each unforced (Prefect keeps a final state as it is)
+        assert sorted(prefect.state_requests) == [
+            ("slice-1-of-3", "CANCELLING", False),
+            ("slice-3-of-3", "CANCELLING", False),
+        ]
+        prefect.publish("slice-1-of-3", 143, "interrupted by SIGTERM; rerun to continue")
+        prefect.set("slice-1-of-3", StateType.CANCELLED)
+        prefect.set("slice-3-of-3", StateType.CANCELLED)  # the server's own answer for a Scheduled run
+
+    runs = run_parent(prefect, lambda scope: "run x", script, monkeypatch, n=3)
+    assert runs.stop.reason == "SIGINT"
+    assert by_slice(runs) == {
+        "1/3": (143, 1, "interrupted by SIGTERM; rerun to continue"),
+        "2/3": (0, 1, ""),
+        "3/3": (130, 1, "cancelled"),
+    }
+    assert prefect.submitted == ["slice-1-of-3", "slice-2-of-3", "slice-3-of-3"]  # none run again
