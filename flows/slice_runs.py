@@ -48,6 +48,7 @@ PENDING_LOST_AFTER_S = 300.0  # a run a worker took (Pending) that never started
 LAPSE_WAIT_S = 615.0  # the longest lease TTL (VLMBATCH_LEASE_TTL ≤ 600 s) and a margin
 CANCEL_WAIT_S = 60.0  # after a Ctrl-C, how long the slices' runs have to end (a worker's grace: 30 s)
 SECOND_SIGNAL_WAIT_S = 5.0  # a second Ctrl-C waits this long at most for the cancellations to be sent
+UNCLAIMED_WARN_S = 60.0  # a slice's run Scheduled this long: no worker polls the pool? (said once)
 UNREACHABLE_S = 300.0  # Prefect's API or OUT failing every poll this long: the parent gives up
 POLL_S = 1.0
 EXIT_CRASHED = 70
@@ -61,6 +62,7 @@ class SliceWatch:
     attempts: int = 0
     running_since: float | None = None  # when this attempt was first seen Running (monotonic)
     pending_since: float | None = None
+    scheduled_since: float | None = None  # when first seen Scheduled (no worker has taken it)
     held_at: float | None = None  # when its lock was last seen held
     again_since: float | None = None  # waiting since to submit it again (its earlier run's lease)
     summary: RunSummary | None = None
@@ -79,9 +81,11 @@ class SliceRuns:
         out: OutPath,
         parent: str,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        pool: str = "",
     ) -> None:
         self.client, self.deployment_id, self.parameters = client, deployment_id, parameters
-        self.out, self.parent, self.log = out, parent, logger
+        self.out, self.parent, self.log, self.pool = out, parent, logger, pool
+        self.unclaimed_said = False
         self.watches = [SliceWatch(part) for part in parameters]
         self.stop = StopSwitch()  # Ctrl-C or SIGTERM
         self.stopped_at: float | None = None
@@ -127,6 +131,7 @@ class SliceRuns:
             as_subflow=True,
         )
         watch.running_since = watch.pending_since = watch.held_at = watch.again_since = None
+        watch.scheduled_since = None
 
     async def _again(self, watch: SliceWatch, why: str) -> None:
         """Submit a slice again once nothing holds its part of OUT (its earlier run's lease may be
@@ -185,6 +190,8 @@ class SliceRuns:
                 await self.client.set_flow_run_state(run.id, Crashed(message=lost), force=True)
                 run = watch.run = await self.client.read_flow_run(run.id)
             state = run.state
+            if state is not None and state.type == StateType.SCHEDULED:
+                self._unclaimed(watch)
             if state is None or not state.is_final():
                 continue
             if state.type == StateType.CRASHED:
@@ -197,6 +204,21 @@ class SliceRuns:
             await _settle(watch, run)
             if watch.exit_code == EXIT_LEASE_LOST and watch.attempts < MAX_ATTEMPTS:
                 await self._again(watch, f"run {run.name} {watch.detail}")
+
+    def _unclaimed(self, watch: SliceWatch) -> None:
+        """Say once when a slice's run has waited ``UNCLAIMED_WARN_S`` for a worker: none may be
+        polling the pool, and the parent would otherwise wait in silence."""
+        now = time.monotonic()
+        watch.scheduled_since = watch.scheduled_since or now
+        if not self.unclaimed_said and now - watch.scheduled_since > UNCLAIMED_WARN_S:
+            self.unclaimed_said = True
+            self.log.warning(
+                "%s: no worker has taken its run for %.0f s; is a worker polling the work pool? "
+                "(`prefect worker start --pool %s`); waiting on",
+                watch.part.scope,
+                UNCLAIMED_WARN_S,
+                self.pool or "<its pool>",
+            )
 
     # --- stopping -------------------------------------------------------------------------------
 

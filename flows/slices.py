@@ -99,7 +99,7 @@ async def annotate_slices(config: RunConfig, deployment: str = SLICE_DEPLOYMENT)
             target.work_pool_name,
         )
         parameters = {part: slice_config(config, part) for part in (Slice(k, n) for k in range(1, n + 1))}
-        runs = SliceRuns(client, target.id, parameters, out, parent, logger)
+        runs = SliceRuns(client, target.id, parameters, out, parent, logger, target.work_pool_name or "")
         watches = await runs.run()
     outcomes = [_outcome(w) for w in watches]
     await publish_table(

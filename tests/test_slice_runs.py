@@ -185,3 +185,24 @@ def test_a_ctrl_c_cancels_the_running_slices_unforced_and_one_that_had_finished_
         "3/3": (130, 1, "cancelled"),
     }
     assert prefect.submitted == ["slice-1-of-3", "slice-2-of-3", "slice-3-of-3"]  # none run again
+
+
+def test_a_slice_no_worker_takes_is_said_once_and_waited_for(
+    prefect: FakePrefect, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(slice_runs, "UNCLAIMED_WARN_S", 0.05)
+
+    async def script(runs: SliceRuns) -> None:
+        await ticks(1)  # both submitted
+        for name in ("slice-1-of-2", "slice-2-of-2"):
+            prefect.set(name, StateType.SCHEDULED)
+        await ticks(20)  # 0.2 s: past the warning, for both
+        for name in ("slice-1-of-2", "slice-2-of-2"):
+            prefect.publish(name, 0)
+            prefect.set(name, StateType.COMPLETED)
+
+    caplog.set_level(logging.WARNING, logger=log.name)
+    runs = run_parent(prefect, lambda scope: None, script, monkeypatch)
+    said = [r.getMessage() for r in caplog.records if "no worker has taken its run" in r.getMessage()]
+    assert len(said) == 1 and "(`prefect worker start --pool <its pool>`); waiting on" in said[0], said
+    assert by_slice(runs) == {"1/2": (0, 1, ""), "2/2": (0, 1, "")}
