@@ -13,7 +13,10 @@ files of 1,000 rows (the default shard size), in the project's output schema (ta
    it (tasks/run/job.py), for the whole job and for slices 1/2 and 1/4 (the row filter
    ``SliceKeys.row_filter``); RSS (``VmRSS``) before and after, and the peak (``VmHWM``) during the
    load (after one part file read, so that pyarrow's readers are loaded and its memory pool warm).
-   What the index keeps is after − before; MB per million rows kept = that ÷ rows kept.
+   What the index keeps is after − before; MB per million rows kept = that ÷ rows kept. RSS also keeps
+   what the allocators hold after the load's temporaries are freed, so the same load is also run under
+   ``tracemalloc``: what Python's allocator holds for the index after it (its arrays) and at most during
+   it (pyarrow's buffers are not traced).
 2. **The whole command**: ``vlmbatch run`` resuming that OUT (a subprocess, the temporary Prefect
    server; nothing is sent: checked at the emulator), whole and ``--slice 1/4``; the peak RSS of the
    ``vlmbatch`` process (``VmHWM``) and its steady RSS, the median ``VmRSS`` sampled every 0.1 s over
@@ -59,9 +62,10 @@ from common import (
 ROWS_PER_FILE = 1000
 SLICES = (None, "1/2", "1/4")
 
-# Runs in a fresh interpreter: RSS before and after read_index, and its peak (a slice: its row filter).
+# Runs in a fresh interpreter: RSS before and after read_index, and its peak (a slice: its row filter);
+# with "trace", what Python's allocator holds for it after, and at most, instead (tracemalloc).
 PROBE = """
-import gc, json, sys
+import gc, json, sys, tracemalloc
 from pathlib import Path
 from tasks.inputs.slice_keys import SliceKeys
 from tasks.outputs.index import INDEX_COLUMNS
@@ -73,15 +77,21 @@ def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-out, spec = Path(sys.argv[1]), sys.argv[2]
+out, spec, trace = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "trace"
 part = Slice.parse(spec) if spec != "-" else None
 keep = SliceKeys([], []).row_filter(part) if part else None
 read_table(part_files(out)[0], columns=INDEX_COLUMNS)  # pyarrow's readers loaded, its pool warm
 gc.collect()
+if trace:
+    tracemalloc.start()
 before = status("VmRSS")
 index, hashes = read_index(out, part.scope if part else OUT_SCOPE, keep)
 gc.collect()
-print(json.dumps({"rows": len(index), "before": before, "after": status("VmRSS"), "peak": status("VmHWM")}))
+found = {"rows": len(index), "before": before, "after": status("VmRSS"), "peak": status("VmHWM")}
+if trace:
+    held, most = tracemalloc.get_traced_memory()
+    found.update(held=held / 2**20, most=most / 2**20)
+print(json.dumps(found))
 """
 
 
@@ -106,10 +116,9 @@ def synthetic_out(template: Path, out: Path, n: int) -> None:
         pq.write_table(part, out / f"part-{shard:06d}-bench0000000000.parquet", compression="zstd")
 
 
-def index_alone(out: Path, spec: str | None) -> dict[str, float]:
-    done = subprocess.run(
-        [PYTHON, "-c", PROBE, str(out), spec or "-"], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+def index_alone(out: Path, spec: str | None, trace: bool = False) -> dict[str, float]:
+    command = [PYTHON, "-c", PROBE, str(out), spec or "-", "trace" if trace else "rss"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     return dict(json.loads(done.stdout))
 
 
@@ -186,11 +195,13 @@ def main() -> None:
                 kept = probes[0]["rows"]
                 grown = [p["after"] - p["before"] for p in probes]
                 peaks = [p["peak"] - p["before"] for p in probes]
+                traced = index_alone(out, spec, trace=True)  # deterministic: once is enough
                 grew = statistics.median(grown)
                 log(f"  index alone, {spec or 'whole job'}: {kept:,} rows, +{grew:.1f} MB")
                 alone_rows.append([
                     f"{n:,}", spec or "whole job", f"{kept:,}", spread([p["before"] for p in probes]),
-                    spread(grown, 1), spread(peaks, 1), f"{statistics.median(grown) / kept * 1e6:.0f}",
+                    spread(grown, 1), spread(peaks, 1), f"{grew / kept * 1e6:.0f}",
+                    f"{traced['held']:.1f}", f"{traced['most']:.1f}", f"{traced['held'] / kept * 1e6:.1f}",
                 ])  # fmt: skip
             if args.no_cli:
                 continue
@@ -221,8 +232,9 @@ def main() -> None:
     print(f"Synthetic OUT: part files of {ROWS_PER_FILE:,} rows, one caption row per image; medians of "
           f"{args.runs} runs (min–max).\n")  # fmt: skip
     print("The index alone (`read_index` in a fresh interpreter):\n")
-    print(table(["OUT rows", "slice", "rows kept", "RSS before MB", "kept MB (after − before)",
-                 "peak over before MB", "MB per 10⁶ rows kept"], alone_rows))  # fmt: skip
+    print(table(["OUT rows", "slice", "rows kept", "RSS before MB", "RSS after − before, MB",
+                 "RSS peak − before, MB", "RSS MB per 10⁶ rows kept", "traced: held MB", "traced: peak MB",
+                 "traced MB per 10⁶ rows kept"], alone_rows))  # fmt: skip
     if cli_rows:
         print("\nThe whole command (`vlmbatch run` resuming OUT; nothing sent):\n")
         print(table(["OUT rows", "run", "rows kept", "peak RSS MB", "steady RSS MB", "wall s"], cli_rows))

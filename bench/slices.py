@@ -26,20 +26,26 @@ round 2, with the order turned each round, so a busy minute of a shared machine 
     for "one core = one machine": what a second machine of the same size buys;
 (c) ``--pool``: a process work pool (``prefect work-pool create --type process``, ``prefect deploy
     --all``) and ``vlmbatch run … --slices 2``, polled by one worker (``--limit 1``: the two slices one
-    after the other) against two workers (one slice each, at once).
+    after the other) against two workers (one slice each, at once); then the same with the workers
+    pinned, one core each. Workers are started for each run and stopped after it. The wall time is the
+    parent's (``vlmbatch run --slices 2``), which waits for its slices; each slice's flow run starts a
+    new Python process on its worker (Prefect's process pool).
 
 Figures per variant: wall time from the first launch to the last exit (the whole command, Python's and
 Prefect's start-up included) and images/s = N ÷ wall; the longest of the runs' own ``elapsed`` (from
 their summaries: manifest read → last row written) and N ÷ that; the clients' CPU (user + system,
-``os.wait4``) and the emulator's. Speed-up = the single run's wall ÷ the two's, per round (the two ran
-minutes apart at most). Every OUT is checked: read with ``pyarrow.dataset``, each (image, prompt) once,
-N rows, every status ok. Load averages (``os.getloadavg``) are printed before each run.
+``os.wait4``), the emulator's, and everything else's on the machine meanwhile (/proc/stat's busy time
+less those two: the Prefect server, and other people's work on a shared machine — the noise).
+Speed-up = the single run's wall ÷ the two's, per round (the two ran minutes apart at most). Every OUT
+is checked: read with ``pyarrow.dataset``, each (image, prompt) once, N rows, every status ok. Load
+averages (``os.getloadavg``) are printed before each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -111,6 +117,8 @@ class Client:
     text: str = ""
 
     def reap(self) -> None:
+        if self.code is not None:  # reaped already
+            return
         _, status, usage = os.wait4(self.process.pid, 0)
         self.process.returncode = self.code = os.waitstatus_to_exitcode(status)
         self.cpu_s = usage.ru_utime + usage.ru_stime
@@ -143,8 +151,15 @@ class Measured:
     elapsed_s: float  # the longest of the runs' own elapsed
     client_cpu_s: float
     emulator_cpu_s: float
+    other_cpu_s: float  # the machine's busy CPU time meanwhile, less the clients' and the emulator's
     load: tuple[float, float, float]
     sent: int
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores; /proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -158,12 +173,13 @@ class Variant:
 def measure(variant: Variant, out: Path, n: int, emu: Emulator) -> Measured:
     load = os.getloadavg()
     emu.reset()
-    emulator_cpu = emu.cpu_s()
+    emulator_cpu, busy = emu.cpu_s(), machine_busy_s()
     started = time.perf_counter()
     clients = variant.run(out)
     for client in clients:
         client.reap()
     wall = time.perf_counter() - started
+    busy = machine_busy_s() - busy
     for client in clients:
         if client.code != 0:
             raise RuntimeError(f"{variant.name}: exited {client.code}:\n{client.text[-4000:]}")
@@ -171,11 +187,13 @@ def measure(variant: Variant, out: Path, n: int, emu: Emulator) -> Measured:
     sent = int(emu.stats()["requests_total"])
     if sent != n:
         raise RuntimeError(f"{variant.name}: {sent} requests for {n} work items")
+    client_cpu, emulator_cpu = sum(client.cpu_s for client in clients), emu.cpu_s() - emulator_cpu
     return Measured(
         wall_s=wall,
         elapsed_s=max(client.elapsed_s for client in clients),
-        client_cpu_s=sum(client.cpu_s for client in clients),
-        emulator_cpu_s=emu.cpu_s() - emulator_cpu,
+        client_cpu_s=client_cpu,
+        emulator_cpu_s=emulator_cpu,
+        other_cpu_s=busy - client_cpu - emulator_cpu,
         load=load,
         sent=sent,
     )
@@ -216,13 +234,26 @@ def cli_variants(images: Path, prompts: Path, emu: Emulator, env: dict[str, str]
 
 
 @contextlib.contextmanager
-def pool_workers(procs: Processes, count: int) -> Iterator[None]:
-    """``count`` process workers polling the pool (each one slice at a time), stopped afterwards."""
+def pool_workers(procs: Processes, cpus: Sequence[int | None]) -> Iterator[None]:
+    """A process worker per entry of ``cpus`` polling the pool, one slice at a time each (pinned to that
+    core: its flow runs' processes inherit it), all stopped with their descendants afterwards."""
     started = []
-    for k in range(count):
-        name = f"bench-w{k + 1}-{time.monotonic_ns()}"
-        started.append(procs.start(name, "prefect", "worker", "start", "--pool", POOL, "--name", name,
-                                   "--limit", 1))  # fmt: skip
+    for cpu in cpus:
+        name = f"bench-w{len(started) + 1}-{time.monotonic_ns()}"
+        with (procs.logs / f"{name}.log").open("wb") as sink:
+            command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name]
+            started.append(
+                subprocess.Popen(
+                    [*command, "--limit", "1"],
+                    cwd=ROOT,
+                    env=procs.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=None if cpu is None else functools.partial(os.sched_setaffinity, 0, {cpu}),
+                )
+            )
     try:
         time.sleep(3)  # registered and polling (PREFECT_WORKER_QUERY_SECONDS=1)
         yield
@@ -247,17 +278,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def pool_variants(images: Path, prompts: Path, emu: Emulator, procs: Processes) -> list[Variant]:
     procs.run("prefect", "work-pool", "create", POOL, "--type", "process")
     procs.run("prefect", "deploy", "--all")
+    env = {**procs.env, "PREFECT_LOGGING_LEVEL": "WARNING", "COLUMNS": "200"}
 
-    def slices(workers: int) -> Callable[[Path], list[Client]]:
+    def slices(cpus: Sequence[int | None]) -> Callable[[Path], list[Client]]:
         def go(out: Path) -> list[Client]:
-            with pool_workers(procs, workers):
+            with pool_workers(procs, cpus):
                 client = launch(
                     [
                         VLMBATCH, "run", str(images), "--prompts", str(prompts), "--out", str(out),
                         "--base-url", emu.base_url, "--concurrency", str(CONCURRENCY),
                         "--concurrency-limit", "off", "--slices", "2",
                     ],
-                    procs.env,
+                    env,
                     None,
                 )  # fmt: skip
                 client.reap()
@@ -266,8 +298,10 @@ def pool_variants(images: Path, prompts: Path, emu: Emulator, procs: Processes) 
         return go
 
     return [
-        Variant("(c) `--slices 2`, 1 worker (`--limit 1`)", 1, slices(1)),
-        Variant("(c) `--slices 2`, 2 workers (`--limit 1` each)", 2, slices(2)),
+        Variant("(c) `--slices 2`, 1 worker (`--limit 1`)", 1, slices([None])),
+        Variant("(c) `--slices 2`, 2 workers (`--limit 1` each)", 2, slices([None, None])),
+        Variant("(c) `--slices 2`, 1 worker pinned to core 0", 1, slices([0])),
+        Variant("(c) `--slices 2`, 2 workers pinned to cores 0 and 1", 2, slices([0, 1])),
     ]
 
 
@@ -299,13 +333,14 @@ def report(variants: list[Variant], n: int, rounds: int) -> None:
                 spread([n / e for e in elapsed]),
                 spread([m.client_cpu_s for m in v.results]),
                 spread([m.emulator_cpu_s for m in v.results]),
+                spread([m.other_cpu_s for m in v.results]),
                 f"{min(loads):.1f}–{max(loads):.1f}",
             ]
         )
     print(
         table(
             ["variant", "wall s", "images/s (wall)", "elapsed s", "images/s (elapsed)", "client CPU s",
-             "emulator CPU s", "load (1 min) before"],
+             "emulator CPU s", "other CPU s", "load (1 min) before"],
             rows,
         )
     )  # fmt: skip
@@ -357,7 +392,8 @@ def main() -> None:
                 log(
                     f"round {r + 1}: {v.name}: wall {m.wall_s:.1f} s ({args.n / m.wall_s:.1f} images/s), "
                     f"elapsed {m.elapsed_s:.1f} s, client CPU {m.client_cpu_s:.1f} s, "
-                    f"emulator CPU {m.emulator_cpu_s:.1f} s, load {m.load[0]:.1f}"
+                    f"emulator CPU {m.emulator_cpu_s:.1f} s, other CPU {m.other_cpu_s:.1f} s, "
+                    f"load {m.load[0]:.1f}"
                 )
     report(variants, args.n, args.rounds)
 
