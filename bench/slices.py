@@ -112,6 +112,8 @@ class Client:
 
     process: subprocess.Popen[str]
     stdout: object
+    started: float = field(default_factory=time.perf_counter)
+    ended: float = 0.0
     cpu_s: float = 0.0
     code: int | None = None
     text: str = ""
@@ -120,6 +122,7 @@ class Client:
         if self.code is not None:  # reaped already
             return
         _, status, usage = os.wait4(self.process.pid, 0)
+        self.ended = time.perf_counter()
         self.process.returncode = self.code = os.waitstatus_to_exitcode(status)
         self.cpu_s = usage.ru_utime + usage.ru_stime
         self.stdout.seek(0)  # type: ignore[attr-defined]
@@ -174,12 +177,11 @@ def measure(variant: Variant, out: Path, n: int, emu: Emulator) -> Measured:
     load = os.getloadavg()
     emu.reset()
     emulator_cpu, busy = emu.cpu_s(), machine_busy_s()
-    started = time.perf_counter()
     clients = variant.run(out)
     for client in clients:
         client.reap()
-    wall = time.perf_counter() - started
     busy = machine_busy_s() - busy
+    wall = max(c.ended for c in clients) - min(c.started for c in clients)  # first launch → last exit
     for client in clients:
         if client.code != 0:
             raise RuntimeError(f"{variant.name}: exited {client.code}:\n{client.text[-4000:]}")
