@@ -73,6 +73,7 @@ from tests.prefect_processes import Processes, descendants, prefect_server
 CACHE = Path(os.environ.get("VLMBATCH_BENCH_CACHE", "/tmp/vlmbatch-bench-cache"))
 LATENCY, CONCURRENCY = 0.02, 32
 POOL = "vlmbatch-pool"  # prefect.yaml's
+QUIET_S = 3.0  # a run during which everything else on the machine used less CPU than this is "quiet"
 
 
 # --- the photos ----------------------------------------------------------------------------------------
@@ -346,6 +347,17 @@ def report(variants: list[Variant], n: int, rounds: int) -> None:
             rows,
         )
     )  # fmt: skip
+    print(
+        f"\nThe quiet runs only (the rest of the machine used < {QUIET_S:g} CPU s meanwhile; (a) and (b): for"
+        " (c) the slices' own processes count as other CPU):\n"
+    )
+    rows = []
+    for v in variants:
+        quiet = [m for m in v.results if m.other_cpu_s < QUIET_S]
+        if quiet and not v.name.startswith("(c)"):
+            rows.append([v.name, len(quiet), spread([n / m.wall_s for m in quiet]),
+                         spread([n / m.elapsed_s for m in quiet])])  # fmt: skip
+    print(table(["variant", "quiet runs", "images/s (wall)", "images/s (elapsed)"], rows))
     print("\nSpeed-up, 2 ÷ 1, per round (the single run's wall ÷ the two's; elapsed likewise):\n")
     pairs = []
     for one, two in zip(variants[0::2], variants[1::2], strict=True):
