@@ -1,6 +1,6 @@
 """Memory of the resume index per worker (issue 17, point 6): a whole job's and a slice's.
 
-    .venv/bin/python bench/index_memory.py                     # 100k and 1M rows, 3 runs each (≈ 12 min)
+    .venv/bin/python bench/index_memory.py                     # 100k and 1M rows, 3 runs each (≈ 8 min)
     .venv/bin/python bench/index_memory.py --sizes 100000 --runs 1
 
 OUT is written directly, not by running the endpoint: a run of one work item (the emulator, latency 0)
