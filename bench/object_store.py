@@ -1,7 +1,7 @@
 """Object-store requests of a run into ``s3://`` (issue 17, point 6): counted at the server, priced.
 
     .venv/bin/python bench/object_store.py                  # N=3,000 items at 40 items/s (≈ 3 min)
-    .venv/bin/python bench/object_store.py --n 6000 --rate 100
+    .venv/bin/python bench/object_store.py --pool           # and `--slices 2` on a Prefect process pool
 
 moto's S3 server (``moto_server``, a dev dependency) runs as its own process on loopback; its access log
 (one line per request: method, path, query) is what is counted, so every request of every library on the
@@ -19,11 +19,15 @@ log cut at its start and end:
 1. **first run**: the whole job into ``s3://bench/out``;
 2. **rerun**: the same command again (nothing sent, every item skipped): what a resume costs;
 3. **two slices**: ``--slice 1/2`` and ``--slice 2/2`` at once into ``s3://bench/sliced``;
-4. **slice rerun**: ``--slice 1/2`` again: what one slice's resume reads.
+4. **slice rerun**: ``--slice 1/2`` again: what one slice's resume reads;
+5. with ``--pool``, **``--slices 2`` on a process work pool** (a ``prefect server start``, ``prefect
+   deploy --all``, two workers: tests/prefect_processes.py) into ``s3://bench/pool``: the two slices
+   as in 3, plus what the parent asks of the store while it watches them.
 
 Requests are sorted by method (GET, LIST = a GET of the bucket, HEAD, PUT, POST, DELETE) and by object
-(part files, the hash cache, leases, the start's writability probe, listings). Per work item and per
-shard; extrapolated to 10⁶ items with the default shard size; priced with S3 Standard's request prices.
+(part files, the hash cache, leases, the start's writability probe, listings of the leases' prefix and
+other listings). Per work item and per shard; extrapolated to 10⁶ items with the default shard size;
+priced with S3 Standard's request prices.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (
     PYTHON,
     VLMBATCH,
@@ -54,7 +60,10 @@ from common import (
     workdir,
 )
 
+from tests.prefect_processes import prefect_server
+
 BUCKET = "bench"
+POOL = "vlmbatch-pool"  # prefect.yaml's
 SHARD = 1000  # the default --shard-size
 TTL = 30.0  # the lease's default time to live: a renewal every TTL/6 s
 CONCURRENCY = 8
@@ -94,7 +103,10 @@ class Moto:
 
 def kind(key: str, query: str) -> str:
     if not key:
-        return "listing" if "delete" not in query else "batch delete"
+        if "delete" in query:
+            return "batch delete"
+        prefix = urllib.parse.parse_qs(query).get("prefix", [""])[0]
+        return "lease listing" if "_vlmbatch/leases" in prefix else "listing"
     if "/_vlmbatch/leases/" in f"/{key}":
         return "lease"
     if "/_vlmbatch/hashes/" in f"/{key}":
@@ -198,6 +210,7 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=3000, help="work items (default 3,000: three shards)")
     parser.add_argument("--rate", type=float, default=40.0, help="items/s per client (default 40)")
+    parser.add_argument("--pool", action="store_true", help="add `--slices 2` on a Prefect process pool")
     args = parser.parse_args()
     n, rate = args.n, args.rate
 
@@ -244,7 +257,27 @@ def main() -> None:
             log(f"  {wall:.1f} s, {len(counted.requests)} requests: {dict(counted.by_method())}, "
                 f"{emu.stats()['requests_total'] - sent} sent to the endpoint")  # fmt: skip
             results.append(counted)
+        if args.pool:
+            results.append(on_a_pool(tmp, env, moto, command(f"s3://{BUCKET}/pool", "--slices", "2"), n))
     report(results, n, rate)
+
+
+def on_a_pool(tmp: Path, env: dict[str, str], moto: Moto, command: list[str], n: int) -> Counted:
+    """``command`` (a run of ``--slices 2``) against a Prefect server and a process pool of two workers
+    (tests/prefect_processes.py), its requests counted like the others'."""
+    with prefect_server(tmp / "pool-home", tmp / "pool-logs") as (_url, procs):
+        procs.env.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # the workers' too
+        procs.run("prefect", "work-pool", "create", POOL, "--type", "process")
+        procs.run("prefect", "deploy", "--all")
+        for name in ("w1", "w2"):
+            procs.start(name, "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", 1)
+        time.sleep(3)  # registered and polling
+        log("two slices on a process pool (--slices 2)...")
+        start = moto.mark()
+        wall = run_clients([[*command, "--concurrency-limit", "off"]], {**procs.env, "COLUMNS": "200"})
+        counted = Counted("`--slices 2` on a process pool", n, wall, moto.requests(start), runs=3)
+        log(f"  {wall:.1f} s, {len(counted.requests)} requests: {dict(counted.by_method())}")
+        return counted
 
 
 def report(results: list[Counted], n: int, rate: float) -> None:
@@ -294,6 +327,21 @@ def report(results: list[Counted], n: int, rate: float) -> None:
         f"one's schema again in `check_schema`), plus the hash-cache files; the rerun of slice 1/2 read "
         f"{sliced} part files, both slices'."
     )
+
+    if len(results) > 4:
+        pool = results[4]
+        lists, gets = (
+            pool.by_kind().get(("lease listing", "LIST"), 0),
+            pool.by_kind().get(("lease", "GET"), 0),
+        )
+        print(
+            f"\nOn the pool (`--slices 2`, 2 workers): {lists} listings of the leases and {gets} lease GETs "
+            f"in {pool.wall_s:.0f} s ({lists / pool.wall_s:.1f} and {gets / pool.wall_s:.1f} a second), "
+            "against "
+            f"{results[2].by_kind().get(('lease listing', 'LIST'), 0)} and "
+            f"{results[2].by_kind().get(('lease', 'GET'), 0)} for the same two slices started by hand: the "
+            "parent watching its slices' leases."
+        )
 
     # per 10⁶ items, one worker at `rate`: shards scale with items, the lease with time
     million_shards = 1e6 / SHARD
