@@ -3,12 +3,12 @@
     .venv/bin/python bench/object_store.py                  # N=3,000 items at 40 items/s (≈ 3 min)
     .venv/bin/python bench/object_store.py --pool           # and `--slices 2` on a Prefect process pool
 
-moto's S3 server (``moto_server``, a dev dependency) runs as its own process on loopback; its access log
-(one line per request: method, path, query) is what is counted, so every request of every library on the
-client's side (boto3 for OUT's objects, pyarrow when it reads) is in it. ``vlmbatch run`` runs as a
-subprocess with ``AWS_ENDPOINT_URL`` pointing at it (as tests/test_out_object_store.py does), the lease's
-default TTL (30 s: a renewal every 5 s) and the default shard size (1,000), over N distinct 64×64 JPEGs ×
-one caption prompt.
+moto's S3 server (a dev dependency; tests/s3_server.py starts it) runs as its own process on loopback;
+its access log (one line per request: method, path, query) is what is counted, so every request of every
+library on the client's side (boto3 for OUT's objects, pyarrow when it reads) is in it. ``vlmbatch run``
+runs as a subprocess with ``AWS_ENDPOINT_URL`` pointing at it (as tests/test_out_object_store.py does),
+the lease's default TTL (30 s: a renewal every 5 s) and the default shard size (1,000), over N distinct
+64×64 JPEGs × one caption prompt.
 
 The emulator answers each client at ``--rate`` items/s (``--latency 8/rate``, the client at
 ``--concurrency 8``, the emulator's cap 16 so that two slices at once get as much each). The default
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -48,7 +47,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (
-    PYTHON,
     VLMBATCH,
     caption_prompt,
     distinct_images,
@@ -61,6 +59,7 @@ from common import (
 )
 
 from tests.prefect_processes import prefect_server
+from tests.s3_server import moto_server, s3_client, s3_env
 
 BUCKET = "bench"
 POOL = "vlmbatch-pool"  # prefect.yaml's
@@ -120,54 +119,18 @@ def kind(key: str, query: str) -> str:
 
 
 @contextlib.contextmanager
-def moto_server(folder: Path) -> Iterator[Moto]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def moto(folder: Path) -> Iterator[Moto]:
+    """moto's S3 server in its own process (tests/s3_server.py), with the bucket, and its log."""
     log_path = folder / "moto.log"
-    with log_path.open("wb") as sink:
-        server = subprocess.Popen(
-            [str(Path(PYTHON).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
-                break
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("moto_server did not start: " + log_path.read_text()[-2000:])
-            time.sleep(0.2)
+    with moto_server(log_path) as url:
+        s3_client(url).create_bucket(Bucket=BUCKET)
         yield Moto(url, log_path)
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
-def s3_env(base: dict[str, str], url: str) -> dict[str, str]:
+def run_env(base: dict[str, str], url: str) -> dict[str, str]:
+    """``base`` pointed at the store (as a user's environment would be)."""
     env = {k: v for k, v in base.items() if not k.startswith(("AWS_", "VLMBATCH_"))}
-    env.update(
-        AWS_ENDPOINT_URL=url,
-        AWS_ACCESS_KEY_ID="AKIAVLMBATCHBENCH001",
-        AWS_SECRET_ACCESS_KEY="vlmbatch-bench-secret",
-        AWS_REGION="us-east-1",
-    )
-    return env
-
-
-def create_bucket(url: str) -> None:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="AKIAVLMBATCHBENCH001",
-        aws_secret_access_key="vlmbatch-bench-secret",
-    )
-    client.create_bucket(Bucket=BUCKET)
+    return {**env, **s3_env(url)}
 
 
 # --- runs ----------------------------------------------------------------------------------------------
@@ -217,14 +180,13 @@ def main() -> None:
     results: list[Counted] = []
     with (
         workdir("object-store") as tmp,
-        moto_server(tmp) as moto,
+        moto(tmp) as store,
         # each client gets `rate` items/s, two slices at once too
         emulator(latency=CONCURRENCY / rate, max_concurrency=2 * CONCURRENCY) as emu,
     ):
-        create_bucket(moto.url)
         images = distinct_images(tmp / "manifest", n)
         prompts = caption_prompt(tmp / "manifest")
-        env = s3_env(prefect_env(tmp / "prefect"), moto.url)
+        env = run_env(prefect_env(tmp / "prefect"), store.url)
 
         def command(out: str, *extra: str) -> list[str]:
             return [
@@ -251,18 +213,18 @@ def main() -> None:
         for name, commands, items in plan:
             log(f"{name}...")
             sent = emu.stats()["requests_total"]
-            start = moto.mark()
+            start = store.mark()
             wall = run_clients(commands, env)
-            counted = Counted(name, items, wall, moto.requests(start), runs=len(commands))
+            counted = Counted(name, items, wall, store.requests(start), runs=len(commands))
             log(f"  {wall:.1f} s, {len(counted.requests)} requests: {dict(counted.by_method())}, "
                 f"{emu.stats()['requests_total'] - sent} sent to the endpoint")  # fmt: skip
             results.append(counted)
         if args.pool:
-            results.append(on_a_pool(tmp, env, moto, command(f"s3://{BUCKET}/pool", "--slices", "2"), n))
+            results.append(on_a_pool(tmp, env, store, command(f"s3://{BUCKET}/pool", "--slices", "2"), n))
     report(results, n, rate)
 
 
-def on_a_pool(tmp: Path, env: dict[str, str], moto: Moto, command: list[str], n: int) -> Counted:
+def on_a_pool(tmp: Path, env: dict[str, str], store: Moto, command: list[str], n: int) -> Counted:
     """``command`` (a run of ``--slices 2``) against a Prefect server and a process pool of two workers
     (tests/prefect_processes.py), its requests counted like the others'."""
     with prefect_server(tmp / "pool-home", tmp / "pool-logs") as (_url, procs):
@@ -273,9 +235,9 @@ def on_a_pool(tmp: Path, env: dict[str, str], moto: Moto, command: list[str], n:
             procs.start(name, "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", 1)
         time.sleep(3)  # registered and polling
         log("two slices on a process pool (--slices 2)...")
-        start = moto.mark()
+        start = store.mark()
         wall = run_clients([[*command, "--concurrency-limit", "off"]], {**procs.env, "COLUMNS": "200"})
-        counted = Counted("`--slices 2` on a process pool", n, wall, moto.requests(start), runs=3)
+        counted = Counted("`--slices 2` on a process pool", n, wall, store.requests(start), runs=3)
         log(f"  {wall:.1f} s, {len(counted.requests)} requests: {dict(counted.by_method())}")
         return counted
 
