@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tasks.config import RunConfig
+from tasks.cpus import usable_cpus
 from tasks.images.fetch import ImageFetcher
 from tasks.images.prepare import PreparedImage, prepare_image
 from tasks.images.sources import ImageSource, is_http, is_remote, read_image_bytes
@@ -72,7 +73,7 @@ class ImageLoader:
         self.image_root = image_root
         self.hashes: KnownHashes = hashes if hashes is not None else _NoHashes()
         self.use_cache = use_cache
-        threads = os.cpu_count() or 2
+        threads = usable_cpus()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vlmbatch-image")
         self._turns = asyncio.Semaphore(2 * threads)  # images between read and prepared: see turn()
         self._object_reads: ThreadPoolExecutor | None = None  # made on the first s3:// or gs:// image

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.config import ImageConfig
+from tasks.cpus import usable_cpus
 from tasks.errors import ImageFailure
 from tasks.images.fetch import ImageFetcher
 from tasks.images.prepare import thumbnail_jpeg
@@ -68,7 +68,7 @@ def make_thumbnails(
             found[image_id] = _note(exc)
     remote = {image_id: s for image_id, s in sources.items() if is_http(s)}
     fetched = asyncio.run(_fetch_all(remote, config)) if remote else {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vlmbatch-thumb") as pool:
+    with ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="vlmbatch-thumb") as pool:
         jobs = {
             image_id: pool.submit(_thumbnail, source, fetched.get(image_id), config, image_root)
             for image_id, source in sources.items()

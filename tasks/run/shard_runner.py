@@ -14,11 +14,11 @@ answer is read back from OUT when a child of it must be asked.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from tasks.config import RunConfig
+from tasks.cpus import usable_cpus
 from tasks.endpoint.preflight import PreflightResult
 from tasks.endpoint.requests import History, Image, Images, RequestKeys, build_request, image_ref
 from tasks.endpoint.sender import ItemSender
@@ -67,7 +67,7 @@ class ShardRunner:
         self.skipped_in: dict[int, int] = {}  # by shard, while it runs
         # images held in memory at once: enough to keep every request slot busy, no more
         cap = config.endpoint.total_in_flight
-        self.workers = cap + 2 * (os.cpu_count() or 2)
+        self.workers = cap + 2 * usable_cpus()
         self.images_in_progress = asyncio.Semaphore(self.workers)
         self._handed_out = asyncio.Event()  # set once the last shard started has handed out its jobs
         self._handed_out.set()
