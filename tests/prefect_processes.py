@@ -110,6 +110,7 @@ def prefect_server(home: Path, logs: Path) -> Iterator[tuple[str, Processes]]:
         PREFECT_UI_ENABLED="false",
         PREFECT_LOGGING_LEVEL="INFO",
         PREFECT_WORKER_QUERY_SECONDS="1",  # pick runs up at once (default: every 10 s)
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # a schedule's runs at once (default 60 s)
         PWD=str(REPO),  # prefect.yaml's working_dir is "{{ $PWD }}", resolved by `prefect deploy`
     )
     logs.mkdir(parents=True, exist_ok=True)
