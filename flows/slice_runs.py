@@ -9,7 +9,8 @@ again and cancels them.
   last renewal) — is marked Crashed and submitted again (Prefect does not retry crashed runs), up to
   ``MAX_ATTEMPTS`` runs a slice, as is a slice that stopped because it lost its lease (exit 4). It is
   submitted again once nothing holds its part of OUT: while its own earlier run's lease is live it
-  waits (``LAPSE_WAIT_S`` at most); held by another run, the slice ends with exit 4 naming it. The new
+  waits; held by another run, or still held after ``LAPSE_WAIT_S``, the slice ends with exit 4
+  naming the holder. The new
   run resumes what the earlier one wrote (and counts those rows as skipped).
 - The first Ctrl-C or SIGTERM cancels the slices' runs at once (through their workers, which stop
   them as a SIGTERM stops a run: rows written) and waits up to ``CANCEL_WAIT_S`` for them to end; a
@@ -51,6 +52,7 @@ SECOND_SIGNAL_WAIT_S = 5.0  # a second Ctrl-C waits this long at most for the ca
 UNCLAIMED_WARN_S = 60.0  # a slice's run Scheduled this long: no worker polls the pool? (said once)
 UNREACHABLE_S = 300.0  # Prefect's API or OUT failing every poll this long: the parent gives up
 POLL_S = 1.0
+TAKEN = (StateType.PENDING, StateType.RUNNING)  # a worker has the run
 EXIT_CRASHED = 70
 EXIT_LEASE_LOST = 4  # OutLost: the slice stopped writing; what it wrote is kept, a rerun continues
 
@@ -120,16 +122,20 @@ class SliceRuns:
     # --- submitting ---------------------------------------------------------------------------
 
     async def _submit(self, watch: SliceWatch) -> None:
-        watch.attempts += 1
-        scope = watch.part.scope
+        """Submit the slice's next attempt. Counted once Prefect has it: a submission that failed
+        (maybe made, its answer lost) is tried again with the same key, which finds the run made."""
+        attempt, scope = watch.attempts + 1, watch.part.scope
         watch.run = await arun_deployment(
             self.deployment_id,
             parameters={"config": self.parameters[watch.part]},
-            flow_run_name=scope + (f"-attempt-{watch.attempts}" if watch.attempts > 1 else ""),
-            idempotency_key=f"{self.parent}/{scope}/attempt-{watch.attempts}",
+            flow_run_name=scope + (f"-attempt-{attempt}" if attempt > 1 else ""),
+            idempotency_key=f"{self.parent}/{scope}/attempt-{attempt}",
             timeout=0,
             as_subflow=True,
         )
+        watch.attempts = attempt
+        if self.stop.is_set:  # stopped while it was being submitted: cancelled with the others
+            await self._cancel(watch.run, self._stopped_message())
         watch.running_since = watch.pending_since = watch.held_at = watch.again_since = None
         watch.scheduled_since = None
 
@@ -142,10 +148,10 @@ class SliceRuns:
         first = watch.again_since is None
         watch.again_since = watch.again_since or now
         holder = await asyncio.to_thread(scope_holder, self.out, watch.part.scope)  # a request
-        if holder is not None and now - watch.again_since < LAPSE_WAIT_S:
-            if f"run {watch.run.id} " not in holder:
+        if holder is not None:
+            if f"run {watch.run.id} " not in holder or now - watch.again_since > LAPSE_WAIT_S:
                 watch.exit_code = EXIT_LEASE_LOST
-                watch.detail = f"{why}; not run again: another run writes its part of OUT, {holder}"
+                watch.detail = f"{why}; not run again: its part of OUT is still held, {holder}"
                 return
             if first:
                 self.log.warning(
@@ -168,6 +174,11 @@ class SliceRuns:
             self.failing_since = None
         except Exception as exc:
             now = time.monotonic()
+            if self.stopped_at is not None and now - self.stopped_at > CANCEL_WAIT_S:
+                for watch in pending:  # stopped, and Prefect or OUT out of reach: no longer waited for
+                    watch.exit_code = self._stop_code()
+                    watch.detail = f"cancelled, not confirmed in {CANCEL_WAIT_S:.0f} s ({exc})"
+                return
             if self.failing_since is None:
                 self.failing_since = now
                 self.log.warning("watching the slices failed (%s: %s); trying again", type(exc).__name__, exc)
@@ -176,6 +187,7 @@ class SliceRuns:
 
     async def _poll(self, pending: list[SliceWatch]) -> None:
         runs = await _read_runs(self.client, [w.run.id for w in pending if w.run is not None])
+        taken = any(r.state is not None and r.state.type in TAKEN for r in runs.values())
         for watch in pending:
             if watch.run is None:  # never submitted: the parent was stopped first
                 watch.exit_code, watch.detail = self._stop_code(), "not submitted (the parent was stopped)"
@@ -190,8 +202,8 @@ class SliceRuns:
                 await self.client.set_flow_run_state(run.id, Crashed(message=lost), force=True)
                 run = watch.run = await self.client.read_flow_run(run.id)
             state = run.state
-            if state is not None and state.type == StateType.SCHEDULED:
-                self._unclaimed(watch)
+            if state is not None and state.type == StateType.SCHEDULED and not taken:
+                self._unclaimed(watch)  # (while others run, it waits for a free worker: as it should)
             if state is None or not state.is_final():
                 continue
             if state.type == StateType.CRASHED:
@@ -206,8 +218,8 @@ class SliceRuns:
                 await self._again(watch, f"run {run.name} {watch.detail}")
 
     def _unclaimed(self, watch: SliceWatch) -> None:
-        """Say once when a slice's run has waited ``UNCLAIMED_WARN_S`` for a worker: none may be
-        polling the pool, and the parent would otherwise wait in silence."""
+        """Say once when a slice's run has waited ``UNCLAIMED_WARN_S`` for a worker while no slice's
+        run is taken: none may be polling the pool, and the parent would otherwise wait in silence."""
         now = time.monotonic()
         watch.scheduled_since = watch.scheduled_since or now
         if not self.unclaimed_said and now - watch.scheduled_since > UNCLAIMED_WARN_S:
@@ -232,8 +244,10 @@ class SliceRuns:
             "%s: cancelling the slices' runs (each writes what it has done); a second one stops at once",
             self.stop.reason,
         )
-        stopped = f"the run of all slices was stopped ({self.stop.reason})"
-        self.cancelling = asyncio.ensure_future(self._cancel_all(stopped))
+        self.cancelling = asyncio.ensure_future(self._cancel_all(self._stopped_message()))
+
+    def _stopped_message(self) -> str:
+        return f"the run of all slices was stopped ({self.stop.reason})"
 
     def _on_second(self, code: int) -> None:
         """The second signal: exit once the cancellations are sent (``SECOND_SIGNAL_WAIT_S`` at most)."""
@@ -248,18 +262,22 @@ class SliceRuns:
         """Cancel every slice run not over, as ``prefect flow-run cancel`` does: Cancelling, not forced
         (Prefect refuses it for a run that ended meanwhile, and cancels one no worker took at once)."""
         runs = await _read_runs(self.client, [w.run.id for w in self.watches if w.run is not None])
+        await asyncio.gather(
+            *(self._cancel(r, message) for r in runs.values() if r.state is None or not r.state.is_final())
+        )
 
-        async def cancel(run: FlowRun) -> None:
-            with contextlib.suppress(Exception):  # refused (ended meanwhile) or unreachable: read back
-                await self.client.set_flow_run_state(run.id, Cancelling(message=message))
-
-        await asyncio.gather(*(cancel(r) for r in runs.values() if r.state is None or not r.state.is_final()))
+    async def _cancel(self, run: FlowRun, message: str) -> None:
+        with contextlib.suppress(Exception):  # refused (ended meanwhile) or unreachable: read back
+            await self.client.set_flow_run_state(run.id, Cancelling(message=message))
 
     async def _after_stop(self, watch: SliceWatch, run: FlowRun) -> None:
         """After a stop: a run that ended is settled from its result (a slice that had finished is
-        not cut short); a crashed one is not submitted again; one not over within ``CANCEL_WAIT_S``
-        (a lost worker never confirms) is left as interrupted."""
+        not cut short); a crashed one is not submitted again; one not yet Cancelling is asked again
+        (the first request failed); one not over within ``CANCEL_WAIT_S`` (a lost worker never
+        confirms) is left as interrupted."""
         state = run.state
+        if state is not None and not state.is_final() and state.type != StateType.CANCELLING:
+            await self._cancel(run, self._stopped_message())
         if state is not None and state.type == StateType.CRASHED:
             watch.exit_code = self._stop_code()
             watch.detail = f"crashed, not run again (the parent was stopped): {state.message or ''}".strip()

@@ -23,8 +23,10 @@ def usable_cpus(cgroup: Path = CGROUP) -> int:
 
 
 def cpu_quota(cgroup: Path = CGROUP) -> float | None:
-    """The CPU limit of this process's cgroup in CPUs (cgroup v2 ``cpu.max``, or v1
-    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None when there is none or it cannot be read."""
+    """The CPU limit, in CPUs, at the root of the cgroup filesystem as this process sees it (cgroup v2
+    ``cpu.max``, or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``): a container's own limit where
+    the container has its cgroup namespace (Docker's and Kubernetes' default); None when there is none
+    or it cannot be read. (A limit set deeper, e.g. systemd's ``CPUQuota`` on a host, is not seen.)"""
     try:
         quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
         if quota.strip() == "max":

@@ -35,6 +35,8 @@ class FakePrefect:
         self.state_requests: list[tuple[str, str, bool]] = []  # (run name, state type, force)
         self.results: dict[uuid.UUID, tuple[int, str]] = {}  # published slice results
         self.refuse_final = True  # as Prefect does an unforced transition out of a final state
+        self.by_key: dict[str, FlowRun] = {}  # idempotency keys: the same key finds the same run
+        self.on_submit: Callable[[str], None] = lambda name: None  # e.g. a signal, an answer lost
 
     def set(self, name: str, kind: StateType) -> None:
         run = next(r for r in self.runs.values() if r.name == name)
@@ -44,12 +46,16 @@ class FakePrefect:
         run = next(r for r in self.runs.values() if r.name == name)
         self.results[run.id] = (code, message)
 
-    async def arun_deployment(self, deployment_id: Any, *, flow_run_name: str, **_: Any) -> FlowRun:
-        running = State(type=StateType.RUNNING)
-        run = FlowRun(id=uuid.uuid4(), name=flow_run_name, flow_id=uuid.uuid4(), state=running)
-        self.runs[run.id] = run
-        self.submitted.append(flow_run_name)
-        return run
+    async def arun_deployment(
+        self, deployment_id: Any, *, flow_run_name: str, idempotency_key: str, **_: Any
+    ) -> FlowRun:
+        if idempotency_key not in self.by_key:
+            running = State(type=StateType.RUNNING)
+            run = FlowRun(id=uuid.uuid4(), name=flow_run_name, flow_id=uuid.uuid4(), state=running)
+            self.runs[run.id] = self.by_key[idempotency_key] = run
+            self.submitted.append(flow_run_name)
+        self.on_submit(flow_run_name)
+        return self.by_key[idempotency_key]
 
     async def read_flow_runs(self, flow_run_filter: Any) -> list[FlowRun]:
         return [self.runs[i] for i in flow_run_filter.id.any_ if i in self.runs]
@@ -98,9 +104,7 @@ def run_parent(
 
     async def main() -> SliceRuns:
         runs = SliceRuns(prefect, uuid.uuid4(), parameters, Path("out"), "parent", log)  # type: ignore[arg-type]
-        playing = asyncio.create_task(script(runs))
-        await asyncio.wait_for(runs.run(), timeout=20)
-        await playing
+        await asyncio.wait_for(asyncio.gather(runs.run(), script(runs)), timeout=20)  # a failed script fails
         return runs
 
     return asyncio.run(main())
@@ -153,7 +157,8 @@ def test_a_crashed_slice_whose_part_of_out_another_run_holds_ends_with_exit_4_na
 
     runs = run_parent(prefect, {"slice-1-of-2": stranger}.get, script, monkeypatch)
     code, attempts, detail = by_slice(runs)["1/2"]
-    assert (code, attempts) == (4, 1) and f"another run writes its part of OUT, {stranger}" in detail
+    assert (code, attempts) == (4, 1)
+    assert f"not run again: its part of OUT is still held, {stranger}" in detail
     assert prefect.submitted == ["slice-1-of-2", "slice-2-of-2"]  # not run again
     assert by_slice(runs)["2/2"][0] == 2
 
@@ -206,3 +211,47 @@ def test_a_slice_no_worker_takes_is_said_once_and_waited_for(
     said = [r.getMessage() for r in caplog.records if "no worker has taken its run" in r.getMessage()]
     assert len(said) == 1 and "(`prefect worker start --pool <its pool>`); waiting on" in said[0], said
     assert by_slice(runs) == {"1/2": (0, 1, ""), "2/2": (0, 1, "")}
+
+
+def test_a_submission_whose_answer_was_lost_is_tried_again_with_the_same_key(
+    prefect: FakePrefect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = ["slice-1-of-2-attempt-2"]
+
+    def answer_lost(name: str) -> None:  # the run is made, its answer never comes back
+        if name in lost:
+            lost.remove(name)
+            raise ConnectionError("the answer was lost")
+
+    prefect.on_submit = answer_lost
+
+    async def script(runs: SliceRuns) -> None:
+        await ticks()
+        prefect.set("slice-1-of-2", StateType.CRASHED)
+        prefect.publish("slice-2-of-2", 0)
+        prefect.set("slice-2-of-2", StateType.COMPLETED)
+        await ticks(10)
+        prefect.publish("slice-1-of-2-attempt-2", 0)
+        prefect.set("slice-1-of-2-attempt-2", StateType.COMPLETED)
+
+    runs = run_parent(prefect, lambda scope: None, script, monkeypatch)
+    assert prefect.submitted == ["slice-1-of-2", "slice-2-of-2", "slice-1-of-2-attempt-2"]  # made once
+    assert by_slice(runs) == {"1/2": (0, 2, ""), "2/2": (0, 1, "")}
+
+
+def test_a_run_submitted_as_the_ctrl_c_came_is_cancelled_too(
+    prefect: FakePrefect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefect.on_submit = lambda name: signal.raise_signal(signal.SIGINT) if name == "slice-2-of-3" else None
+
+    async def script(runs: SliceRuns) -> None:
+        while not runs.stop.is_set:
+            await ticks(1)
+        await ticks()
+        for name in prefect.submitted:  # as the worker or the server confirms
+            prefect.set(name, StateType.CANCELLED)
+
+    runs = run_parent(prefect, lambda scope: "run x", script, monkeypatch, n=3)
+    cancelled = {name for name, kind, _ in prefect.state_requests if kind == "CANCELLING"}
+    assert "slice-2-of-3" in cancelled and cancelled == set(prefect.submitted)
+    assert [code for code, _, _ in by_slice(runs).values()] == [130, 130, 130]
