@@ -31,9 +31,9 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.deployments import arun_deployment
-from prefect.states import Cancelling, Crashed
+from prefect.states import Cancelled, Cancelling, Crashed
 
 from flows.artifacts import SLICE_RESULT, read_artifacts
 from tasks.outputs.lock import scope_holder
@@ -197,9 +197,11 @@ class SliceRuns:
                 await self._after_stop(watch, run)
                 continue
             lost = await asyncio.to_thread(_lost, watch, run, self.out)  # an object store: requests
-            if lost is not None:
-                self.log.warning("%s: %s; marking its run Crashed", watch.part.scope, lost)
-                await self.client.set_flow_run_state(run.id, Crashed(message=lost), force=True)
+            if lost is not None:  # a cancellation nobody confirms ends as Cancelled: not run again
+                cancelled = run.state is not None and run.state.type == StateType.CANCELLING
+                final: State[Any] = Cancelled(message=lost) if cancelled else Crashed(message=lost)
+                self.log.warning("%s: %s; marking its run %s", watch.part.scope, lost, final.name)
+                await self.client.set_flow_run_state(run.id, final, force=True)
                 run = watch.run = await self.client.read_flow_run(run.id)
             state = run.state
             if state is not None and state.type == StateType.SCHEDULED and not taken:
@@ -290,9 +292,10 @@ class SliceRuns:
 
 
 def _lost(watch: SliceWatch, run: FlowRun, out: OutPath) -> str | None:
-    """Why a slice's run that Prefect still shows Pending or Running is gone, or None."""
+    """Why a slice's run that Prefect still shows Pending, Running or Cancelling (someone cancelled it,
+    and its worker never confirms) is gone, or None."""
     state = run.state
-    if state is None or state.type not in (StateType.RUNNING, StateType.PENDING):
+    if state is None or state.type not in (StateType.RUNNING, StateType.PENDING, StateType.CANCELLING):
         return None
     now = time.monotonic()
     if state.type == StateType.PENDING:
@@ -307,8 +310,8 @@ def _lost(watch: SliceWatch, run: FlowRun, out: OutPath) -> str | None:
     since = max(watch.running_since, watch.held_at or 0.0)
     if now - since > LOST_AFTER_S:
         return (
-            f"its run shows Running but nothing has held its lock in OUT for {LOST_AFTER_S:.0f} s "
-            "(its worker is gone)"
+            f"its run shows {state.name or state.type.value.title()} but nothing has held its lock in "
+            f"OUT for {LOST_AFTER_S:.0f} s (its worker is gone)"
         )
     return None
 

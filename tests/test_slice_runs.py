@@ -255,3 +255,23 @@ def test_a_run_submitted_as_the_ctrl_c_came_is_cancelled_too(
     cancelled = {name for name, kind, _ in prefect.state_requests if kind == "CANCELLING"}
     assert "slice-2-of-3" in cancelled and cancelled == set(prefect.submitted)
     assert [code for code, _, _ in by_slice(runs).values()] == [130, 130, 130]
+
+
+def test_a_run_cancelled_by_hand_whose_worker_never_confirms_ends_as_cancelled_not_waited_for(
+    prefect: FakePrefect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(slice_runs, "LOST_AFTER_S", 0.05)
+
+    held = {"slice-1-of-2": "run a", "slice-2-of-2": "run b"}
+
+    async def script(runs: SliceRuns) -> None:
+        await ticks()
+        prefect.set("slice-1-of-2", StateType.CANCELLING)  # `prefect flow-run cancel`; its worker is gone
+        del held["slice-1-of-2"]
+        prefect.publish("slice-2-of-2", 0)
+        prefect.set("slice-2-of-2", StateType.COMPLETED)
+
+    runs = run_parent(prefect, held.get, script, monkeypatch)
+    assert ("slice-1-of-2", "CANCELLED", True) in prefect.state_requests
+    assert by_slice(runs)["1/2"][:2] == (130, 1)  # not run again: someone cancelled it
+    assert prefect.submitted == ["slice-1-of-2", "slice-2-of-2"]
