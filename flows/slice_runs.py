@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -58,15 +58,22 @@ EXIT_LEASE_LOST = 4  # OutLost: the slice stopped writing; what it wrote is kept
 
 
 @dataclass
+class AttemptClock:
+    """When the slice's current run was first seen in each state (monotonic), new for each attempt."""
+
+    running_since: float | None = None
+    pending_since: float | None = None
+    scheduled_since: float | None = None  # no worker has taken it
+    held_at: float | None = None  # when its lock was last seen held
+    again_since: float | None = None  # waiting since to submit it again (its earlier run's lease)
+
+
+@dataclass
 class SliceWatch:
     part: Slice
     run: FlowRun | None = None
     attempts: int = 0
-    running_since: float | None = None  # when this attempt was first seen Running (monotonic)
-    pending_since: float | None = None
-    scheduled_since: float | None = None  # when first seen Scheduled (no worker has taken it)
-    held_at: float | None = None  # when its lock was last seen held
-    again_since: float | None = None  # waiting since to submit it again (its earlier run's lease)
+    clock: AttemptClock = field(default_factory=AttemptClock)
     summary: RunSummary | None = None
     exit_code: int | None = None  # set once the slice is over
     detail: str = ""
@@ -136,8 +143,7 @@ class SliceRuns:
         watch.attempts = attempt
         if self.stop.is_set:  # stopped while it was being submitted: cancelled with the others
             await self._cancel(watch.run, self._stopped_message())
-        watch.running_since = watch.pending_since = watch.held_at = watch.again_since = None
-        watch.scheduled_since = None
+        watch.clock = AttemptClock()
 
     async def _again(self, watch: SliceWatch, why: str) -> None:
         """Submit a slice again once nothing holds its part of OUT (its earlier run's lease may be
@@ -145,11 +151,12 @@ class SliceRuns:
         assert watch.run is not None
         watch.exit_code = None  # pending again (its result read again next poll)
         now = time.monotonic()
-        first = watch.again_since is None
-        watch.again_since = watch.again_since or now
+        clock = watch.clock
+        first = clock.again_since is None
+        clock.again_since = clock.again_since or now
         holder = await asyncio.to_thread(scope_holder, self.out, watch.part.scope)  # a request
         if holder is not None:
-            if f"run {watch.run.id} " not in holder or now - watch.again_since > LAPSE_WAIT_S:
+            if f"run {watch.run.id} " not in holder or now - clock.again_since > LAPSE_WAIT_S:
                 watch.exit_code = EXIT_LEASE_LOST
                 watch.detail = f"{why}; not run again: its part of OUT is still held, {holder}"
                 return
@@ -222,9 +229,9 @@ class SliceRuns:
     def _unclaimed(self, watch: SliceWatch) -> None:
         """Say once when a slice's run has waited ``UNCLAIMED_WARN_S`` for a worker while no slice's
         run is taken: none may be polling the pool, and the parent would otherwise wait in silence."""
-        now = time.monotonic()
-        watch.scheduled_since = watch.scheduled_since or now
-        if not self.unclaimed_said and now - watch.scheduled_since > UNCLAIMED_WARN_S:
+        now, clock = time.monotonic(), watch.clock
+        clock.scheduled_since = clock.scheduled_since or now
+        if not self.unclaimed_said and now - clock.scheduled_since > UNCLAIMED_WARN_S:
             self.unclaimed_said = True
             self.log.warning(
                 "%s: no worker has taken its run for %.0f s; is a worker polling the work pool? "
@@ -278,7 +285,8 @@ class SliceRuns:
         (the first request failed); one not over within ``CANCEL_WAIT_S`` (a lost worker never
         confirms) is left as interrupted."""
         state = run.state
-        if state is not None and not state.is_final() and state.type != StateType.CANCELLING:
+        asked = state is None or state.is_final() or state.type == StateType.CANCELLING
+        if not asked and self.cancelling is not None and self.cancelling.done():  # the first round failed
             await self._cancel(run, self._stopped_message())
         if state is not None and state.type == StateType.CRASHED:
             watch.exit_code = self._stop_code()
@@ -297,17 +305,17 @@ def _lost(watch: SliceWatch, run: FlowRun, out: OutPath) -> str | None:
     state = run.state
     if state is None or state.type not in (StateType.RUNNING, StateType.PENDING, StateType.CANCELLING):
         return None
-    now = time.monotonic()
+    now, clock = time.monotonic(), watch.clock
     if state.type == StateType.PENDING:
-        watch.pending_since = watch.pending_since or now
-        if now - watch.pending_since > PENDING_LOST_AFTER_S:
+        clock.pending_since = clock.pending_since or now
+        if now - clock.pending_since > PENDING_LOST_AFTER_S:
             return f"its run was Pending for {PENDING_LOST_AFTER_S:.0f} s without starting"
         return None
-    watch.running_since = watch.running_since or now
+    clock.running_since = clock.running_since or now
     if scope_holder(out, watch.part.scope) is not None:
-        watch.held_at = now
+        clock.held_at = now
         return None
-    since = max(watch.running_since, watch.held_at or 0.0)
+    since = max(clock.running_since, clock.held_at or 0.0)
     if now - since > LOST_AFTER_S:
         return (
             f"its run shows {state.name or state.type.value.title()} but nothing has held its lock in "

@@ -67,9 +67,7 @@ def to_s3(env: dict[str, str], lease_ttl: float = 30) -> None:
     A lease counts as lost ``lease_ttl / 2`` seconds after its last renewal: short ones (for tests of
     take-overs) must still leave a run a few seconds to renew on a loaded 2-core CI machine, where an
     in-process CLI holds pytest's GIL for a second or more."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-        env[name] = os.environ[name]
-    env["VLMBATCH_LEASE_TTL"] = f"{lease_ttl:g}"
+    env.update(s3_env(os.environ["AWS_ENDPOINT_URL"]), VLMBATCH_LEASE_TTL=f"{lease_ttl:g}")
 
 
 def plain_rows(url: str) -> list[dict]:

@@ -271,7 +271,11 @@ def excludes(scope: str, other: str) -> bool:
 
 def lease_holder(out: ObjectPath, scope: str) -> str | None:
     """Who holds the live lease on ``scope`` of OUT, or None (one request)."""
-    fetched = lease_key(out, scope).get()
+    return _live_holder(lease_key(out, scope))
+
+
+def _live_holder(lease: ObjectPath) -> str | None:
+    fetched = lease.get()
     if fetched is not None and (holder := Holder.of(fetched)).live:
         return holder.describe()
     return None
@@ -279,9 +283,8 @@ def lease_holder(out: ObjectPath, scope: str) -> str | None:
 
 def live_leases(out: ObjectPath) -> dict[str, str]:
     """The live leases on OUT: scope → who holds it (for inspect, export, report, the slices' parent)."""
-    found = {}
+    found: dict[str, str] = {}
     for lease in (out / STATE_DIR / LEASES).listing()[0]:
-        fetched = lease.get()
-        if fetched is not None and (holder := Holder.of(fetched)).live:
-            found[lease.name.removesuffix(".json")] = holder.describe()
+        if (who := _live_holder(lease)) is not None:
+            found[lease.name.removesuffix(".json")] = who
     return dict(sorted(found.items()))

@@ -212,9 +212,8 @@ class Job:
         out = out_path(config.out)
         with signals_stop(self.stop, on_second=hard_exit), contextlib.ExitStack() as cleanup:
             store = None
-            scope, keep = plan.scope, plan.row_filter()  # a slice: its own part of OUT
-            if config.dry_run:
-                index, hashes = read_index(out, scope, keep)
+            if config.dry_run:  # a slice: its own part of OUT
+                index, hashes = read_index(out, plan.scope, plan.row_filter())
             else:
                 try:
                     out, store, hashes = self._open_out(out, cleanup)
